@@ -1,0 +1,497 @@
+//! flows kernel programs.
+//!
+//! * `flows_from_ep` / `flows_to_ep`: TC (TCX) classifiers on the host side of every pod
+//!   veth. They parse L2-L4, track connections per observation point in an LRU map and
+//!   report each new connection attempt once through a ring buffer. They never change a
+//!   packet's fate: everything returns TC_ACT_OK (enforcement comes with the policy maps).
+//! * `flows_kfree_skb`: a tp_btf program on `kfree_skb` that reports kernel drops of
+//!   traffic the TC programs have seen, with the kernel's drop reason.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{btf_tracepoint, classifier, map},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, TcContext},
+};
+use flows_common::{
+    AF_INET, AF_INET6, CT_F_CLOSING, CT_F_NO_EVENT, CT_F_REPLY_SEEN, CtEntry, CtKey, DropWatch,
+    EVENT_DROP, EVENT_F_REPLY, EVENT_FLOW, FlowTuple, KernelOffsets, POINT_FROM_ENDPOINT,
+    POINT_KERNEL_DROP, POINT_TO_ENDPOINT, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, RawEvent, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, counter,
+};
+
+/// 4 MiB: ~58k events of 72 bytes before user space must catch up.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+#[map]
+static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(262_144, 0);
+
+/// Tuples seen at pod interfaces (direction-normalised), so the drop program reports
+/// only pod traffic, once per attempt and reason.
+#[map]
+static DROP_WATCH: LruHashMap<FlowTuple, DropWatch> = LruHashMap::with_max_entries(262_144, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Network namespaces (inode numbers) whose drops this probe reports, used when several
+/// probes share one kernel (the lab). Consulted only when `DROP_NETNS_FILTER` is set.
+#[map]
+static DROP_NETNS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets {
+    skb_head: 0,
+    skb_network_header: 0,
+    skb_transport_header: 0,
+    skb_protocol: 0,
+    skb_len: 0,
+    skb_dev: 0,
+    dev_nd_net: 0,
+    net_ns_inum: 0,
+    valid: 0,
+    _pad: 0,
+};
+
+#[unsafe(no_mangle)]
+static DROP_NETNS_FILTER: u32 = 0;
+
+/// A UDP or ICMP "connection" idle this long is new again (the kernel's conntrack uses 30 s).
+const DATAGRAM_IDLE_NS: u64 = 30_000_000_000;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+/// IPv6 extension headers walked before giving up (counted, packet passed).
+const MAX_IPV6_EXT: usize = 6;
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+/// What the parser extracted from one packet.
+struct Packet {
+    tuple: FlowTuple,
+    tcp_flags: u8,
+    icmp_type: u8,
+    icmp_code: u8,
+    /// ICMP messages that are not echo (errors, neighbour discovery): never an attempt.
+    icmp_control: bool,
+}
+
+#[classifier]
+pub fn flows_from_ep(ctx: TcContext) -> i32 {
+    observe(&ctx, POINT_FROM_ENDPOINT)
+}
+
+#[classifier]
+pub fn flows_to_ep(ctx: TcContext) -> i32 {
+    observe(&ctx, POINT_TO_ENDPOINT)
+}
+
+#[inline(always)]
+fn observe(ctx: &TcContext, point: u8) -> i32 {
+    count(counter::PACKETS);
+    match parse(ctx) {
+        Ok(pkt) => track(ctx, point, &pkt),
+        Err(counter_idx) => count(counter_idx),
+    }
+    // Observation only: the packet continues whatever happened above.
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: usize) -> Result<T, u32> {
+    ctx.load::<T>(off).map_err(|_| counter::MALFORMED)
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Result<Packet, u32> {
+    let eth_proto = u16::from_be(load::<u16>(ctx, 12)?);
+    let mut tuple = FlowTuple::zeroed();
+    let l4: usize;
+    let proto: u8;
+    match eth_proto {
+        ETH_P_IP => {
+            let vihl: u8 = load(ctx, ETH_HLEN)?;
+            let ihl = ((vihl & 0x0f) as usize) * 4;
+            if vihl >> 4 != 4 || ihl < 20 {
+                return Err(counter::MALFORMED);
+            }
+            let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
+            if frag & 0x1fff != 0 {
+                return Err(counter::FRAGMENTS);
+            }
+            proto = load(ctx, ETH_HLEN + 9)?;
+            let s: [u8; 4] = load(ctx, ETH_HLEN + 12)?;
+            let d: [u8; 4] = load(ctx, ETH_HLEN + 16)?;
+            tuple.saddr[..4].copy_from_slice(&s);
+            tuple.daddr[..4].copy_from_slice(&d);
+            tuple.family = AF_INET;
+            l4 = ETH_HLEN + ihl;
+        }
+        ETH_P_IPV6 => {
+            let v: u8 = load(ctx, ETH_HLEN)?;
+            if v >> 4 != 6 {
+                return Err(counter::MALFORMED);
+            }
+            tuple.saddr = load(ctx, ETH_HLEN + 8)?;
+            tuple.daddr = load(ctx, ETH_HLEN + 24)?;
+            tuple.family = AF_INET6;
+            let (p, off) = skip_ipv6_ext(ctx, load(ctx, ETH_HLEN + 6)?, ETH_HLEN + 40)?;
+            proto = p;
+            l4 = off;
+        }
+        _ => return Err(counter::NON_IP),
+    }
+    tuple.proto = proto;
+    let mut pkt = Packet {
+        tuple,
+        tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+        icmp_control: false,
+    };
+    match proto {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            pkt.tuple.sport = u16::from_be(load::<u16>(ctx, l4)?);
+            pkt.tuple.dport = u16::from_be(load::<u16>(ctx, l4 + 2)?);
+            if proto == PROTO_TCP {
+                pkt.tcp_flags = load(ctx, l4 + 13)?;
+            }
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            pkt.icmp_type = load(ctx, l4)?;
+            pkt.icmp_code = load(ctx, l4 + 1)?;
+            let echo = if proto == PROTO_ICMP {
+                pkt.icmp_type == 8 || pkt.icmp_type == 0
+            } else {
+                pkt.icmp_type == 128 || pkt.icmp_type == 129
+            };
+            if echo {
+                // The echo identifier plays the role of both ports, so a request and its
+                // reply map onto one conntrack entry.
+                let id = u16::from_be(load::<u16>(ctx, l4 + 4)?);
+                pkt.tuple.sport = id;
+                pkt.tuple.dport = id;
+            } else {
+                pkt.icmp_control = true;
+            }
+        }
+        _ => return Err(counter::OTHER_PROTO),
+    }
+    Ok(pkt)
+}
+
+/// Walks IPv6 extension headers; returns the upper-layer protocol and its offset.
+#[inline(always)]
+fn skip_ipv6_ext(ctx: &TcContext, mut next: u8, mut off: usize) -> Result<(u8, usize), u32> {
+    for _ in 0..MAX_IPV6_EXT {
+        match next {
+            // Hop-by-hop, routing, destination options: length in 8-octet units, minus one.
+            0 | 43 | 60 => {
+                let nh: u8 = load(ctx, off)?;
+                let len: u8 = load(ctx, off + 1)?;
+                next = nh;
+                off += (len as usize + 1) * 8;
+            }
+            // Fragment header: fixed 8 bytes; a non-first fragment has no L4 header.
+            44 => {
+                let nh: u8 = load(ctx, off)?;
+                let frag = u16::from_be(load::<u16>(ctx, off + 2)?);
+                if frag & 0xfff8 != 0 {
+                    return Err(counter::FRAGMENTS);
+                }
+                next = nh;
+                off += 8;
+            }
+            // Authentication header: length in 4-octet units, minus two.
+            51 => {
+                let nh: u8 = load(ctx, off)?;
+                let len: u8 = load(ctx, off + 1)?;
+                next = nh;
+                off += (len as usize + 2) * 4;
+            }
+            _ => return Ok((next, off)),
+        }
+    }
+    match next {
+        0 | 43 | 60 | 44 | 51 => Err(counter::IPV6_EXT_TOO_DEEP),
+        _ => Ok((next, off)),
+    }
+}
+
+#[inline(always)]
+fn is_new_tcp_attempt(flags: u8) -> bool {
+    flags & TCP_SYN != 0 && flags & TCP_ACK == 0
+}
+
+#[inline(always)]
+fn track(ctx: &TcContext, point: u8, pkt: &Packet) {
+    if pkt.icmp_control {
+        // Errors and neighbour discovery belong to other flows or to the link: never a
+        // new attempt. Counted with the replies they mostly are.
+        count(counter::REPLIES);
+        return;
+    }
+    // SAFETY: the context's skb pointer is valid for the program's lifetime.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let tcp = pkt.tuple.proto == PROTO_TCP;
+    let fin_rst = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+
+    let key = CtKey {
+        tuple: pkt.tuple,
+        ifindex,
+    };
+    if let Some(e) = CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: map value pointer valid until the program exits.
+        let e = unsafe { &mut *e };
+        let again = if tcp {
+            // A SYN after FIN/RST reuses the tuple for a new connection; any other SYN
+            // is a retransmission of the same attempt.
+            is_new_tcp_attempt(pkt.tcp_flags) && e.flags & CT_F_CLOSING != 0
+        } else {
+            now.saturating_sub(e.last_seen_ns) > DATAGRAM_IDLE_NS
+        };
+        if !again {
+            e.last_seen_ns = now;
+            e.packets_orig = e.packets_orig.wrapping_add(1);
+            if fin_rst {
+                e.flags |= CT_F_CLOSING;
+            }
+            return;
+        }
+    } else {
+        let rkey = CtKey {
+            tuple: pkt.tuple.reversed(),
+            ifindex,
+        };
+        if let Some(e) = CONNTRACK.get_ptr_mut(&rkey) {
+            let e = unsafe { &mut *e };
+            let reopened = tcp && is_new_tcp_attempt(pkt.tcp_flags) && e.flags & CT_F_CLOSING != 0;
+            if !reopened {
+                // The first reply at this point is reported too (flagged as a reply): it
+                // tells that the attempt was answered. Later replies are silent.
+                let first_reply = e.flags & (CT_F_REPLY_SEEN | CT_F_NO_EVENT) == 0;
+                e.flags |= CT_F_REPLY_SEEN;
+                e.last_seen_ns = now;
+                e.packets_reply = e.packets_reply.wrapping_add(1);
+                if fin_rst {
+                    e.flags |= CT_F_CLOSING;
+                }
+                count(counter::REPLIES);
+                if first_reply {
+                    emit_flow(ctx, point, pkt, ifindex, now, EVENT_F_REPLY);
+                }
+                return;
+            }
+            // The peer opens a new connection on the same ports in the other direction.
+            let _ = CONNTRACK.remove(&rkey);
+        }
+    }
+
+    let mut entry = CtEntry {
+        created_ns: now,
+        last_seen_ns: now,
+        packets_orig: 1,
+        packets_reply: 0,
+        flags: 0,
+        _pad: 0,
+    };
+    if tcp && !is_new_tcp_attempt(pkt.tcp_flags) {
+        // Mid-stream packet of a connection older than this probe: track it so its
+        // replies are recognised, but it is not an attempt we saw start.
+        entry.flags = CT_F_NO_EVENT;
+        let _ = CONNTRACK.insert(&key, &entry, 0);
+        return;
+    }
+    let _ = CONNTRACK.insert(&key, &entry, 0);
+    watch_for_drops(&pkt.tuple, now);
+    count(counter::NEW_FLOWS);
+    emit_flow(ctx, point, pkt, ifindex, now, 0);
+}
+
+#[inline(always)]
+fn emit_flow(ctx: &TcContext, point: u8, pkt: &Packet, ifindex: u32, now: u64, flags: u8) {
+    let mut ev = RawEvent::zeroed();
+    ev.ts_ns = now;
+    ev.kind = EVENT_FLOW;
+    ev.point = point;
+    ev.flags = flags;
+    ev.tcp_flags = pkt.tcp_flags;
+    ev.ifindex = ifindex;
+    ev.tuple = pkt.tuple;
+    ev.icmp_type = pkt.icmp_type;
+    ev.icmp_code = pkt.icmp_code;
+    ev.pkt_len = ctx.len();
+    if EVENTS.output::<RawEvent>(&ev, 0).is_err() {
+        count(counter::RINGBUF_FULL);
+    }
+}
+
+/// Orders a tuple so both directions of a connection give the same key.
+#[inline(always)]
+fn normalised(t: &FlowTuple) -> FlowTuple {
+    let mut swap = false;
+    let mut i = 0;
+    while i < 16 {
+        if t.saddr[i] != t.daddr[i] {
+            swap = t.saddr[i] > t.daddr[i];
+            break;
+        }
+        i += 1;
+    }
+    if i == 16 {
+        swap = t.sport > t.dport;
+    }
+    if swap { t.reversed() } else { *t }
+}
+
+#[inline(always)]
+fn watch_for_drops(t: &FlowTuple, now: u64) {
+    let w = DropWatch {
+        reported_reason: 0,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let _ = DROP_WATCH.insert(&normalised(t), &w, 0);
+}
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn flows_kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_kfree_skb(&ctx);
+    0
+}
+
+#[inline(always)]
+fn read<T>(base: *const u8, off: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel faults safely on a bad address.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) }
+}
+
+fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    // SAFETY: globals are set at load time and read-only afterwards.
+    let off: KernelOffsets = unsafe { core::ptr::read_volatile(&OFFSETS) };
+    if off.valid == 0 {
+        return Ok(());
+    }
+    // tp_btf args: (struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
+    let skb: *const u8 = ctx.arg(0);
+    let reason = ctx.arg::<u64>(2) as u32;
+
+    let nh: u16 = read(skb, off.skb_network_header)?;
+    if nh == 0xffff {
+        return Ok(());
+    }
+    let head: *const u8 = read(skb, off.skb_head)?;
+    let eth_proto = u16::from_be(read::<u16>(skb, off.skb_protocol)?);
+    let ip = head.wrapping_add(nh as usize);
+
+    let mut ev = RawEvent::zeroed();
+    let l4: *const u8;
+    match eth_proto {
+        ETH_P_IP => {
+            let vihl: u8 = read(ip, 0)?;
+            let ihl = ((vihl & 0x0f) as usize) * 4;
+            if vihl >> 4 != 4 || ihl < 20 {
+                return Ok(());
+            }
+            ev.tuple.proto = read(ip, 9)?;
+            let s: [u8; 4] = read(ip, 12)?;
+            let d: [u8; 4] = read(ip, 16)?;
+            ev.tuple.saddr[..4].copy_from_slice(&s);
+            ev.tuple.daddr[..4].copy_from_slice(&d);
+            ev.tuple.family = AF_INET;
+            l4 = ip.wrapping_add(ihl);
+        }
+        ETH_P_IPV6 => {
+            // Extension headers are not walked here: drops of such packets are rare and
+            // the transport header offset below covers the common case.
+            ev.tuple.proto = read(ip, 6)?;
+            ev.tuple.saddr = read(ip, 8)?;
+            ev.tuple.daddr = read(ip, 24)?;
+            ev.tuple.family = AF_INET6;
+            let th: u16 = read(skb, off.skb_transport_header)?;
+            l4 = if th != 0xffff && th > nh {
+                head.wrapping_add(th as usize)
+            } else {
+                ip.wrapping_add(40)
+            };
+        }
+        _ => return Ok(()),
+    }
+    match ev.tuple.proto {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            ev.tuple.sport = u16::from_be(read::<u16>(l4, 0)?);
+            ev.tuple.dport = u16::from_be(read::<u16>(l4, 2)?);
+            if ev.tuple.proto == PROTO_TCP {
+                ev.tcp_flags = read(l4, 13)?;
+            }
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            ev.icmp_type = read(l4, 0)?;
+            ev.icmp_code = read(l4, 1)?;
+            let id = u16::from_be(read::<u16>(l4, 4)?);
+            ev.tuple.sport = id;
+            ev.tuple.dport = id;
+        }
+        _ => return Ok(()),
+    }
+
+    // Pod traffic only: a tuple the TC programs have seen.
+    let w = match DROP_WATCH.get_ptr_mut(&normalised(&ev.tuple)) {
+        Some(w) => w,
+        None => return Ok(()),
+    };
+
+    if unsafe { core::ptr::read_volatile(&DROP_NETNS_FILTER) } != 0 {
+        let dev: *const u8 = read(skb, off.skb_dev)?;
+        if dev.is_null() {
+            return Ok(());
+        }
+        let net: *const u8 = read(dev, off.dev_nd_net)?;
+        let ino: u32 = read(net, off.net_ns_inum)?;
+        if unsafe { DROP_NETNS.get(&ino) }.is_none() {
+            return Ok(());
+        }
+        ev.netns_ino = ino;
+    }
+
+    // SAFETY: map value pointer valid until the program exits.
+    let w = unsafe { &mut *w };
+    if w.reported_reason == reason {
+        // Retransmissions of the same attempt dropped for the same reason.
+        return Ok(());
+    }
+    w.reported_reason = reason;
+
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.kind = EVENT_DROP;
+    ev.point = POINT_KERNEL_DROP;
+    ev.drop_reason = reason;
+    ev.pkt_len = read(skb, off.skb_len)?;
+    count(counter::KERNEL_DROPS);
+    if EVENTS.output::<RawEvent>(&ev, 0).is_err() {
+        count(counter::DROP_RINGBUF_FULL);
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

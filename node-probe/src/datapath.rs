@@ -1,0 +1,388 @@
+//! Loading and attaching the eBPF datapath. The only module that speaks to aya.
+//!
+//! The programs are loaded and attached on a dedicated thread that has joined the
+//! node's network namespace (in the lab, each simulated node is a namespace; on a real
+//! node it is the host's), because interface names and TCX attachment resolve in the
+//! caller's namespace. The thread owns the `Ebpf` object: attachments live exactly as
+//! long as it does, and TCX links are released by the kernel if the process dies.
+
+use std::{
+    collections::HashMap,
+    os::fd::AsFd,
+    path::PathBuf,
+    sync::mpsc,
+    thread::JoinHandle,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+};
+use flows_common::{KernelOffsets, counter};
+
+use crate::btf::Btf;
+
+/// The eBPF object built by aya-build from the `flows-ebpf` crate.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flows-ebpf"));
+
+pub const PROG_FROM_ENDPOINT: &str = "flows_from_ep";
+pub const PROG_TO_ENDPOINT: &str = "flows_to_ep";
+pub const PROG_KFREE_SKB: &str = "flows_kfree_skb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("attaching to {ifname}: {source}")]
+    Attach {
+        ifname: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("entering network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel BTF: {0}")]
+    Btf(#[from] crate::btf::BtfError),
+    #[error("the datapath thread has stopped")]
+    Stopped,
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+    move |e| DatapathError::Program {
+        name,
+        source: Box::new(e),
+    }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |e| DatapathError::Map {
+        name,
+        source: Box::new(e),
+    }
+}
+
+pub struct DatapathConfig {
+    /// Network namespace to attach in (a file such as /run/netns/NAME); None: our own.
+    pub netns: Option<PathBuf>,
+    /// Report kernel drops (kfree_skb).
+    pub kernel_drops: bool,
+    /// When several probes share one kernel (the lab), each reports only the drops that
+    /// happen in these network namespaces (inode numbers). Empty: report all.
+    pub drop_netns: Vec<u32>,
+}
+
+pub type EventsMap = RingBuf<MapData>;
+pub type CountersMap = PerCpuArray<MapData, u64>;
+
+/// Maps that user space reads, handed out once the datapath is loaded.
+pub struct DatapathMaps {
+    pub events: EventsMap,
+    pub counters: CountersMap,
+}
+
+enum Cmd {
+    Attach(String, mpsc::Sender<Result<(), DatapathError>>),
+    Detach(String),
+}
+
+/// Handle to the datapath thread. Dropping it detaches everything.
+pub struct Datapath {
+    cmds: Option<mpsc::Sender<Cmd>>,
+    thread: Option<JoinHandle<()>>,
+    pub drop_reasons: HashMap<u32, String>,
+}
+
+impl Datapath {
+    pub fn start(cfg: DatapathConfig) -> Result<(Datapath, DatapathMaps), DatapathError> {
+        let btf = Btf::from_sys_fs()?;
+        let offsets = btf.kernel_offsets()?;
+        let drop_reasons = btf.drop_reasons()?;
+        let (init_tx, init_rx) = mpsc::channel();
+        let (cmd_tx, cmd_rx) = mpsc::channel::<Cmd>();
+        let thread = std::thread::Builder::new()
+            .name("datapath".into())
+            .spawn(move || {
+                let mut state = match DatapathThread::init(&cfg, offsets) {
+                    Ok((state, maps)) => {
+                        let _ = init_tx.send(Ok(maps));
+                        state
+                    }
+                    Err(e) => {
+                        let _ = init_tx.send(Err(e));
+                        return;
+                    }
+                };
+                // Runs until the handle is dropped (the channel closes).
+                while let Ok(cmd) = cmd_rx.recv() {
+                    match cmd {
+                        Cmd::Attach(ifname, reply) => {
+                            let _ = reply.send(state.attach(&ifname));
+                        }
+                        Cmd::Detach(ifname) => state.detach(&ifname),
+                    }
+                }
+                // Dropping `state` detaches every link and unloads the programs.
+            })
+            .map_err(|e| DatapathError::Netns {
+                path: "(thread)".into(),
+                source: e,
+            })?;
+        let maps = init_rx.recv().map_err(|_| DatapathError::Stopped)??;
+        Ok((
+            Datapath {
+                cmds: Some(cmd_tx),
+                thread: Some(thread),
+                drop_reasons,
+            },
+            maps,
+        ))
+    }
+
+    /// Attaches both TC programs to a pod interface (host side), in the datapath's netns.
+    pub fn attach(&self, ifname: &str) -> Result<(), DatapathError> {
+        let (tx, rx) = mpsc::channel();
+        self.cmds
+            .as_ref()
+            .ok_or(DatapathError::Stopped)?
+            .send(Cmd::Attach(ifname.to_string(), tx))
+            .map_err(|_| DatapathError::Stopped)?;
+        rx.recv().map_err(|_| DatapathError::Stopped)?
+    }
+
+    /// Forgets an interface (it disappeared; the kernel already released its links).
+    pub fn detach(&self, ifname: &str) {
+        if let Some(c) = &self.cmds {
+            let _ = c.send(Cmd::Detach(ifname.to_string()));
+        }
+    }
+
+    /// Detaches everything and waits for the datapath thread to finish.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.cmds.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct DatapathThread {
+    ebpf: Ebpf,
+    links: HashMap<String, [SchedClassifierLinkId; 2]>,
+}
+
+impl DatapathThread {
+    fn init(
+        cfg: &DatapathConfig,
+        offsets: KernelOffsets,
+    ) -> Result<(DatapathThread, DatapathMaps), DatapathError> {
+        if let Some(path) = &cfg.netns {
+            enter_netns(path)?;
+        }
+        let filter: u32 = u32::from(!cfg.drop_netns.is_empty());
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .override_global("DROP_NETNS_FILTER", &filter, true)
+            .load(EBPF_OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+
+        for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Program {
+                    name,
+                    source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+                })?
+                .try_into()
+                .map_err(prog_err(name))?;
+            prog.load().map_err(prog_err(name))?;
+        }
+
+        if !cfg.drop_netns.is_empty() {
+            let map = ebpf
+                .map_mut("DROP_NETNS")
+                .ok_or(DatapathError::MissingMap { name: "DROP_NETNS" })?;
+            let mut netns: BpfHashMap<_, u32, u8> =
+                BpfHashMap::try_from(map).map_err(map_err("DROP_NETNS"))?;
+            for ino in &cfg.drop_netns {
+                netns.insert(ino, 1, 0).map_err(map_err("DROP_NETNS"))?;
+            }
+        }
+
+        if cfg.kernel_drops {
+            let btf = aya::Btf::from_sys_fs().map_err(|e| DatapathError::Program {
+                name: PROG_KFREE_SKB,
+                source: Box::new(aya::programs::ProgramError::Btf(e)),
+            })?;
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(PROG_KFREE_SKB)
+                .ok_or(DatapathError::Program {
+                    name: PROG_KFREE_SKB,
+                    source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+                })?
+                .try_into()
+                .map_err(prog_err(PROG_KFREE_SKB))?;
+            prog.load("kfree_skb", &btf).map_err(prog_err(PROG_KFREE_SKB))?;
+            prog.attach().map_err(prog_err(PROG_KFREE_SKB))?;
+        }
+
+        let events = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .ok_or(DatapathError::MissingMap { name: "EVENTS" })?,
+        )
+        .map_err(map_err("EVENTS"))?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map("COUNTERS")
+                .ok_or(DatapathError::MissingMap { name: "COUNTERS" })?,
+        )
+        .map_err(map_err("COUNTERS"))?;
+        Ok((
+            DatapathThread {
+                ebpf,
+                links: HashMap::new(),
+            },
+            DatapathMaps { events, counters },
+        ))
+    }
+
+    fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Program {
+                name,
+                source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+            })?
+            .try_into()
+            .map_err(prog_err(name))
+    }
+
+    fn attach(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        if self.links.contains_key(ifname) {
+            return Ok(());
+        }
+        let stale = remove_stale_filters(ifname);
+        if stale > 0 {
+            tracing::warn!(ifname, stale, "removed filters left by an earlier probe");
+        }
+        let attach_err = |e| DatapathError::Attach {
+            ifname: ifname.to_string(),
+            source: Box::new(e),
+        };
+        // Pod -> host is the host side's ingress; host -> pod its egress.
+        let from = self
+            .classifier(PROG_FROM_ENDPOINT)?
+            .attach(ifname, TcAttachType::Ingress)
+            .map_err(attach_err)?;
+        let to = match self
+            .classifier(PROG_TO_ENDPOINT)?
+            .attach(ifname, TcAttachType::Egress)
+        {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self.classifier(PROG_FROM_ENDPOINT)?.detach(from);
+                return Err(attach_err(e));
+            }
+        };
+        self.links.insert(ifname.to_string(), [from, to]);
+        Ok(())
+    }
+
+    fn detach(&mut self, ifname: &str) {
+        if let Some([from, to]) = self.links.remove(ifname) {
+            // The interface is usually gone already, and its links with it; errors here
+            // only mean there was nothing left to detach.
+            if let Ok(p) = self.classifier(PROG_FROM_ENDPOINT) {
+                let _ = p.detach(from);
+            }
+            if let Ok(p) = self.classifier(PROG_TO_ENDPOINT) {
+                let _ = p.detach(to);
+            }
+        }
+    }
+}
+
+fn enter_netns(path: &PathBuf) -> Result<(), DatapathError> {
+    let err = |source| DatapathError::Netns {
+        path: path.clone(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(err)?;
+    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| err(std::io::Error::from(e)))?;
+    Ok(())
+}
+
+/// Sums the per-CPU datapath counters.
+pub fn read_counters(
+    counters: &CountersMap,
+) -> Result<[u64; counter::COUNT as usize], DatapathError> {
+    let mut out = [0u64; counter::COUNT as usize];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let values = counters.get(&(i as u32), 0).map_err(map_err("COUNTERS"))?;
+        *slot = values.iter().sum();
+    }
+    Ok(out)
+}
+
+/// Names of programs attached through TCX to an interface in the current namespace.
+/// Used to check that nothing of ours is left behind.
+pub fn tcx_programs(ifname: &str) -> Result<Vec<String>, DatapathError> {
+    let mut names = Vec::new();
+    for at in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let (_, progs) = SchedClassifier::query_tcx(ifname, at).map_err(|e| DatapathError::Attach {
+            ifname: ifname.to_string(),
+            source: Box::new(e),
+        })?;
+        for p in progs {
+            if let Some(n) = p.name_as_str() {
+                names.push(n.to_string());
+            } else {
+                names.push(format!("id {}", p.id()));
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// Removes legacy (clsact/netlink) attachments of our programs from an interface.
+/// TCX links die with the process; netlink filters do not, so a probe of an older
+/// attach mode killed with SIGKILL could have left some.
+pub fn remove_stale_filters(ifname: &str) -> usize {
+    let mut removed = 0;
+    for at in [TcAttachType::Ingress, TcAttachType::Egress] {
+        for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT] {
+            if aya::programs::tc::qdisc_detach_program(ifname, at, name).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}

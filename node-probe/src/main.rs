@@ -1,0 +1,93 @@
+//! flows-node-probe: thin binary over the `flows_node_probe` library.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use flows_node_probe::{
+    ifaces::IfaceSelector,
+    probe::{ProbeConfig, run},
+};
+
+#[derive(Parser)]
+#[command(name = "flows-node-probe", version, about = "flows per-node agent")]
+struct Args {
+    /// Name of this node in flow records.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// `ip netns` name of the namespace holding the pod interfaces (the lab's nodes);
+    /// default: the probe's own namespace (a real node, with hostNetwork).
+    #[arg(long)]
+    netns: Option<String>,
+    /// Attach only to veths whose name starts with one of these (repeatable).
+    #[arg(long = "iface-prefix")]
+    iface_prefixes: Vec<String>,
+    /// Never attach to these interfaces (repeatable).
+    #[arg(long = "exclude-iface")]
+    exclude_ifaces: Vec<String>,
+    /// Address of the gRPC Observer server.
+    #[arg(long, default_value = "127.0.0.1:4245")]
+    listen: SocketAddr,
+    /// Flows kept in memory (a power of two).
+    #[arg(long, default_value_t = 4096)]
+    ring_capacity: usize,
+    /// Do not report kernel drops (skb:kfree_skb).
+    #[arg(long)]
+    no_kernel_drops: bool,
+    /// Report kernel drops only in these network namespaces (repeatable; files such as
+    /// /run/netns/NAME). Needed when several probes share one kernel, as in the lab.
+    #[arg(long = "drop-netns")]
+    drop_netns: Vec<PathBuf>,
+    /// Seconds between scans for new or removed pod interfaces.
+    #[arg(long, default_value_t = 1.0)]
+    iface_poll_secs: f64,
+    /// Written with the listen address once the probe is attached and serving.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if !(args.iface_poll_secs > 0.0 && args.iface_poll_secs <= 3600.0) {
+        anyhow::bail!("--iface-poll-secs must be in (0, 3600]");
+    }
+    let cfg = ProbeConfig {
+        node_name: args.node_name.unwrap_or_else(hostname),
+        netns: args.netns,
+        selector: IfaceSelector {
+            prefixes: args.iface_prefixes,
+            exclude: args.exclude_ifaces,
+        },
+        ring_capacity: args.ring_capacity,
+        kernel_drops: !args.no_kernel_drops,
+        drop_netns: args.drop_netns,
+        iface_poll: Duration::from_secs_f64(args.iface_poll_secs),
+        listen: args.listen,
+        ready_file: args.ready_file,
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down: detaching the datapath");
+    };
+    run(cfg, shutdown).await.context("node-probe failed")?;
+    Ok(())
+}

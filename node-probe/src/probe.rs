@@ -1,0 +1,331 @@
+//! The probe runtime: datapath → decoder → ring → gRPC, plus interface discovery.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use flows_common::counter;
+use flows_proto::{LostEvent, LostEventSource, observer_server::ObserverServer};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::watch,
+};
+
+use crate::{
+    datapath::{
+        CountersMap, Datapath, DatapathConfig, DatapathError, DatapathMaps, EventsMap, read_counters,
+    },
+    decode::{Clock, Decoder, IfNames},
+    ifaces::{IfaceSelector, list_veths},
+    ring::{Entry, FlowRing, RingError},
+    server::ObserverService,
+    stats::ProbeStats,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error("network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("watching the ring buffer: {0}")]
+    Poll(#[source] std::io::Error),
+    #[error("writing the ready file {path}: {source}")]
+    ReadyFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    pub node_name: String,
+    /// `ip netns` name of the node's namespace (the lab); None: the current one.
+    pub netns: Option<String>,
+    pub selector: IfaceSelector,
+    pub ring_capacity: usize,
+    pub kernel_drops: bool,
+    /// Report only kernel drops that happen in these namespaces (files such as
+    /// /run/netns/NAME); needed when several probes share a kernel.
+    pub drop_netns: Vec<PathBuf>,
+    pub iface_poll: Duration,
+    pub listen: SocketAddr,
+    /// Written (with the listen address) once interfaces are attached and the server is up.
+    pub ready_file: Option<PathBuf>,
+}
+
+fn netns_inode(path: &PathBuf) -> Result<u32, ProbeError> {
+    std::fs::metadata(path)
+        .map(|m| m.ino() as u32)
+        .map_err(|source| ProbeError::Netns {
+            path: path.clone(),
+            source,
+        })
+}
+
+/// Runs the probe until `shutdown` resolves. Everything attached is detached on return.
+pub async fn run(
+    cfg: ProbeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ProbeError> {
+    let mut drop_netns = Vec::new();
+    for p in &cfg.drop_netns {
+        drop_netns.push(netns_inode(p)?);
+    }
+    let netns_path = cfg.netns.as_ref().map(|n| PathBuf::from("/run/netns").join(n));
+    let (datapath, maps) = Datapath::start(DatapathConfig {
+        netns: netns_path,
+        kernel_drops: cfg.kernel_drops,
+        drop_netns,
+    })?;
+    let datapath = Arc::new(datapath);
+    let ring = Arc::new(FlowRing::new(cfg.ring_capacity)?);
+    let stats = Arc::new(ProbeStats::default());
+    let ifnames: IfNames = Arc::new(RwLock::new(HashMap::new()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let DatapathMaps { events, counters } = maps;
+    let decoder = Decoder::new(
+        cfg.node_name.clone(),
+        ifnames.clone(),
+        datapath.drop_reasons.clone(),
+        Clock::now(),
+    );
+    let reader = tokio::spawn(read_events(
+        events,
+        decoder,
+        ring.clone(),
+        stats.clone(),
+        stop_rx.clone(),
+    ));
+    let counter_task = tokio::spawn(poll_counters(
+        counters,
+        ring.clone(),
+        stats.clone(),
+        stop_rx.clone(),
+    ));
+
+    // First attach synchronously, so "ready" means the datapath sees the pods.
+    sync_interfaces(&datapath, &cfg, &ifnames).await;
+    let watcher = tokio::spawn(watch_interfaces(
+        datapath.clone(),
+        cfg.clone(),
+        ifnames.clone(),
+        stop_rx.clone(),
+    ));
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ProbeError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| ProbeError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    let service = ObserverService {
+        ring: ring.clone(),
+        stats: stats.clone(),
+        node_name: cfg.node_name.clone(),
+        started: Instant::now(),
+    };
+    if let Some(path) = &cfg.ready_file {
+        std::fs::write(path, local.to_string()).map_err(|source| ProbeError::ReadyFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    tracing::info!(node = %cfg.node_name, listen = %local, "node-probe ready");
+    let served = tonic::transport::Server::builder()
+        .add_service(ObserverServer::new(service))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+
+    let _ = stop_tx.send(true);
+    let _ = reader.await;
+    let _ = counter_task.await;
+    let _ = watcher.await;
+    // Last reference: joining the datapath thread detaches every program.
+    match Arc::try_unwrap(datapath) {
+        Ok(d) => d.shutdown(),
+        Err(_) => tracing::warn!("datapath still referenced at shutdown"),
+    }
+    if let Some(path) = &cfg.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    served?;
+    Ok(())
+}
+
+async fn read_events(
+    events: EventsMap,
+    mut decoder: Decoder,
+    ring: Arc<FlowRing>,
+    stats: Arc<ProbeStats>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ProbeError> {
+    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged for as long as
+    // the AsyncFd (which owns the RingBuf) lives.
+    let mut afd = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|e| ProbeError::Poll(std::io::Error::other(e.to_string())))?;
+    let mut clock_at = Instant::now();
+    loop {
+        tokio::select! {
+            guard = afd.readable_mut() => {
+                let mut guard = guard.map_err(ProbeError::Poll)?;
+                // Wall clock may be stepped (NTP): refresh the offset now and then.
+                if clock_at.elapsed() > Duration::from_secs(30) {
+                    decoder.set_clock(Clock::now());
+                    clock_at = Instant::now();
+                }
+                let rb = guard.get_inner_mut();
+                let mut n = 0;
+                while let Some(item) = rb.next() {
+                    match decoder.decode_bytes(&item) {
+                        Ok(flow) => {
+                            ring.push(Entry::Flow(flow));
+                            n += 1;
+                        }
+                        Err(e) => {
+                            stats.add_decode_error();
+                            tracing::warn!(error = %e, "undecodable datapath event");
+                        }
+                    }
+                }
+                stats.add_seen(n);
+                guard.clear_ready();
+            }
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+}
+
+async fn poll_counters(
+    counters: CountersMap,
+    ring: Arc<FlowRing>,
+    stats: Arc<ProbeStats>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut lost_reported = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let values = match read_counters(&counters) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading datapath counters");
+                continue;
+            }
+        };
+        let lost = values[counter::RINGBUF_FULL as usize] + values[counter::DROP_RINGBUF_FULL as usize];
+        if lost > lost_reported {
+            // In-band, so every reader learns that flows are missing here.
+            let ev = LostEvent {
+                source: LostEventSource::KernelRingBuffer as i32,
+                num_events_lost: lost - lost_reported,
+                cpu: None,
+            };
+            ring.push(Entry::Lost(
+                ev,
+                prost_types::Timestamp::from(std::time::SystemTime::now()),
+            ));
+            stats.add_lost_kernel(lost - lost_reported);
+            lost_reported = lost;
+        }
+        let named: BTreeMap<String, u64> = counter::NAMES
+            .iter()
+            .zip(values.iter())
+            .map(|(n, v)| (n.to_string(), *v))
+            .collect();
+        stats.set_datapath(named);
+    }
+}
+
+async fn sync_interfaces(datapath: &Arc<Datapath>, cfg: &ProbeConfig, ifnames: &IfNames) {
+    let netns = cfg.netns.clone();
+    let links = match tokio::task::spawn_blocking(move || list_veths(netns.as_deref())).await {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "listing interfaces");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "interface listing task failed");
+            return;
+        }
+    };
+    let wanted: HashMap<u32, String> = links
+        .into_iter()
+        .filter(|l| cfg.selector.selects(&l.ifname))
+        .map(|l| (l.ifindex, l.ifname))
+        .collect();
+    let known: HashMap<u32, String> = ifnames.read().map(|m| m.clone()).unwrap_or_default();
+    for (idx, name) in &known {
+        if wanted.get(idx) != Some(name) {
+            datapath.detach(name);
+            if let Ok(mut m) = ifnames.write() {
+                m.remove(idx);
+            }
+            tracing::info!(ifname = %name, "interface gone");
+        }
+    }
+    for (idx, name) in wanted {
+        if known.get(&idx) == Some(&name) {
+            continue;
+        }
+        let dp = datapath.clone();
+        let n = name.clone();
+        match tokio::task::spawn_blocking(move || dp.attach(&n)).await {
+            Ok(Ok(())) => {
+                if let Ok(mut m) = ifnames.write() {
+                    m.insert(idx, name.clone());
+                }
+                tracing::info!(ifname = %name, ifindex = idx, "attached");
+            }
+            Ok(Err(e)) => tracing::warn!(ifname = %name, error = %e, "attach failed"),
+            Err(e) => tracing::warn!(error = %e, "attach task failed"),
+        }
+    }
+}
+
+async fn watch_interfaces(
+    datapath: Arc<Datapath>,
+    cfg: ProbeConfig,
+    ifnames: IfNames,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(cfg.iface_poll);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => sync_interfaces(&datapath, &cfg, &ifnames).await,
+            _ = stop.changed() => return,
+        }
+    }
+}

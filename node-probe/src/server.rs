@@ -1,0 +1,318 @@
+//! The Observer gRPC service over the flow ring.
+
+use std::{pin::Pin, sync::Arc, time::Instant};
+
+use flows_proto::{
+    GetFlowsRequest, GetFlowsResponse, LostCount, LostEvent, LostEventSource,
+    ServerStatusRequest, ServerStatusResponse, get_flows_response::ResponseTypes,
+    observer_server::Observer,
+};
+use futures::Stream;
+use prost_types::Timestamp;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    ring::{Entry, FlowRing, Read},
+    stats::ProbeStats,
+};
+
+/// Responses buffered per client before the sending task waits for the client. While it
+/// waits it falls behind in the ring and is told so with a LostEvent.
+const CLIENT_BUFFER: usize = 1024;
+
+pub struct ObserverService {
+    pub ring: Arc<FlowRing>,
+    pub stats: Arc<ProbeStats>,
+    pub node_name: String,
+    pub started: Instant,
+}
+
+fn ts_key(t: &Timestamp) -> (i64, i32) {
+    (t.seconds, t.nanos)
+}
+
+/// The time window of a request.
+#[derive(Clone, Copy, Default)]
+struct Window {
+    since: Option<(i64, i32)>,
+    until: Option<(i64, i32)>,
+}
+
+impl Window {
+    fn contains(&self, e: &Entry) -> bool {
+        let Some(t) = e.time().map(ts_key) else {
+            return true;
+        };
+        self.since.is_none_or(|s| t >= s) && self.until.is_none_or(|u| t < u)
+    }
+
+    fn is_past(&self, e: &Entry) -> bool {
+        match (self.until, e.time().map(ts_key)) {
+            (Some(u), Some(t)) => t >= u,
+            _ => false,
+        }
+    }
+}
+
+fn validate(req: &GetFlowsRequest) -> Result<Window, Status> {
+    if !req.allow_list.is_empty() || !req.deny_list.is_empty() {
+        // Filtering on the server comes with the filter crate; until then refuse rather
+        // than return unfiltered flows that the client believes are filtered.
+        return Err(Status::unimplemented(
+            "flow filters are not supported by this node-probe version",
+        ));
+    }
+    if req.first && req.follow {
+        return Err(Status::invalid_argument(
+            "`first` and `follow` cannot be combined",
+        ));
+    }
+    let w = Window {
+        since: req.since.as_ref().map(ts_key),
+        until: req.until.as_ref().map(ts_key),
+    };
+    if let (Some(s), Some(u)) = (w.since, w.until) {
+        if s > u {
+            return Err(Status::invalid_argument("`since` is after `until`"));
+        }
+    }
+    if let Some(t) = req.since.as_ref().or(req.until.as_ref()) {
+        if t.nanos < 0 || t.nanos >= 1_000_000_000 {
+            return Err(Status::invalid_argument("timestamp nanos out of range"));
+        }
+    }
+    Ok(w)
+}
+
+/// The history part of a request: (entries to send, sequence to follow from).
+fn history(ring: &FlowRing, req: &GetFlowsRequest, w: Window) -> (Vec<Arc<Entry>>, u64) {
+    let (oldest, next) = ring.bounds();
+    let n = req.number as usize;
+    let mut out = Vec::new();
+    if req.first {
+        let mut seq = oldest;
+        while seq < next && (n == 0 || count_flows(&out) < n) {
+            if let Read::Entry(e) = ring.read(seq) {
+                if w.contains(&e) {
+                    out.push(e);
+                }
+            }
+            seq += 1;
+        }
+    } else if n == 0 && req.follow {
+        // Only new flows.
+    } else {
+        // The last n (all when n == 0), collected backwards then put in order.
+        let mut seq = next;
+        while seq > oldest && (n == 0 || count_flows(&out) < n) {
+            seq -= 1;
+            match ring.read(seq) {
+                Read::Entry(e) if w.contains(&e) => out.push(e),
+                Read::Lost { .. } => break,
+                _ => {}
+            }
+        }
+        out.reverse();
+    }
+    (out, next)
+}
+
+fn count_flows(v: &[Arc<Entry>]) -> usize {
+    v.iter().filter(|e| matches!(***e, Entry::Flow(_))).count()
+}
+
+fn response(node: &str, e: &Entry) -> GetFlowsResponse {
+    match e {
+        Entry::Flow(f) => GetFlowsResponse {
+            time: f.time,
+            node_name: f.node_name.clone(),
+            response_types: Some(ResponseTypes::Flow(f.clone())),
+        },
+        Entry::Lost(l, t) => GetFlowsResponse {
+            time: Some(*t),
+            node_name: node.to_string(),
+            response_types: Some(ResponseTypes::LostEvents(*l)),
+        },
+    }
+}
+
+fn now_ts() -> Timestamp {
+    Timestamp::from(std::time::SystemTime::now())
+}
+
+#[tonic::async_trait]
+impl Observer for ObserverService {
+    type GetFlowsStream =
+        Pin<Box<dyn Stream<Item = Result<GetFlowsResponse, Status>> + Send + 'static>>;
+
+    async fn get_flows(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<Self::GetFlowsStream>, Status> {
+        let req = request.into_inner();
+        let window = validate(&req)?;
+        let ring = self.ring.clone();
+        let node = self.node_name.clone();
+        let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
+        let mut written = ring.subscribe();
+        let (past, mut cursor) = history(&ring, &req, window);
+        tokio::spawn(async move {
+            for e in past {
+                if tx.send(Ok(response(&node, &e))).await.is_err() {
+                    return;
+                }
+            }
+            if !req.follow {
+                return;
+            }
+            loop {
+                match ring.read(cursor) {
+                    Read::Entry(e) => {
+                        cursor += 1;
+                        if window.is_past(&e) {
+                            return;
+                        }
+                        if window.contains(&e) && tx.send(Ok(response(&node, &e))).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Read::Lost { lost, resume } => {
+                        cursor = resume;
+                        let ev = LostEvent {
+                            source: LostEventSource::FlowRingBuffer as i32,
+                            num_events_lost: lost,
+                            cpu: None,
+                        };
+                        if tx
+                            .send(Ok(response(&node, &Entry::Lost(ev, now_ts()))))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Read::NotYet => {
+                        tokio::select! {
+                            changed = written.changed() => if changed.is_err() { return },
+                            _ = tx.closed() => return,
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn server_status(
+        &self,
+        _request: Request<ServerStatusRequest>,
+    ) -> Result<Response<ServerStatusResponse>, Status> {
+        let (oldest, next) = self.ring.bounds();
+        let snap = self.stats.snapshot();
+        Ok(Response::new(ServerStatusResponse {
+            num_flows: next - oldest,
+            max_flows: self.ring.capacity(),
+            seen_flows: snap.seen_flows,
+            uptime_ns: self.started.elapsed().as_nanos() as u64,
+            lost: vec![
+                LostCount {
+                    source: LostEventSource::KernelRingBuffer as i32,
+                    count: snap.lost_kernel,
+                },
+                LostCount {
+                    source: LostEventSource::DecoderQueue as i32,
+                    count: snap.decode_errors,
+                },
+            ],
+            num_connected_nodes: None,
+            num_unavailable_nodes: None,
+            unavailable_nodes: vec![],
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            datapath_counters: snap.datapath.into_iter().collect(),
+            node_name: self.node_name.clone(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flows_proto::Flow;
+
+    fn ring_with(n: u32) -> FlowRing {
+        let r = FlowRing::new(8).expect("ring");
+        for i in 0..n {
+            r.push(Entry::Flow(Flow {
+                packet_length: i,
+                time: Some(Timestamp {
+                    seconds: 100 + i as i64,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }));
+        }
+        r
+    }
+
+    fn lens(v: &[Arc<Entry>]) -> Vec<u32> {
+        v.iter()
+            .map(|e| match &**e {
+                Entry::Flow(f) => f.packet_length,
+                Entry::Lost(..) => u32::MAX,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn last_first_and_windows() {
+        let r = ring_with(12); // holds 4..12
+        let req = |number, first, follow| GetFlowsRequest {
+            number,
+            first,
+            follow,
+            ..Default::default()
+        };
+        let w = Window::default();
+        assert_eq!(lens(&history(&r, &req(3, false, false), w).0), vec![9, 10, 11]);
+        assert_eq!(lens(&history(&r, &req(2, true, false), w).0), vec![4, 5]);
+        assert_eq!(history(&r, &req(0, false, false), w).0.len(), 8);
+        let (h, cursor) = history(&r, &req(0, false, true), w);
+        assert!(h.is_empty());
+        assert_eq!(cursor, 12);
+        let win = Window {
+            since: Some((106, 0)),
+            until: Some((109, 0)),
+        };
+        assert_eq!(lens(&history(&r, &req(0, false, false), win).0), vec![6, 7, 8]);
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_do() {
+        let with_filter = GetFlowsRequest {
+            allow_list: vec![Default::default()],
+            ..Default::default()
+        };
+        assert_eq!(
+            validate(&with_filter).err().map(|s| s.code()),
+            Some(tonic::Code::Unimplemented)
+        );
+        let both = GetFlowsRequest {
+            first: true,
+            follow: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            validate(&both).err().map(|s| s.code()),
+            Some(tonic::Code::InvalidArgument)
+        );
+        let inverted = GetFlowsRequest {
+            since: Some(Timestamp { seconds: 10, nanos: 0 }),
+            until: Some(Timestamp { seconds: 5, nanos: 0 }),
+            ..Default::default()
+        };
+        assert!(validate(&inverted).is_err());
+    }
+}

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Idempotent machine set-up for flows: apt packages, the pinned nightly with rust-src,
+# bpf-linker linked against that nightly's libLLVM, and the tracefs/bpffs mounts.
+# Safe to run again: every step checks before it acts.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The nightly that aya-build uses for the eBPF crate. bpf-linker is tied to its libLLVM,
+# so it is pinned by date and never updated in place.
+NIGHTLY_DATE="2026-05-19"
+NIGHTLY="${FLOWS_NIGHTLY:-nightly}"
+TOOLS="${FLOWS_TOOLS:-/opt/flows-tools}"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup.sh must run as root (it installs packages and mounts tracefs/bpffs)" >&2
+  exit 1
+fi
+
+# 1. Debian packages: iproute2 for netns/veth/bridges, nftables for the drop test,
+#    protobuf for prost-build, tmux for the TUI test.
+need_pkgs=()
+for p in iproute2 nftables protobuf-compiler libprotobuf-dev tmux procps; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
+done
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+  log "apt-get install ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+# 2. The pinned nightly and rust-src (for -Z build-std=core on bpfel).
+if ! rustc +"$NIGHTLY" --version 2>/dev/null | grep -q "$NIGHTLY_DATE"; then
+  # The image ships it as `nightly`; elsewhere fetch the dated one.
+  NIGHTLY="nightly-2026-05-20"
+  rustup toolchain list | grep -q "^$NIGHTLY" || rustup toolchain install "$NIGHTLY" --profile minimal
+fi
+if ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q '^rust-src'; then
+  log "rustup component add rust-src --toolchain $NIGHTLY"
+  rustup component add rust-src --toolchain "$NIGHTLY"
+fi
+
+# 3. bpf-linker against the nightly's own libLLVM (Debian 12's LLVM 14 is too old).
+sysroot="$(rustc +"$NIGHTLY" --print sysroot)"
+llvm_so="$(ls "$sysroot"/lib/libLLVM.so.* 2>/dev/null | head -n1)"
+[ -n "$llvm_so" ] || { echo "no libLLVM in $sysroot/lib" >&2; exit 1; }
+mkdir -p "$TOOLS/llvm/lib" "$TOOLS/bin"
+ln -sf "$llvm_so" "$TOOLS/llvm/lib/libLLVM.so"
+stamp="$TOOLS/bpf-linker.llvm"
+if [ ! -x "$TOOLS/bin/bpf-linker" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$llvm_so" ]; then
+  log "building bpf-linker 0.13.0 against $llvm_so (a few minutes)"
+  LLVM_PREFIX="$TOOLS/llvm" RUSTFLAGS="-C link-arg=-Wl,-rpath,$sysroot/lib" \
+    cargo +stable install bpf-linker --version 0.13.0 --locked --no-default-features \
+      --features llvm-22 --root "$TOOLS" --force
+  echo "$llvm_so" > "$stamp"
+fi
+# aya-build looks bpf-linker up on PATH.
+ln -sf "$TOOLS/bin/bpf-linker" /usr/local/bin/bpf-linker
+
+# 4. Kernel filesystems the probe needs.
+mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
+mkdir -p /sys/fs/bpf
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
+log "ready: nightly=$NIGHTLY bpf-linker=$(command -v bpf-linker)"
