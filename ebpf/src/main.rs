@@ -97,6 +97,12 @@ pub fn flows_to_ep(ctx: TcContext) -> i32 {
     observe(&ctx, POINT_TO_ENDPOINT)
 }
 
+/// Does nothing: the baseline against which benchmarks measure the datapath's cost.
+#[classifier]
+pub fn flows_bench_nop(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
 #[inline(always)]
 fn observe(ctx: &TcContext, point: u8) -> i32 {
     count(counter::PACKETS);

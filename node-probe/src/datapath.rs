@@ -386,3 +386,74 @@ pub fn remove_stale_filters(ifname: &str) -> usize {
     }
     removed
 }
+
+/// Per-packet cost of the TC programs, measured with BPF_PROG_TEST_RUN.
+#[derive(Debug, Clone, Copy)]
+pub struct PacketCost {
+    /// Mean nanoseconds per run of the empty baseline program.
+    pub nop_ns: f64,
+    /// Mean nanoseconds per run of `flows_from_ep` on a new connection (a SYN with a
+    /// fresh tuple: conntrack insert, drop-watch insert, ring buffer event).
+    pub syn_ns: f64,
+    /// Same for a packet of a tracked connection (conntrack hit, no event).
+    pub established_ns: f64,
+    /// Same for the empty program run the way `syn_ns` is (one packet per syscall).
+    pub nop_single_ns: f64,
+}
+
+/// Measures [`PacketCost`]: `syn` runs one syscall per packet (each with a new source
+/// port, so each is a new attempt); the others repeat one packet `repeat` times.
+pub fn measure_packet_cost(
+    syn: impl Fn(u16) -> Vec<u8>,
+    established: &[u8],
+    syns: u16,
+    repeat: u32,
+) -> Result<PacketCost, DatapathError> {
+    use aya::programs::{TestRun, TestRunOptions};
+    let btf = Btf::from_sys_fs()?;
+    let offsets = btf.kernel_offsets()?;
+    let filter = 0u32;
+    let mut ebpf = EbpfLoader::new()
+        .override_global("OFFSETS", &offsets, true)
+        .override_global("DROP_NETNS_FILTER", &filter, true)
+        .load(EBPF_OBJECT)
+        .map_err(|e| DatapathError::Load(Box::new(e)))?;
+    let run = |ebpf: &mut Ebpf, name: &'static str, data: &[u8], repeat: u32| {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Program {
+                name,
+                source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+            })?
+            .try_into()
+            .map_err(prog_err(name))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(prog_err(name))?;
+        }
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(data),
+                repeat,
+                ..Default::default()
+            })
+            .map_err(prog_err(name))?;
+        Ok::<f64, DatapathError>(r.duration.as_nanos() as f64)
+    };
+    let mut syn_total = 0.0;
+    let mut nop_single_total = 0.0;
+    for i in 0..syns {
+        let pkt = syn(10_000 + i);
+        syn_total += run(&mut ebpf, PROG_FROM_ENDPOINT, &pkt, 1)?;
+        nop_single_total += run(&mut ebpf, "flows_bench_nop", &pkt, 1)?;
+    }
+    // Prime the conntrack entry, then measure hits.
+    run(&mut ebpf, PROG_FROM_ENDPOINT, established, 1)?;
+    let established_ns = run(&mut ebpf, PROG_FROM_ENDPOINT, established, repeat)?;
+    let nop_ns = run(&mut ebpf, "flows_bench_nop", established, repeat)?;
+    Ok(PacketCost {
+        nop_ns,
+        syn_ns: syn_total / syns as f64,
+        established_ns,
+        nop_single_ns: nop_single_total / syns as f64,
+    })
+}

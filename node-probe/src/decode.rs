@@ -53,9 +53,9 @@ impl Clock {
         Clock { offset_ns }
     }
 
-    pub fn to_timestamp(self, mono_ns: u64) -> prost_types::Timestamp {
+    pub fn to_timestamp(self, mono_ns: u64) -> flows_proto::Timestamp {
         let t = mono_ns as i128 + self.offset_ns;
-        prost_types::Timestamp {
+        flows_proto::Timestamp {
             seconds: t.div_euclid(1_000_000_000) as i64,
             nanos: t.rem_euclid(1_000_000_000) as i32,
         }

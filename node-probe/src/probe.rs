@@ -254,7 +254,7 @@ async fn poll_counters(
             };
             ring.push(Entry::Lost(
                 ev,
-                prost_types::Timestamp::from(std::time::SystemTime::now()),
+                flows_proto::timestamp_now(),
             ));
             stats.add_lost_kernel(lost - lost_reported);
             lost_reported = lost;

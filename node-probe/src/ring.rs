@@ -21,11 +21,11 @@ pub enum RingError {
 #[derive(Debug, Clone)]
 pub enum Entry {
     Flow(Flow),
-    Lost(LostEvent, prost_types::Timestamp),
+    Lost(LostEvent, flows_proto::Timestamp),
 }
 
 impl Entry {
-    pub fn time(&self) -> Option<&prost_types::Timestamp> {
+    pub fn time(&self) -> Option<&flows_proto::Timestamp> {
         match self {
             Entry::Flow(f) => f.time.as_ref(),
             Entry::Lost(_, t) => Some(t),

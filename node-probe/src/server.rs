@@ -8,7 +8,7 @@ use flows_proto::{
     observer_server::Observer,
 };
 use futures::Stream;
-use prost_types::Timestamp;
+use flows_proto::Timestamp;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -139,7 +139,7 @@ fn response(node: &str, e: &Entry) -> GetFlowsResponse {
 }
 
 fn now_ts() -> Timestamp {
-    Timestamp::from(std::time::SystemTime::now())
+    flows_proto::timestamp_now()
 }
 
 #[tonic::async_trait]
