@@ -1,0 +1,368 @@
+//! `flows lab ...`: the lab's command line (thin: the work is in flows-lab).
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use flows_lab::drive::{self, DriveOptions, Outcome, Report, Scenario};
+use flows_lab::{AgentLaunch, State, UpOptions};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct StateDir {
+    /// Where the lab keeps its state record (state.json) and the agent's log.
+    #[arg(long = "state-dir", env = "FLOWS_LAB_DIR", default_value = "/run/flows-lab")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum LabCommand {
+    /// Build a lab from Kubernetes YAML files or directories (Namespace, Pod, Deployment, Service).
+    Up {
+        /// YAML files, or directories of *.yaml / *.yml.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        #[command(flatten)]
+        dir: StateDir,
+    },
+    /// Remove the lab: daemons, namespaces, links, state. Safe to run any time.
+    Down {
+        #[command(flatten)]
+        dir: StateDir,
+    },
+    /// Show the lab: nodes, pods, services, daemons.
+    Status {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        dir: StateDir,
+    },
+    /// Run a command inside a pod (ns/pod), a node (node-1) or the world host.
+    Exec {
+        /// ns/pod, node-N or world.
+        target: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<OsString>,
+        #[command(flatten)]
+        dir: StateDir,
+    },
+    /// Generate traffic from a scenario file and report every attempt.
+    Drive {
+        scenario: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+        /// Attempts of one connection in flight at once.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[command(flatten)]
+        dir: StateDir,
+    },
+    /// The lab's listener process (started by `up`).
+    #[command(hide = true)]
+    Agent {
+        #[arg(long)]
+        state: PathBuf,
+    },
+}
+
+pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
+    match cmd {
+        LabCommand::Up { paths, nodes, dir } => up(paths, nodes, &dir.state_dir),
+        LabCommand::Down { dir } => down(&dir.state_dir),
+        LabCommand::Status { output, dir } => status(&dir.state_dir, output),
+        LabCommand::Exec { target, command, dir } => exec(&dir.state_dir, &target, command),
+        LabCommand::Drive {
+            scenario,
+            output,
+            concurrency,
+            dir,
+        } => drive(&dir.state_dir, &scenario, output, concurrency),
+        LabCommand::Agent { state } => {
+            let code = flows_lab::agent::main(&state);
+            std::process::exit(code)
+        }
+    }
+}
+
+fn up(paths: Vec<PathBuf>, nodes: usize, dir: &Path) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the flows executable")?;
+    let mut opts = UpOptions::new(paths, dir);
+    opts.nodes = nodes;
+    opts.agent = AgentLaunch::Command {
+        program: exe,
+        args: vec!["lab".into(), "agent".into(), "--state".into(), dir.as_os_str().to_owned()],
+    };
+    let state = flows_lab::up(&opts)?;
+    print_state(&state);
+    println!("\nlab is up (state: {}); `flows lab down` removes it", dir.join("state.json").display());
+    Ok(())
+}
+
+fn down(dir: &Path) -> anyhow::Result<()> {
+    let report = flows_lab::down(dir)?;
+    let t = &report.teardown;
+    if report.stopped.is_empty() && t.netns_removed.is_empty() && t.links_removed.is_empty() && !report.state_removed {
+        println!("no lab was up; nothing to do");
+        return Ok(());
+    }
+    println!(
+        "lab is down: stopped {} daemon(s), removed {} netns, {} link(s), {} nft table(s){}",
+        report.stopped.len(),
+        t.netns_removed.len(),
+        t.links_removed.len(),
+        t.nft_tables_removed.len(),
+        if report.state_removed { ", state file" } else { "" }
+    );
+    Ok(())
+}
+
+fn load(dir: &Path) -> anyhow::Result<State> {
+    match State::load(dir) {
+        Err(flows_lab::LabError::NoState { path }) => {
+            bail!("no lab is up (no {}); start one with `flows lab up <yaml>...`", path.display())
+        }
+        other => Ok(other?),
+    }
+}
+
+fn status(dir: &Path, output: Output) -> anyhow::Result<()> {
+    let state = load(dir)?;
+    match output {
+        Output::Json => {
+            let mut value = serde_json::to_value(&state)?;
+            if let Some(daemons) = value.get_mut("daemons").and_then(|d| d.as_array_mut()) {
+                for d in daemons {
+                    let pid = d.get("pid").and_then(|p| p.as_u64()).unwrap_or(0) as u32;
+                    if let Some(obj) = d.as_object_mut() {
+                        obj.insert("alive".into(), flows_lab::process_alive(pid).into());
+                    }
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        }
+        Output::Table => print_state(&state),
+    }
+    Ok(())
+}
+
+/// Prints rows as left-aligned columns.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_state(state: &State) {
+    println!("NODES");
+    table(
+        &["NAME", "NETNS", "UPLINK", "POD CIDRS"],
+        state
+            .nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    n.name.clone(),
+                    n.netns.clone(),
+                    format!("{} {}", n.uplink_ipv4, n.uplink_ipv6),
+                    format!("{} {}", n.pod_cidr_v4, n.pod_cidr_v6),
+                ]
+            })
+            .collect(),
+    );
+    println!("\nPODS");
+    table(
+        &["POD", "NODE", "IPV4", "IPV6", "PORTS", "WORKLOAD"],
+        state
+            .pods
+            .iter()
+            .map(|p| {
+                let ports: Vec<String> = p
+                    .ports
+                    .iter()
+                    .map(|pt| match &pt.name {
+                        Some(n) => format!("{n}:{}/{}", pt.port, pt.protocol),
+                        None => format!("{}/{}", pt.port, pt.protocol),
+                    })
+                    .collect();
+                vec![
+                    format!("{}/{}", p.namespace, p.name),
+                    p.node.clone(),
+                    p.ipv4.to_string(),
+                    p.ipv6.to_string(),
+                    if ports.is_empty() { "-".into() } else { ports.join(",") },
+                    p.workload
+                        .as_ref()
+                        .map(|w| format!("{}/{}", w.kind, w.name))
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect(),
+    );
+    println!("\nSERVICES");
+    table(
+        &["SERVICE", "CLUSTER-IPS", "PORTS", "ENDPOINTS"],
+        state
+            .services
+            .iter()
+            .map(|s| {
+                let ports: Vec<String> = s
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}->{}/{}", p.port, p.target_port, p.protocol))
+                    .collect();
+                let eps: usize = flows_lab::endpoints(state, s).iter().map(|e| e.endpoints.len()).sum();
+                vec![
+                    format!("{}/{}", s.namespace, s.name),
+                    format!("{} {}", s.cluster_ipv4, s.cluster_ipv6),
+                    ports.join(","),
+                    eps.to_string(),
+                ]
+            })
+            .collect(),
+    );
+    println!("\nWORLD  {} {} (netns {})", state.world.ipv4, state.world.ipv6, state.world.netns);
+    println!("\nDAEMONS");
+    table(
+        &["ROLE", "NODE", "PID", "STATUS"],
+        state
+            .daemons
+            .iter()
+            .map(|d| {
+                vec![
+                    d.role.clone(),
+                    d.node.clone().unwrap_or_else(|| "-".into()),
+                    d.pid.to_string(),
+                    if flows_lab::process_alive(d.pid) { "running" } else { "dead" }.into(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn exec(dir: &Path, target: &str, command: Vec<OsString>) -> anyhow::Result<()> {
+    let state = load(dir)?;
+    let netns = flows_lab::resolve_netns(&state, target)?;
+    if !flows_lab::netns::netns_exists(&netns) {
+        bail!("netns {netns} of {target} does not exist: is the lab up?");
+    }
+    // Replaces this process: the command's exit code (and signals, tty) pass straight through.
+    let err = std::process::Command::new("ip")
+        .args(["netns", "exec"])
+        .arg(&netns)
+        .args(&command)
+        .exec();
+    Err(err).context("running `ip netns exec`")
+}
+
+fn drive(dir: &Path, scenario: &Path, output: Output, concurrency: usize) -> anyhow::Result<()> {
+    let state = load(dir)?;
+    let scenario = Scenario::load(scenario)?;
+    let report = drive::run(&state, &scenario, &DriveOptions { concurrency })?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Table => print_report(&report),
+    }
+    if !report.expectations_met {
+        let missed: Vec<&str> = report
+            .connections
+            .iter()
+            .filter(|c| c.met_expectation == Some(false))
+            .map(|c| c.name.as_str())
+            .collect();
+        bail!("{} connection(s) did not meet their expectation: {}", missed.len(), missed.join(", "));
+    }
+    Ok(())
+}
+
+fn print_report(report: &Report) {
+    table(
+        &["CONNECTION", "#", "FROM", "TO", "PROTO", "SOURCE", "DESTINATION", "RESULT", "TIME"],
+        report
+            .attempts
+            .iter()
+            .map(|a| {
+                let src = match (a.src_ip, a.src_port) {
+                    (Some(ip), Some(port)) => sockaddr(ip, port),
+                    _ => "-".into(),
+                };
+                let result = match (a.outcome, &a.error, &a.reply) {
+                    (Outcome::Success, _, Some(r)) => format!("ok ({r})"),
+                    (Outcome::Success, _, None) => "ok".into(),
+                    (Outcome::Failure, Some(e), _) => format!("FAILED: {e}"),
+                    (Outcome::Failure, None, _) => "FAILED".into(),
+                };
+                vec![
+                    a.connection.clone(),
+                    a.index.to_string(),
+                    a.from.clone(),
+                    a.to_resolved.clone(),
+                    format!("{}/{}", a.protocol, a.family),
+                    src,
+                    sockaddr(a.dst_ip, a.dst_port),
+                    result,
+                    format!("{:.1}ms", a.duration_us as f64 / 1000.0),
+                ]
+            })
+            .collect(),
+    );
+    println!();
+    table(
+        &["CONNECTION", "ATTEMPTED", "OK", "FAILED", "EXPECT", "MET"],
+        report
+            .connections
+            .iter()
+            .map(|c| {
+                vec![
+                    c.name.clone(),
+                    c.attempted.to_string(),
+                    c.succeeded.to_string(),
+                    c.failed.to_string(),
+                    c.expect
+                        .map(|e| format!("{e:?}").to_lowercase())
+                        .unwrap_or_else(|| "-".into()),
+                    match c.met_expectation {
+                        Some(true) => "yes".into(),
+                        Some(false) => "NO".into(),
+                        None => "-".into(),
+                    },
+                ]
+            })
+            .collect(),
+    );
+    println!(
+        "\n{} attempted, {} succeeded, {} failed",
+        report.attempted, report.succeeded, report.failed
+    );
+}
+
+fn sockaddr(ip: std::net::IpAddr, port: u16) -> String {
+    match ip {
+        std::net::IpAddr::V4(_) => format!("{ip}:{port}"),
+        std::net::IpAddr::V6(_) => format!("[{ip}]:{port}"),
+    }
+}

@@ -1,0 +1,42 @@
+//! `flows`: the command line of flows. Thin: each subcommand calls into a library crate.
+
+mod lab;
+mod labindex;
+mod observe;
+mod printer;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "flows", version, about = "Traffic observability for Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A cluster on one machine, built from Kubernetes YAML (network namespaces).
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
+    /// Print flows from a node-probe or the relay.
+    Observe(observe::ObserveArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Lab(cmd) => lab::run(cmd),
+        Command::Observe(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(observe::run(args)),
+    }
+}

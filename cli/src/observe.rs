@@ -1,0 +1,199 @@
+//! `flows observe`: read flows from a node-probe (or the relay) and print them.
+
+use std::{io::Write, path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use flows_proto::{
+    Flow, GetFlowsRequest, Timestamp, get_flows_response::ResponseTypes,
+    observer_client::ObserverClient,
+};
+
+use crate::{labindex::LabIndex, printer::{Format, Printer}};
+
+#[derive(clap::Args, Debug)]
+pub struct ObserveArgs {
+    /// Address of a node-probe or relay (host:port); repeat to read several node-probes.
+    #[arg(long, env = "FLOWS_SERVER", default_value = "127.0.0.1:4245")]
+    pub server: Vec<String>,
+    /// The last N flows (default 20 when neither --first, --all nor --follow is given).
+    #[arg(long, conflicts_with_all = ["first", "all"])]
+    pub last: Option<u64>,
+    /// The first N flows still in the ring.
+    #[arg(long, conflicts_with_all = ["all", "follow"])]
+    pub first: Option<u64>,
+    /// Every flow in the ring.
+    #[arg(long)]
+    pub all: bool,
+    /// Keep printing flows as they arrive.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Only flows since this time: a duration ago (5m, 1h30m) or RFC 3339.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only flows before this time: a duration ago or RFC 3339.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Compact)]
+    pub output: Format,
+    /// Print the node that observed each flow.
+    #[arg(long)]
+    pub print_node_name: bool,
+    /// Name endpoints from the lab's record of its pods (default: the running lab, if any).
+    #[arg(long, env = "FLOWS_LAB_DIR")]
+    pub lab_state: Option<PathBuf>,
+    /// Stop after this many seconds (for scripts; default: run until the stream ends).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+}
+
+/// Parses `--since`/`--until`: "5m"-style durations before now, or RFC 3339.
+pub fn parse_time(s: &str, now: std::time::SystemTime) -> anyhow::Result<Timestamp> {
+    let s = s.trim();
+    if let Ok(d) = humantime::parse_duration(s) {
+        let t = now
+            .checked_sub(d)
+            .with_context(|| format!("{s:?} reaches before the epoch"))?;
+        return Ok(flows_proto::timestamp(t));
+    }
+    match humantime::parse_rfc3339_weak(s) {
+        Ok(t) => Ok(flows_proto::timestamp(t)),
+        Err(_) => bail!(
+            "invalid time {s:?}: expected a duration such as 5m or 1h30m, or RFC 3339 such as 2026-11-22T04:00:00Z"
+        ),
+    }
+}
+
+pub fn request(args: &ObserveArgs) -> anyhow::Result<GetFlowsRequest> {
+    let now = std::time::SystemTime::now();
+    let since = args.since.as_deref().map(|s| parse_time(s, now)).transpose()?;
+    let until = args.until.as_deref().map(|s| parse_time(s, now)).transpose()?;
+    let (number, first) = match (args.last, args.first, args.all) {
+        (Some(n), _, _) => (n, false),
+        (_, Some(n), _) => (n, true),
+        (_, _, true) => (0, false),
+        // Like hubble: the last 20, or with --follow only new flows; a time window
+        // without a count means everything in it.
+        _ if args.follow => (0, false),
+        _ if since.is_some() || until.is_some() => (0, false),
+        _ => (20, false),
+    };
+    Ok(GetFlowsRequest {
+        number,
+        first,
+        follow: args.follow,
+        since,
+        until,
+        ..Default::default()
+    })
+}
+
+pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
+    let req = request(&args)?;
+    let index = match &args.lab_state {
+        Some(dir) => Some(LabIndex::load(dir)?),
+        None => LabIndex::load(&flows_lab::state::default_dir()).ok(),
+    };
+    let mut printer = Printer::new(args.output, args.print_node_name);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<ResponseTypes>>(1024);
+    for server in &args.server {
+        let tx = tx.clone();
+        let req = req.clone();
+        let server = server.clone();
+        tokio::spawn(async move {
+            if let Err(e) = stream_from(&server, req, tx.clone()).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+    }
+    drop(tx);
+    let deadline = args.timeout.map(Duration::from_secs_f64);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let run = async {
+        while let Some(item) = rx.recv().await {
+            match item? {
+                ResponseTypes::Flow(mut f) => {
+                    if let Some(ix) = &index {
+                        ix.annotate(&mut f);
+                    }
+                    printer.flow(&mut out, &f)?;
+                }
+                ResponseTypes::LostEvents(l) => printer.lost(&mut out, &l)?,
+                ResponseTypes::NodeStatus(s) => printer.node_status(&mut out, &s)?,
+            }
+            out.flush()?;
+        }
+        anyhow::Ok(())
+    };
+    match deadline {
+        Some(d) => match tokio::time::timeout(d, run).await {
+            Ok(r) => r,
+            Err(_) => Ok(()),
+        },
+        None => run.await,
+    }
+}
+
+async fn stream_from(
+    server: &str,
+    req: GetFlowsRequest,
+    tx: tokio::sync::mpsc::Sender<anyhow::Result<ResponseTypes>>,
+) -> anyhow::Result<()> {
+    let url = if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    };
+    let mut client = ObserverClient::connect(url.clone())
+        .await
+        .with_context(|| format!("connecting to {server}"))?;
+    let mut stream = client
+        .get_flows(req)
+        .await
+        .with_context(|| format!("GetFlows on {server}"))?
+        .into_inner();
+    while let Some(resp) = stream
+        .message()
+        .await
+        .with_context(|| format!("reading flows from {server}"))?
+    {
+        if let Some(r) = resp.response_types {
+            if tx.send(Ok(r)).await.is_err() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fetches flows from one server into memory (tests and scripts).
+pub async fn collect(server: &str, req: GetFlowsRequest) -> anyhow::Result<Vec<Flow>> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let server = server.to_string();
+    let task = tokio::spawn(async move { stream_from(&server, req, tx).await });
+    let mut out = Vec::new();
+    while let Some(r) = rx.recv().await {
+        if let ResponseTypes::Flow(f) = r? {
+            out.push(f);
+        }
+    }
+    task.await??;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(10_000);
+        assert_eq!(parse_time("5m", now).expect("dur").seconds, 10_000 - 300);
+        assert_eq!(
+            parse_time("1970-01-01T01:00:00Z", now).expect("rfc").seconds,
+            3600
+        );
+        assert!(parse_time("yesterday-ish", now).is_err());
+    }
+}

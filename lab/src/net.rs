@@ -1,0 +1,337 @@
+//! Network plumbing with iproute2 and nftables as subprocesses: building the lab's
+//! namespaces, bridges, veths, addresses, routes and rules, and tearing all of it down.
+//! Commands go through `ip -n <netns> -batch -` so a pod costs one process, not ten.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::error::LabError;
+use crate::netns::{self, list_netns};
+use crate::plan::{
+    self, NODE_BRIDGE, NODE_UPLINK, UNDERLAY_BRIDGE, UNDERLAY_NETNS, WORLD_NETNS, WORLD_UPLINK_V4,
+    WORLD_UPLINK_V6,
+};
+use crate::proxy;
+use crate::state::State;
+
+/// Every netns the lab makes starts with this.
+pub const NETNS_PREFIX: &str = "flows-";
+/// Every link the lab makes starts with this.
+pub const LINK_PREFIX: &str = "fl";
+
+/// Runs `program args...`, feeding `stdin`, and returns stdout; a non-zero exit is an error
+/// carrying stderr.
+pub(crate) fn run_tool(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, LabError> {
+    let command = std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ");
+    let hint = match program {
+        "ip" => " (install iproute2: apt-get install -y iproute2)",
+        "nft" => " (install nftables: apt-get install -y nftables)",
+        _ => "",
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| LabError::Spawn {
+            command: command.clone(),
+            hint: hint.to_string(),
+            error,
+        })?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A write error shows up as the tool's own failure below.
+        let _ = pipe.write_all(text.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|error| LabError::Spawn {
+        command: command.clone(),
+        hint: String::new(),
+        error,
+    })?;
+    if !out.status.success() {
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        // `ip -batch` says "Command failed -:N": show which line that was.
+        if let Some(text) = stdin
+            && let Some(n) = stderr
+                .rsplit_once("Command failed -:")
+                .and_then(|(_, n)| n.trim().parse::<usize>().ok())
+            && let Some(line) = text.lines().nth(n.saturating_sub(1))
+        {
+            stderr.push_str(&format!(" [line {n}: {line}]"));
+        }
+        return Err(LabError::Command {
+            command,
+            status: out.status.to_string(),
+            stderr,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a batch of `ip` commands inside netns `netns` (or the root netns for `None`).
+fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<(), LabError> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut script = lines.join("\n");
+    script.push('\n');
+    match netns {
+        Some(ns) => run_tool("ip", &["-n", ns, "-batch", "-"], Some(&script)),
+        None => run_tool("ip", &["-batch", "-"], Some(&script)),
+    }
+    .map(|_| ())
+}
+
+/// Checks the tools and kernel features the lab needs, before anything is built.
+pub(crate) fn preflight() -> Result<(), LabError> {
+    run_tool("ip", &["-V"], None)?;
+    run_tool("nft", &["--version"], None)?;
+    if !std::path::Path::new("/proc/sys/net/bridge").exists() {
+        // br_netfilter may be a module here; without it bridged service replies are not un-NATed.
+        let _ = run_tool("modprobe", &["br_netfilter"], None);
+        if !std::path::Path::new("/proc/sys/net/bridge").exists() {
+            return Err(LabError::Command {
+                command: "modprobe br_netfilter".to_string(),
+                status: "no /proc/sys/net/bridge".to_string(),
+                stderr: "the kernel has no br_netfilter; bridged service traffic cannot be NATed".to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Builds everything in `state`. On error, what was built stays: the caller tears down.
+pub(crate) fn build(state: &State) -> Result<(), LabError> {
+    // 1. Namespaces.
+    let mut all_netns = vec![UNDERLAY_NETNS.to_string(), WORLD_NETNS.to_string()];
+    all_netns.extend(state.nodes.iter().map(|n| n.netns.clone()));
+    all_netns.extend(state.pods.iter().map(|p| p.netns.clone()));
+    let adds: Vec<String> = all_netns.iter().map(|n| format!("netns add {n}")).collect();
+    ip_batch(None, &adds)?;
+
+    // 2. Sysctls, before any interface exists so new interfaces inherit the defaults.
+    // Addresses must be usable at once (no DAD), and nothing should send or honour redirects:
+    // a node routing a pod's service packet back onto the bridge would otherwise teach the
+    // pod to bypass the node.
+    const NO_DAD: [(&str, &str); 2] = [
+        ("net.ipv6.conf.all.accept_dad", "0"),
+        ("net.ipv6.conf.default.accept_dad", "0"),
+    ];
+    netns::sysctls(
+        UNDERLAY_NETNS,
+        &[
+            // A plain L2 switch: no addresses, no IPv6 chatter, no netfilter on bridged frames.
+            ("net.ipv6.conf.all.disable_ipv6", "1"),
+            ("net.ipv6.conf.default.disable_ipv6", "1"),
+            ("net.bridge.bridge-nf-call-iptables", "0"),
+            ("net.bridge.bridge-nf-call-ip6tables", "0"),
+        ],
+    )?;
+    netns::sysctls(WORLD_NETNS, &NO_DAD)?;
+    for node in &state.nodes {
+        let mut s = NO_DAD.to_vec();
+        s.extend([
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            ("net.ipv6.conf.default.forwarding", "1"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+            ("net.ipv4.conf.default.send_redirects", "0"),
+            // Bridged pod-to-pod replies of service connections must see conntrack to be un-DNATed.
+            ("net.bridge.bridge-nf-call-iptables", "1"),
+            ("net.bridge.bridge-nf-call-ip6tables", "1"),
+        ]);
+        netns::sysctls(&node.netns, &s)?;
+    }
+    for pod in &state.pods {
+        let mut s = NO_DAD.to_vec();
+        s.extend([
+            // Unprivileged ICMP datagram sockets (ping) for every group.
+            ("net.ipv4.ping_group_range", "0 2147483647"),
+            ("net.ipv4.conf.all.accept_redirects", "0"),
+            ("net.ipv4.conf.default.accept_redirects", "0"),
+            ("net.ipv6.conf.all.accept_redirects", "0"),
+            ("net.ipv6.conf.default.accept_redirects", "0"),
+        ]);
+        netns::sysctls(&pod.netns, &s)?;
+    }
+
+    // 3. The underlay switch, with one veth per node and one for the world.
+    let mut underlay = vec![
+        "link set lo up".to_string(),
+        format!("link add {UNDERLAY_BRIDGE} type bridge mcast_snooping 0"),
+    ];
+    let mut hosts: Vec<(String, String)> = state.nodes.iter().map(|n| (n.name.clone(), n.netns.clone())).collect();
+    hosts.push(("world".to_string(), WORLD_NETNS.to_string()));
+    for (name, ns) in &hosts {
+        let port = plan::underlay_port(name);
+        underlay.push(format!("link add {port} type veth peer name {NODE_UPLINK} netns {ns}"));
+        underlay.push(format!("link set {port} master {UNDERLAY_BRIDGE}"));
+        underlay.push(format!("link set {port} up"));
+    }
+    underlay.push(format!("link set {UNDERLAY_BRIDGE} up"));
+    ip_batch(Some(UNDERLAY_NETNS), &underlay)?;
+
+    // 4. Nodes: pod bridge, uplink, routes, and the host side of each pod's veth.
+    for (idx, node) in state.nodes.iter().enumerate() {
+        let i = idx + 1;
+        let mut b = vec![
+            "link set lo up".to_string(),
+            format!("link add {NODE_BRIDGE} type bridge mcast_snooping 0"),
+            format!("addr add {}/24 dev {NODE_BRIDGE}", plan::node_gateway_v4(i)),
+            format!("addr add {}/64 dev {NODE_BRIDGE} nodad", plan::node_gateway_v6(i)),
+            format!("link set {NODE_BRIDGE} up"),
+            format!("addr add {}/24 dev {NODE_UPLINK}", node.uplink_ipv4),
+            format!("addr add {}/64 dev {NODE_UPLINK} nodad", node.uplink_ipv6),
+            format!("link set {NODE_UPLINK} up"),
+            format!("route add default via {WORLD_UPLINK_V4} dev {NODE_UPLINK}"),
+            format!("route add ::/0 via {WORLD_UPLINK_V6} dev {NODE_UPLINK}"),
+        ];
+        for other in state.nodes.iter().filter(|o| o.name != node.name) {
+            b.push(format!("route add {} via {} dev {NODE_UPLINK}", other.pod_cidr_v4, other.uplink_ipv4));
+            b.push(format!("route add {} via {} dev {NODE_UPLINK}", other.pod_cidr_v6, other.uplink_ipv6));
+        }
+        for pod in state.pods.iter().filter(|p| p.node == node.name) {
+            b.push(format!("link add {} type veth peer name eth0 netns {}", pod.host_ifname, pod.netns));
+            b.push(format!("link set {} master {NODE_BRIDGE}", pod.host_ifname));
+            // A pod reaching itself through its own service: br_netfilter bridges the DNATed
+            // frame back out of the port it came in on, which only hairpin mode allows.
+            b.push(format!("link set {} type bridge_slave hairpin on", pod.host_ifname));
+            b.push(format!("link set {} up", pod.host_ifname));
+        }
+        ip_batch(Some(&node.netns), &b)?;
+    }
+
+    // 5. The world host: the internet's stand-in, default route of every node.
+    let mut w = vec![
+        // The world's own addresses sit on lo (kernels without the dummy driver exist).
+        "link set lo up".to_string(),
+        format!("addr add {}/32 dev lo", state.world.ipv4),
+        format!("addr add {}/128 dev lo nodad", state.world.ipv6),
+        format!("addr add {WORLD_UPLINK_V4}/24 dev {NODE_UPLINK}"),
+        format!("addr add {WORLD_UPLINK_V6}/64 dev {NODE_UPLINK} nodad"),
+        format!("link set {NODE_UPLINK} up"),
+    ];
+    // `src`: connections the world opens come from its public address, not the underlay's.
+    for node in &state.nodes {
+        w.push(format!(
+            "route add {} via {} dev {NODE_UPLINK} src {}",
+            node.pod_cidr_v4, node.uplink_ipv4, state.world.ipv4
+        ));
+        w.push(format!(
+            "route add {} via {} dev {NODE_UPLINK} src {}",
+            node.pod_cidr_v6, node.uplink_ipv6, state.world.ipv6
+        ));
+    }
+    ip_batch(Some(WORLD_NETNS), &w)?;
+
+    // 6. Pods: eth0 with the next addresses of the node's CIDRs, default routes via the bridge.
+    for pod in &state.pods {
+        let idx = state
+            .nodes
+            .iter()
+            .position(|n| n.name == pod.node)
+            .ok_or_else(|| LabError::plan(format!("pod {}/{} is on unknown node {}", pod.namespace, pod.name, pod.node)))?;
+        let i = idx + 1;
+        let p = vec![
+            "link set lo up".to_string(),
+            format!("addr add {}/24 dev eth0", pod.ipv4),
+            format!("addr add {}/64 dev eth0 nodad", pod.ipv6),
+            "link set eth0 up".to_string(),
+            format!("route add default via {} dev eth0", plan::node_gateway_v4(i)),
+            format!("route add ::/0 via {} dev eth0", plan::node_gateway_v6(i)),
+        ];
+        ip_batch(Some(&pod.netns), &p)?;
+    }
+
+    // 7. kube-proxy: the same service rules on every node.
+    let rules = proxy::nft_ruleset(state);
+    for node in &state.nodes {
+        run_tool("ip", &["netns", "exec", &node.netns, "nft", "-f", "-"], Some(&rules))?;
+    }
+    Ok(())
+}
+
+/// What a teardown removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Teardown {
+    pub netns_removed: Vec<String>,
+    pub links_removed: Vec<String>,
+    pub nft_tables_removed: Vec<String>,
+}
+
+/// Links in the root netns that look like the lab's. `flannel*` is someone else's.
+fn root_lab_links() -> Result<Vec<String>, LabError> {
+    let out = run_tool("ip", &["-o", "link", "show"], None)?;
+    let mut names: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+        .filter(|n| n.starts_with(LINK_PREFIX) && !n.starts_with("flannel"))
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// Removes every lab netns (`flows-*`), every lab link left in the root netns (`fl*`) and the
+/// lab's nft tables in the root netns. Idempotent; it does not need a state file.
+pub(crate) fn teardown() -> Result<Teardown, LabError> {
+    let mut report = Teardown::default();
+    let mut errors = Vec::new();
+
+    let names = list_netns(NETNS_PREFIX);
+    if !names.is_empty() {
+        let dels: Vec<String> = names.iter().map(|n| format!("netns del {n}")).collect();
+        // -force: go on past one failure; stragglers are retried one by one for their error.
+        let mut script = dels.join("\n");
+        script.push('\n');
+        let _ = run_tool("ip", &["-force", "-batch", "-"], Some(&script));
+        for n in &names {
+            if netns::netns_exists(n)
+                && let Err(e) = run_tool("ip", &["netns", "del", n], None)
+            {
+                errors.push(e);
+                continue;
+            }
+            report.netns_removed.push(n.clone());
+        }
+    }
+
+    match root_lab_links() {
+        Ok(links) => {
+            for l in links {
+                match run_tool("ip", &["link", "del", &l], None) {
+                    Ok(_) => report.links_removed.push(l),
+                    // Deleting one end of a veth removes the other: already gone is fine.
+                    Err(e) if root_lab_links().is_ok_and(|now| !now.contains(&l)) => {
+                        tracing::debug!(link = %l, error = %e, "already gone");
+                        report.links_removed.push(l);
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        Err(e) => errors.push(e),
+    }
+
+    // The lab's nft tables live in node netns (gone with them); clean the root netns too in
+    // case a ruleset was ever loaded there by hand.
+    if let Ok(tables) = run_tool("nft", &["list", "tables"], None) {
+        for line in tables.lines() {
+            let mut words = line.split_whitespace();
+            if let (Some("table"), Some(family), Some(name)) = (words.next(), words.next(), words.next())
+                && name == proxy::TABLE
+            {
+                match run_tool("nft", &["delete", "table", family, name], None) {
+                    Ok(_) => report.nft_tables_removed.push(format!("{family} {name}")),
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+    }
+
+    match errors.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}

@@ -1,0 +1,260 @@
+//! The state record: what a running lab is made of. It is the contract with the other crates
+//! (the node probe finds its node's netns here, tests find pod IPs and 5-tuples here), so the
+//! field names and types are fixed; add fields only with `#[serde(default)]`.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::LabError;
+
+pub const STATE_VERSION: u32 = 1;
+pub const STATE_FILE: &str = "state.json";
+/// Serializes read-modify-write of the state file (`add_daemon`).
+pub const LOCK_FILE: &str = "state.lock";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    pub nodes: Vec<Node>,
+    pub namespaces: Vec<NamespaceRec>,
+    pub pods: Vec<PodRec>,
+    pub services: Vec<ServiceRec>,
+    pub world: WorldRec,
+    pub daemons: Vec<Daemon>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub uplink_ipv4: Ipv4Addr,
+    pub uplink_ipv6: Ipv6Addr,
+    pub pod_cidr_v4: String,
+    pub pod_cidr_v6: String,
+    pub bridge: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceRec {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRec {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
+    pub node: String,
+    pub netns: String,
+    pub host_ifname: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub ports: Vec<PortRec>,
+    /// The direct owner (a ReplicaSet for Deployment pods).
+    pub owner: Option<OwnerRec>,
+    /// The top-level workload (the Deployment).
+    pub workload: Option<OwnerRec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRec {
+    pub name: Option<String>,
+    pub port: u16,
+    /// "TCP", "UDP" or "SCTP".
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRec {
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRec {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ipv4: Ipv4Addr,
+    pub cluster_ipv6: Ipv6Addr,
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePortRec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePortRec {
+    pub name: Option<String>,
+    pub port: u16,
+    /// A port number ("8080") or the name of a container port ("http").
+    pub target_port: String,
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorldRec {
+    pub netns: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Daemon {
+    /// "agent" for the lab's own listener process; other crates add their own roles.
+    pub role: String,
+    pub node: Option<String>,
+    pub pid: u32,
+}
+
+impl State {
+    /// Reads `<dir>/state.json`. A missing file is `LabError::NoState`.
+    pub fn load(dir: &Path) -> Result<State, LabError> {
+        let path = dir.join(STATE_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(LabError::NoState { path });
+            }
+            Err(e) => return Err(LabError::io(path, e)),
+        };
+        serde_json::from_str(&text).map_err(|error| LabError::StateParse { path, error })
+    }
+
+    /// Writes `<dir>/state.json` atomically (temp file + rename), creating `dir`.
+    pub fn save(&self, dir: &Path) -> Result<(), LabError> {
+        fs::create_dir_all(dir).map_err(|e| LabError::io(dir, e))?;
+        let path = dir.join(STATE_FILE);
+        let tmp = dir.join(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
+        let json = serde_json::to_vec_pretty(self).map_err(|error| LabError::StateParse {
+            path: path.clone(),
+            error,
+        })?;
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&json)?;
+            f.write_all(b"\n")?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(LabError::io(&tmp, e));
+        }
+        fs::rename(&tmp, &path).map_err(|e| LabError::io(&path, e))
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodRec> {
+        self.pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&ServiceRec> {
+        self.services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Pods of a Deployment (by workload), sorted by name.
+    pub fn deployment_pods(&self, namespace: &str, name: &str) -> Vec<&PodRec> {
+        let mut pods: Vec<&PodRec> = self
+            .pods
+            .iter()
+            .filter(|p| {
+                p.namespace == namespace
+                    && p.workload
+                        .as_ref()
+                        .is_some_and(|w| w.kind == "Deployment" && w.name == name)
+            })
+            .collect();
+        pods.sort_by(|a, b| a.name.cmp(&b.name));
+        pods
+    }
+
+    /// The pod, node or world host that owns `ip`, as "ns/pod", "node-1" or "world".
+    pub fn owner_of_ip(&self, ip: IpAddr) -> Option<String> {
+        for p in &self.pods {
+            if ip == IpAddr::V4(p.ipv4) || ip == IpAddr::V6(p.ipv6) {
+                return Some(format!("{}/{}", p.namespace, p.name));
+            }
+        }
+        for n in &self.nodes {
+            if ip == IpAddr::V4(n.uplink_ipv4) || ip == IpAddr::V6(n.uplink_ipv6) {
+                return Some(n.name.clone());
+            }
+        }
+        if ip == IpAddr::V4(self.world.ipv4) || ip == IpAddr::V6(self.world.ipv6) {
+            return Some("world".to_string());
+        }
+        None
+    }
+}
+
+/// An exclusive flock on `<dir>/state.lock`, released on drop.
+pub(crate) struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    pub(crate) fn take(dir: &Path) -> Result<DirLock, LabError> {
+        fs::create_dir_all(dir).map_err(|e| LabError::io(dir, e))?;
+        let path = dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| LabError::io(&path, e))?;
+        flock(&file, &path)?;
+        Ok(DirLock { _file: file })
+    }
+}
+
+/// Blocks until an exclusive flock on `file` is held (the lock goes with the file).
+pub(crate) fn flock(file: &File, path: &Path) -> Result<(), LabError> {
+    loop {
+        // SAFETY: flock on a valid open fd has no memory effects.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(LabError::sys(format!("flock {}", path.display()), e));
+        }
+    }
+}
+
+/// Records a daemon in the state of the lab in `dir` (load, push, save under a lock, so
+/// concurrent writers do not lose entries).
+pub fn add_daemon(dir: &Path, daemon: Daemon) -> Result<(), LabError> {
+    let _lock = DirLock::take(dir)?;
+    let mut state = State::load(dir)?;
+    state.daemons.push(daemon);
+    state.save(dir)
+}
+
+/// Removes the daemons with this pid from the state (used when a daemon stops on its own).
+pub fn remove_daemon(dir: &Path, pid: u32) -> Result<(), LabError> {
+    let _lock = DirLock::take(dir)?;
+    let mut state = State::load(dir)?;
+    state.daemons.retain(|d| d.pid != pid);
+    state.save(dir)
+}
+
+/// The state directory: `$FLOWS_LAB_DIR` if set, else `/run/flows-lab`.
+pub fn default_dir() -> PathBuf {
+    match std::env::var_os("FLOWS_LAB_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from("/run/flows-lab"),
+    }
+}

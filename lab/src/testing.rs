@@ -1,0 +1,176 @@
+//! Labs for tests. The lab's netns and link names are global, so only one lab can be up on a
+//! machine: `LabGuard` takes `/run/flows-lab.lock` (flock) for the lab's whole lifetime, which
+//! serializes lab tests across test binaries and crates, and downs the lab on drop, also when
+//! the test fails.
+//!
+//! ```no_run
+//! use flows_lab::testing::{LabGuard, skip_unless_root};
+//! if skip_unless_root("my_test") { return; }
+//! let lab = LabGuard::from_yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c}]}\n", 2)
+//!     .expect("lab up");
+//! let pod = lab.state.pod("default", "p").expect("pod");
+//! # let _ = pod;
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::error::LabError;
+use crate::state::State;
+use crate::{DownReport, UpOptions};
+
+/// Held for the lifetime of a test's lab.
+pub const LAB_LOCK: &str = "/run/flows-lab.lock";
+
+pub use crate::is_root;
+
+/// True (after printing why) when the test cannot run because it is not root.
+pub fn skip_unless_root(test: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!("skipping {test}: the lab needs root (network namespaces, veths, nftables)");
+    true
+}
+
+/// A lab that is up while this value lives.
+pub struct LabGuard {
+    pub state: State,
+    /// The lab's state dir (a fresh temp dir unless given).
+    pub dir: PathBuf,
+    own_dir: bool,
+    done: bool,
+    _lock: File,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(prefix: &str) -> Result<PathBuf, LabError> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}-{nanos:x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| LabError::io(&dir, e))?;
+    Ok(dir)
+}
+
+/// The machine-wide lab lock (`/run/flows-lab.lock`), held until dropped. `LabGuard` takes
+/// it itself; take it directly to run `up`/`down` by hand in a test without racing others.
+pub struct LabLock {
+    _file: File,
+}
+
+pub fn lab_lock() -> Result<LabLock, LabError> {
+    Ok(LabLock {
+        _file: take_lab_lock()?,
+    })
+}
+
+fn take_lab_lock() -> Result<File, LabError> {
+    let path = Path::new(LAB_LOCK);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| LabError::io(path, e))?;
+    // SAFETY: flock on a valid fd.
+    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if !free {
+        eprintln!("waiting for {LAB_LOCK}: another test's lab is up");
+        crate::state::flock(&file, path)?;
+    }
+    Ok(file)
+}
+
+impl LabGuard {
+    /// Takes the lab lock, removes any lab left over (a crashed test's), and brings up a lab
+    /// with these options. `state_dir` is used as given and kept afterwards.
+    pub fn with_options(opts: UpOptions) -> Result<LabGuard, LabError> {
+        Self::start(opts, false)
+    }
+
+    /// A lab from YAML files or directories, with its state in a fresh temp dir.
+    pub fn up(paths: &[PathBuf], nodes: usize) -> Result<LabGuard, LabError> {
+        let dir = temp_dir("flows-lab-test")?;
+        let mut opts = UpOptions::new(paths.to_vec(), &dir);
+        opts.nodes = nodes;
+        Self::start(opts, true)
+    }
+
+    /// A lab from a YAML text (written to `input.yaml` in the fresh temp state dir).
+    pub fn from_yaml(yaml: &str, nodes: usize) -> Result<LabGuard, LabError> {
+        let dir = temp_dir("flows-lab-test")?;
+        let file = dir.join("input.yaml");
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&file)?;
+            f.write_all(yaml.as_bytes())
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(LabError::io(&file, e));
+        }
+        let mut opts = UpOptions::new(vec![file], &dir);
+        opts.nodes = nodes;
+        Self::start(opts, true)
+    }
+
+    fn start(opts: UpOptions, own_dir: bool) -> Result<LabGuard, LabError> {
+        let lock = take_lab_lock()?;
+        // Holding the lock, any lab still present is a leftover: nobody else may own one.
+        if !crate::netns::list_netns(crate::net::NETNS_PREFIX).is_empty() {
+            eprintln!("removing a lab left over by an earlier run");
+            crate::down(&opts.state_dir)?;
+        }
+        match crate::up(&opts) {
+            Ok(state) => Ok(LabGuard {
+                state,
+                dir: opts.state_dir,
+                own_dir,
+                done: false,
+                _lock: lock,
+            }),
+            // The state dir stays: its agent.log may say what went wrong.
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The state as it is now (other crates may have added daemons).
+    pub fn reload(&mut self) -> Result<&State, LabError> {
+        self.state = State::load(&self.dir)?;
+        Ok(&self.state)
+    }
+
+    /// Downs the lab now and reports errors (dropping the guard does the same, quietly).
+    pub fn down(mut self) -> Result<DownReport, LabError> {
+        self.done = true;
+        let report = crate::down(&self.dir);
+        if self.own_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        report
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Err(e) = crate::down(&self.dir) {
+            eprintln!("flows-lab: taking the test lab down failed: {e}");
+        }
+        if self.own_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
