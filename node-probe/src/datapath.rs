@@ -29,6 +29,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const PROG_FROM_ENDPOINT: &str = "flows_from_ep";
 pub const PROG_TO_ENDPOINT: &str = "flows_to_ep";
 pub const PROG_KFREE_SKB: &str = "flows_kfree_skb";
+/// An empty classifier: the baseline of the cost benchmarks.
+pub const PROG_BENCH_NOP: &str = "flows_bench_nop";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -207,23 +209,10 @@ impl DatapathThread {
         if let Some(path) = &cfg.netns {
             enter_netns(path)?;
         }
-        let filter: u32 = u32::from(!cfg.drop_netns.is_empty());
-        let mut ebpf = EbpfLoader::new()
-            .override_global("OFFSETS", &offsets, true)
-            .override_global("DROP_NETNS_FILTER", &filter, true)
-            .load(EBPF_OBJECT)
-            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        let mut ebpf = load_object(offsets, !cfg.drop_netns.is_empty())?;
 
         for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Program {
-                    name,
-                    source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
-                })?
-                .try_into()
-                .map_err(prog_err(name))?;
-            prog.load().map_err(prog_err(name))?;
+            classifier(&mut ebpf, name)?.load().map_err(prog_err(name))?;
         }
 
         if !cfg.drop_netns.is_empty() {
@@ -274,14 +263,7 @@ impl DatapathThread {
     }
 
     fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Program {
-                name,
-                source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
-            })?
-            .try_into()
-            .map_err(prog_err(name))
+        classifier(&mut self.ebpf, name)
     }
 
     fn attach(&mut self, ifname: &str) -> Result<(), DatapathError> {
@@ -327,6 +309,29 @@ impl DatapathThread {
             }
         }
     }
+}
+
+/// Loads the object with the globals the kernel programs read.
+fn load_object(offsets: KernelOffsets, drop_netns_filter: bool) -> Result<Ebpf, DatapathError> {
+    let filter = u32::from(drop_netns_filter);
+    EbpfLoader::new()
+        .override_global("OFFSETS", &offsets, true)
+        .override_global("DROP_NETNS_FILTER", &filter, true)
+        .load(EBPF_OBJECT)
+        .map_err(|e| DatapathError::Load(Box::new(e)))
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Program {
+            name,
+            source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+        })?
+        .try_into()
+        .map_err(prog_err(name))
 }
 
 fn enter_netns(path: &PathBuf) -> Result<(), DatapathError> {
@@ -409,51 +414,102 @@ pub fn measure_packet_cost(
     syns: u16,
     repeat: u32,
 ) -> Result<PacketCost, DatapathError> {
-    use aya::programs::{TestRun, TestRunOptions};
-    let btf = Btf::from_sys_fs()?;
-    let offsets = btf.kernel_offsets()?;
-    let filter = 0u32;
-    let mut ebpf = EbpfLoader::new()
-        .override_global("OFFSETS", &offsets, true)
-        .override_global("DROP_NETNS_FILTER", &filter, true)
-        .load(EBPF_OBJECT)
-        .map_err(|e| DatapathError::Load(Box::new(e)))?;
-    let run = |ebpf: &mut Ebpf, name: &'static str, data: &[u8], repeat: u32| {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Program {
-                name,
-                source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
-            })?
-            .try_into()
-            .map_err(prog_err(name))?;
-        if prog.fd().is_err() {
-            prog.load().map_err(prog_err(name))?;
-        }
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(data),
-                repeat,
-                ..Default::default()
-            })
-            .map_err(prog_err(name))?;
-        Ok::<f64, DatapathError>(r.duration.as_nanos() as f64)
-    };
+    let mut h = TestHarness::new()?;
     let mut syn_total = 0.0;
     let mut nop_single_total = 0.0;
     for i in 0..syns {
         let pkt = syn(10_000 + i);
-        syn_total += run(&mut ebpf, PROG_FROM_ENDPOINT, &pkt, 1)?;
-        nop_single_total += run(&mut ebpf, "flows_bench_nop", &pkt, 1)?;
+        syn_total += h.run_program(PROG_FROM_ENDPOINT, &pkt, 1)?.1;
+        nop_single_total += h.run_program(PROG_BENCH_NOP, &pkt, 1)?.1;
     }
     // Prime the conntrack entry, then measure hits.
-    run(&mut ebpf, PROG_FROM_ENDPOINT, established, 1)?;
-    let established_ns = run(&mut ebpf, PROG_FROM_ENDPOINT, established, repeat)?;
-    let nop_ns = run(&mut ebpf, "flows_bench_nop", established, repeat)?;
+    h.run_program(PROG_FROM_ENDPOINT, established, 1)?;
+    let established_ns = h.run_program(PROG_FROM_ENDPOINT, established, repeat)?.1;
+    let nop_ns = h.run_program(PROG_BENCH_NOP, established, repeat)?.1;
     Ok(PacketCost {
         nop_ns,
         syn_ns: syn_total / syns as f64,
         established_ns,
         nop_single_ns: nop_single_total / syns as f64,
     })
+}
+
+/// The TC programs loaded on their own, driven with BPF_PROG_TEST_RUN: crafted packets
+/// in, the events and counters they produce out. For tests and benchmarks; attaches
+/// nothing. Each harness has its own maps, so tests do not see each other's state.
+pub struct TestHarness {
+    ebpf: Ebpf,
+    events: EventsMap,
+    counters: CountersMap,
+}
+
+impl TestHarness {
+    pub fn new() -> Result<TestHarness, DatapathError> {
+        let mut ebpf = load_object(Btf::from_sys_fs()?.kernel_offsets()?, false)?;
+        for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT, PROG_BENCH_NOP] {
+            classifier(&mut ebpf, name)?.load().map_err(prog_err(name))?;
+        }
+        let events = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .ok_or(DatapathError::MissingMap { name: "EVENTS" })?,
+        )
+        .map_err(map_err("EVENTS"))?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map("COUNTERS")
+                .ok_or(DatapathError::MissingMap { name: "COUNTERS" })?,
+        )
+        .map_err(map_err("COUNTERS"))?;
+        Ok(TestHarness {
+            ebpf,
+            events,
+            counters,
+        })
+    }
+
+    /// Runs one packet through `flows_from_ep` (leaving the pod) or `flows_to_ep`
+    /// (entering it); returns the program's verdict (TC_ACT_*).
+    pub fn run(&mut self, from_endpoint: bool, packet: &[u8]) -> Result<u32, DatapathError> {
+        let name = if from_endpoint {
+            PROG_FROM_ENDPOINT
+        } else {
+            PROG_TO_ENDPOINT
+        };
+        Ok(self.run_program(name, packet, 1)?.0)
+    }
+
+    /// (verdict, mean ns per run) of `repeat` runs of a program on one packet.
+    fn run_program(
+        &mut self,
+        name: &'static str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, f64), DatapathError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let r = classifier(&mut self.ebpf, name)?
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                repeat,
+                ..Default::default()
+            })
+            .map_err(prog_err(name))?;
+        Ok((r.return_value, r.duration.as_nanos() as f64))
+    }
+
+    /// Events emitted since the last call.
+    pub fn events(&mut self) -> Vec<flows_common::RawEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() == flows_common::RAW_EVENT_SIZE {
+                // SAFETY: length checked; RawEvent is plain data.
+                out.push(unsafe {
+                    std::ptr::read_unaligned(item.as_ptr() as *const flows_common::RawEvent)
+                });
+            }
+        }
+        out
+    }
+
+    pub fn counters(&self) -> Result<[u64; counter::COUNT as usize], DatapathError> {
+        read_counters(&self.counters)
+    }
 }
