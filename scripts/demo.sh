@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-cargo build --workspace --bins
+cargo build --bins
 flows=target/debug/flows
 $flows lab down >/dev/null 2>&1 || true
 trap '$flows lab down' EXIT

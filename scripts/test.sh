@@ -7,5 +7,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 # Anything a crashed earlier run left behind (namespaces, links, daemons).
 if [ -x target/debug/flows ]; then target/debug/flows lab down >/dev/null 2>&1 || true; fi
-cargo build --workspace --bins
-cargo test --workspace --no-fail-fast -- --test-threads=1
+cargo build --bins
+cargo test --no-fail-fast -- --test-threads=1

@@ -11,7 +11,11 @@ use flows_lab::{AgentLaunch, State, UpOptions};
 #[derive(clap::Args, Clone, Debug)]
 pub struct StateDir {
     /// Where the lab keeps its state record (state.json) and the agent's log.
-    #[arg(long = "state-dir", env = "FLOWS_LAB_DIR", default_value = "/run/flows-lab")]
+    #[arg(
+        long = "state-dir",
+        env = "FLOWS_LAB_DIR",
+        default_value = "/run/flows-lab"
+    )]
     pub state_dir: PathBuf,
 }
 
@@ -31,6 +35,9 @@ pub enum LabCommand {
         /// Number of nodes.
         #[arg(long, default_value_t = 2)]
         nodes: usize,
+        /// Also start a node-probe per node (flows-node-probe, next to this binary or on PATH).
+        #[arg(long)]
+        probes: bool,
         #[command(flatten)]
         dir: StateDir,
     },
@@ -77,10 +84,19 @@ pub enum LabCommand {
 
 pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
     match cmd {
-        LabCommand::Up { paths, nodes, dir } => up(paths, nodes, &dir.state_dir),
+        LabCommand::Up {
+            paths,
+            nodes,
+            probes,
+            dir,
+        } => up(paths, nodes, probes, &dir.state_dir),
         LabCommand::Down { dir } => down(&dir.state_dir),
         LabCommand::Status { output, dir } => status(&dir.state_dir, output),
-        LabCommand::Exec { target, command, dir } => exec(&dir.state_dir, &target, command),
+        LabCommand::Exec {
+            target,
+            command,
+            dir,
+        } => exec(&dir.state_dir, &target, command),
         LabCommand::Drive {
             scenario,
             output,
@@ -94,24 +110,49 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
     }
 }
 
-fn up(paths: Vec<PathBuf>, nodes: usize, dir: &Path) -> anyhow::Result<()> {
+fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, dir: &Path) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the flows executable")?;
     let mut opts = UpOptions::new(paths, dir);
     opts.nodes = nodes;
     opts.agent = AgentLaunch::Command {
         program: exe,
-        args: vec!["lab".into(), "agent".into(), "--state".into(), dir.as_os_str().to_owned()],
+        args: vec![
+            "lab".into(),
+            "agent".into(),
+            "--state".into(),
+            dir.as_os_str().to_owned(),
+        ],
     };
-    let state = flows_lab::up(&opts)?;
+    let mut state = flows_lab::up(&opts)?;
+    if probes {
+        // All or nothing: a lab whose probes did not start is taken down again.
+        match crate::labprobes::start(dir, &state) {
+            Ok(addrs) => println!("node-probes serving on {}", addrs.join(", ")),
+            Err(e) => {
+                if let Err(e2) = flows_lab::down(dir) {
+                    eprintln!("taking the lab down after the failure failed too: {e2}");
+                }
+                return Err(e.context("starting the node-probes (the lab was taken down)"));
+            }
+        }
+        state = load(dir)?;
+    }
     print_state(&state);
-    println!("\nlab is up (state: {}); `flows lab down` removes it", dir.join("state.json").display());
+    println!(
+        "\nlab is up (state: {}); `flows lab down` removes it",
+        dir.join("state.json").display()
+    );
     Ok(())
 }
 
 fn down(dir: &Path) -> anyhow::Result<()> {
     let report = flows_lab::down(dir)?;
     let t = &report.teardown;
-    if report.stopped.is_empty() && t.netns_removed.is_empty() && t.links_removed.is_empty() && !report.state_removed {
+    if report.stopped.is_empty()
+        && t.netns_removed.is_empty()
+        && t.links_removed.is_empty()
+        && !report.state_removed
+    {
         println!("no lab was up; nothing to do");
         return Ok(());
     }
@@ -121,7 +162,11 @@ fn down(dir: &Path) -> anyhow::Result<()> {
         t.netns_removed.len(),
         t.links_removed.len(),
         t.nft_tables_removed.len(),
-        if report.state_removed { ", state file" } else { "" }
+        if report.state_removed {
+            ", state file"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
@@ -129,7 +174,10 @@ fn down(dir: &Path) -> anyhow::Result<()> {
 fn load(dir: &Path) -> anyhow::Result<State> {
     match State::load(dir) {
         Err(flows_lab::LabError::NoState { path }) => {
-            bail!("no lab is up (no {}); start one with `flows lab up <yaml>...`", path.display())
+            bail!(
+                "no lab is up (no {}); start one with `flows lab up <yaml>...`",
+                path.display()
+            )
         }
         other => Ok(other?),
     }
@@ -140,6 +188,13 @@ fn status(dir: &Path, output: Output) -> anyhow::Result<()> {
     match output {
         Output::Json => {
             let mut value = serde_json::to_value(&state)?;
+            let probes: Vec<serde_json::Value> = crate::labprobes::addresses(dir)
+                .into_iter()
+                .map(|addr| serde_json::json!({ "addr": addr.trim() }))
+                .collect();
+            if let Some(obj) = value.as_object_mut() {
+                obj.insert("probes".into(), probes.into());
+            }
             if let Some(daemons) = value.get_mut("daemons").and_then(|d| d.as_array_mut()) {
                 for d in daemons {
                     let pid = d.get("pid").and_then(|p| p.as_u64()).unwrap_or(0) as u32;
@@ -214,7 +269,11 @@ fn print_state(state: &State) {
                     p.node.clone(),
                     p.ipv4.to_string(),
                     p.ipv6.to_string(),
-                    if ports.is_empty() { "-".into() } else { ports.join(",") },
+                    if ports.is_empty() {
+                        "-".into()
+                    } else {
+                        ports.join(",")
+                    },
                     p.workload
                         .as_ref()
                         .map(|w| format!("{}/{}", w.kind, w.name))
@@ -235,7 +294,10 @@ fn print_state(state: &State) {
                     .iter()
                     .map(|p| format!("{}->{}/{}", p.port, p.target_port, p.protocol))
                     .collect();
-                let eps: usize = flows_lab::endpoints(state, s).iter().map(|e| e.endpoints.len()).sum();
+                let eps: usize = flows_lab::endpoints(state, s)
+                    .iter()
+                    .map(|e| e.endpoints.len())
+                    .sum();
                 vec![
                     format!("{}/{}", s.namespace, s.name),
                     format!("{} {}", s.cluster_ipv4, s.cluster_ipv6),
@@ -245,7 +307,10 @@ fn print_state(state: &State) {
             })
             .collect(),
     );
-    println!("\nWORLD  {} {} (netns {})", state.world.ipv4, state.world.ipv6, state.world.netns);
+    println!(
+        "\nWORLD  {} {} (netns {})",
+        state.world.ipv4, state.world.ipv6, state.world.netns
+    );
     println!("\nDAEMONS");
     table(
         &["ROLE", "NODE", "PID", "STATUS"],
@@ -257,7 +322,12 @@ fn print_state(state: &State) {
                     d.role.clone(),
                     d.node.clone().unwrap_or_else(|| "-".into()),
                     d.pid.to_string(),
-                    if flows_lab::process_alive(d.pid) { "running" } else { "dead" }.into(),
+                    if flows_lab::process_alive(d.pid) {
+                        "running"
+                    } else {
+                        "dead"
+                    }
+                    .into(),
                 ]
             })
             .collect(),
@@ -294,14 +364,28 @@ fn drive(dir: &Path, scenario: &Path, output: Output, concurrency: usize) -> any
             .filter(|c| c.met_expectation == Some(false))
             .map(|c| c.name.as_str())
             .collect();
-        bail!("{} connection(s) did not meet their expectation: {}", missed.len(), missed.join(", "));
+        bail!(
+            "{} connection(s) did not meet their expectation: {}",
+            missed.len(),
+            missed.join(", ")
+        );
     }
     Ok(())
 }
 
 fn print_report(report: &Report) {
     table(
-        &["CONNECTION", "#", "FROM", "TO", "PROTO", "SOURCE", "DESTINATION", "RESULT", "TIME"],
+        &[
+            "CONNECTION",
+            "#",
+            "FROM",
+            "TO",
+            "PROTO",
+            "SOURCE",
+            "DESTINATION",
+            "RESULT",
+            "TIME",
+        ],
         report
             .attempts
             .iter()

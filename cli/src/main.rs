@@ -2,6 +2,7 @@
 
 mod lab;
 mod labindex;
+mod labprobes;
 mod observe;
 mod printer;
 

@@ -13,7 +13,8 @@ use crate::{labindex::LabIndex, printer::{Format, Printer}};
 #[derive(clap::Args, Debug)]
 pub struct ObserveArgs {
     /// Address of a node-probe or relay (host:port); repeat to read several node-probes.
-    #[arg(long, env = "FLOWS_SERVER", default_value = "127.0.0.1:4245")]
+    /// Default: the running lab's node-probes, else 127.0.0.1:4245.
+    #[arg(long, env = "FLOWS_SERVER", value_delimiter = ',')]
     pub server: Vec<String>,
     /// The last N flows (default 20 when neither --first, --all nor --follow is given).
     #[arg(long, conflicts_with_all = ["first", "all"])]
@@ -90,13 +91,30 @@ pub fn request(args: &ObserveArgs) -> anyhow::Result<GetFlowsRequest> {
 
 pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
     let req = request(&args)?;
+    let lab_dir = args
+        .lab_state
+        .clone()
+        .unwrap_or_else(flows_lab::state::default_dir);
     let index = match &args.lab_state {
         Some(dir) => Some(LabIndex::load(dir)?),
-        None => LabIndex::load(&flows_lab::state::default_dir()).ok(),
+        None => LabIndex::load(&lab_dir).ok(),
     };
+    let servers = if !args.server.is_empty() {
+        args.server.clone()
+    } else {
+        let lab = crate::labprobes::addresses(&lab_dir);
+        if lab.is_empty() {
+            vec!["127.0.0.1:4245".to_string()]
+        } else {
+            lab
+        }
+    };
+    // Several servers without --follow: gather, then print in time order (the relay
+    // will do this merge for a cluster).
+    let sort = servers.len() > 1 && !args.follow;
     let mut printer = Printer::new(args.output, args.print_node_name);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<ResponseTypes>>(1024);
-    for server in &args.server {
+    for server in &servers {
         let tx = tx.clone();
         let req = req.clone();
         let server = server.clone();
@@ -110,12 +128,17 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
     let deadline = args.timeout.map(Duration::from_secs_f64);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
+    let mut held: Vec<Flow> = Vec::new();
     let run = async {
         while let Some(item) = rx.recv().await {
             match item? {
                 ResponseTypes::Flow(mut f) => {
                     if let Some(ix) = &index {
                         ix.annotate(&mut f);
+                    }
+                    if sort {
+                        held.push(f);
+                        continue;
                     }
                     printer.flow(&mut out, &f)?;
                 }
@@ -126,13 +149,18 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     };
-    match deadline {
+    let result = match deadline {
         Some(d) => match tokio::time::timeout(d, run).await {
             Ok(r) => r,
             Err(_) => Ok(()),
         },
         None => run.await,
+    };
+    held.sort_by_key(|f| f.time.map(|t| (t.seconds, t.nanos)));
+    for f in &held {
+        printer.flow(&mut out, f)?;
     }
+    result
 }
 
 async fn stream_from(
@@ -165,21 +193,6 @@ async fn stream_from(
         }
     }
     Ok(())
-}
-
-/// Fetches flows from one server into memory (tests and scripts).
-pub async fn collect(server: &str, req: GetFlowsRequest) -> anyhow::Result<Vec<Flow>> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-    let server = server.to_string();
-    let task = tokio::spawn(async move { stream_from(&server, req, tx).await });
-    let mut out = Vec::new();
-    while let Some(r) = rx.recv().await {
-        if let ResponseTypes::Flow(f) = r? {
-            out.push(f);
-        }
-    }
-    task.await??;
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -39,6 +39,28 @@ pub const PID_FILE: &str = "agent.pid";
 pub const LOG_FILE: &str = "agent.log";
 /// The role of the agent in `State::daemons`.
 pub const ROLE: &str = "agent";
+/// Every live agent holds a shared flock on this file, so "is a lab in use?" has an answer
+/// that no stale file can fake: if an exclusive lock can be had, no agent is running.
+pub const ACTIVE_LOCK: &str = "/run/flows-lab.active.lock";
+
+/// True if some agent process (of any state dir) is alive.
+pub fn any_agent_alive() -> bool {
+    let Ok(file) = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(ACTIVE_LOCK)
+    else {
+        return false;
+    };
+    // SAFETY: flock on a valid fd; the lock, if taken, goes away with `file`.
+    unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        ) != 0
+    }
+}
 
 /// How `up` starts the agent process.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -48,7 +70,10 @@ pub enum AgentLaunch {
     #[default]
     SelfExec,
     /// Run this program with these arguments (the CLI: `flows lab agent --state <dir>`).
-    Command { program: PathBuf, args: Vec<OsString> },
+    Command {
+        program: PathBuf,
+        args: Vec<OsString>,
+    },
 }
 
 /// Runs the agent from a process-start constructor when `FLOWS_LAB_AGENT_DIR` is set.
@@ -112,7 +137,9 @@ fn listen_specs(state: &State) -> Vec<ListenSpec> {
             };
             let kind = match (dns && port.port == 53, tcp) {
                 (true, _) => Kind::Dns,
-                (false, true) => Kind::Line(format!("{}/{} {}\n", pod.namespace, pod.name, port.port)),
+                (false, true) => {
+                    Kind::Line(format!("{}/{} {}\n", pod.namespace, pod.name, port.port))
+                }
                 (false, false) => Kind::Echo,
             };
             // TCP answers from whatever address was dialled; UDP binds the pod's address so
@@ -196,12 +223,18 @@ fn open_all(specs: &[ListenSpec]) -> Result<Vec<Socket>, LabError> {
                     let mut out = Vec::new();
                     loop {
                         let g = next.fetch_add(1, Ordering::Relaxed);
-                        let Some((netns, members)) = groups.get(g) else { break };
+                        let Some((netns, members)) = groups.get(g) else {
+                            break;
+                        };
                         switcher.enter(netns)?;
                         for &i in members {
                             let socket = open_socket(&specs[i]).map_err(|e| {
                                 let proto = if specs[i].tcp { "tcp" } else { "udp" };
-                                LabError::netns(netns, format!("listen on {proto} {}", specs[i].addr), e)
+                                LabError::netns(
+                                    netns,
+                                    format!("listen on {proto} {}", specs[i].addr),
+                                    e,
+                                )
                             })?;
                             out.push((i, socket));
                         }
@@ -213,8 +246,12 @@ fn open_all(specs: &[ListenSpec]) -> Result<Vec<Socket>, LabError> {
         handles
             .into_iter()
             .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(LabError::sys("listener thread", std::io::Error::other("panicked"))))
+                h.join().unwrap_or_else(|_| {
+                    Err(LabError::sys(
+                        "listener thread",
+                        std::io::Error::other("panicked"),
+                    ))
+                })
             })
             .collect()
     });
@@ -226,7 +263,14 @@ fn open_all(specs: &[ListenSpec]) -> Result<Vec<Socket>, LabError> {
     }
     sockets
         .into_iter()
-        .map(|s| s.ok_or_else(|| LabError::sys("open listeners", std::io::Error::other("a socket is missing"))))
+        .map(|s| {
+            s.ok_or_else(|| {
+                LabError::sys(
+                    "open listeners",
+                    std::io::Error::other("a socket is missing"),
+                )
+            })
+        })
         .collect()
 }
 
@@ -444,8 +488,23 @@ fn answer_dns_tcp(zone: &Zone, conn: &mut Conn) -> bool {
 /// The agent body: opens every listener, reports ready, serves until killed.
 pub fn run(dir: &Path) -> Result<(), LabError> {
     let pid_path = dir.join(PID_FILE);
-    fs::write(&pid_path, format!("{}\n", std::process::id())).map_err(|e| LabError::io(&pid_path, e))?;
+    fs::write(&pid_path, format!("{}\n", std::process::id()))
+        .map_err(|e| LabError::io(&pid_path, e))?;
     raise_nofile();
+    // Bound for the whole of `run`: the shared lock is held until the process ends.
+    let active = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(ACTIVE_LOCK)
+        .map_err(|e| LabError::io(ACTIVE_LOCK, e))?;
+    // SAFETY: flock on a valid fd; held (shared) until this process ends.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&active), libc::LOCK_SH) } != 0 {
+        return Err(LabError::sys(
+            format!("flock {ACTIVE_LOCK}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
     let state = State::load(dir)?;
     let specs = listen_specs(&state);
     let sockets = open_all(&specs)?;
@@ -464,7 +523,9 @@ pub fn run(dir: &Path) -> Result<(), LabError> {
         } else {
             Entry::Udp(UdpSocket::from_std(socket.into()), spec.kind.clone())
         };
-        agent.insert(entry).map_err(|e| LabError::sys("epoll_ctl", e))?;
+        agent
+            .insert(entry)
+            .map_err(|e| LabError::sys("epoll_ctl", e))?;
     }
     let ready = dir.join(READY_FILE);
     let tmp = dir.join(format!(".{READY_FILE}.tmp"));
@@ -480,7 +541,10 @@ pub fn run(dir: &Path) -> Result<(), LabError> {
     let mut events = Events::with_capacity(1024);
     let mut last_sweep = Instant::now();
     loop {
-        match agent.poll.poll(&mut events, Some(Duration::from_millis(500))) {
+        match agent
+            .poll
+            .poll(&mut events, Some(Duration::from_millis(500)))
+        {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(LabError::sys("epoll_wait", e)),
@@ -511,10 +575,14 @@ pub(crate) fn spawn(dir: &Path, launch: &AgentLaunch) -> Result<u32, LabError> {
     let log2 = log.try_clone().map_err(|e| LabError::io(&log_path, e))?;
     let (mut cmd, shown) = match launch {
         AgentLaunch::SelfExec => {
-            let exe = std::env::current_exe().map_err(|e| LabError::sys("find the current executable", e))?;
+            let exe = std::env::current_exe()
+                .map_err(|e| LabError::sys("find the current executable", e))?;
             let mut c = Command::new(&exe);
             c.env(ENV_AGENT_DIR, dir);
-            (c, format!("{ENV_AGENT_DIR}={} {}", dir.display(), exe.display()))
+            (
+                c,
+                format!("{ENV_AGENT_DIR}={} {}", dir.display(), exe.display()),
+            )
         }
         AgentLaunch::Command { program, args } => {
             let mut c = Command::new(program);

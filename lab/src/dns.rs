@@ -69,7 +69,9 @@ fn read_name(msg: &[u8], mut at: usize) -> Result<(String, usize), DnsError> {
         if len & 0xc0 != 0 || name.len() + len > 253 {
             return Err(DnsError::BadName { offset: at });
         }
-        let label = msg.get(at + 1..at + 1 + len).ok_or(DnsError::BadName { offset: at })?;
+        let label = msg
+            .get(at + 1..at + 1 + len)
+            .ok_or(DnsError::BadName { offset: at })?;
         if !name.is_empty() {
             name.push('.');
         }
@@ -120,7 +122,11 @@ pub fn build_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     m.extend_from_slice(&id.to_be_bytes());
     m.extend_from_slice(&0x0100u16.to_be_bytes()); // RD
     m.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.trim_end_matches('.').split('.').filter(|l| !l.is_empty()) {
+    for label in name
+        .trim_end_matches('.')
+        .split('.')
+        .filter(|l| !l.is_empty())
+    {
         let bytes = &label.as_bytes()[..label.len().min(63)];
         m.push(bytes.len() as u8);
         m.extend_from_slice(bytes);
@@ -190,7 +196,9 @@ pub fn parse_response(msg: &[u8]) -> Result<Response, DnsError> {
         let rdlen = u16_at(msg, at + 8).ok_or(short.clone())? as usize;
         let rdata = msg.get(at + 10..at + 10 + rdlen).ok_or(short)?;
         match (rtype, rdlen) {
-            (TYPE_A, 4) => answers.push(IpAddr::V4(Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]))),
+            (TYPE_A, 4) => answers.push(IpAddr::V4(Ipv4Addr::new(
+                rdata[0], rdata[1], rdata[2], rdata[3],
+            ))),
             (TYPE_AAAA, 16) => {
                 let mut o = [0u8; 16];
                 o.copy_from_slice(rdata);
@@ -236,7 +244,10 @@ impl Zone {
         }
         for p in &state.pods {
             let dashed = p.ipv4.to_string().replace('.', "-");
-            names.insert(format!("{dashed}.{}.pod.cluster.local", p.namespace), (Some(p.ipv4), None));
+            names.insert(
+                format!("{dashed}.{}.pod.cluster.local", p.namespace),
+                (Some(p.ipv4), None),
+            );
         }
         Zone { names }
     }
@@ -290,7 +301,10 @@ mod tests {
         let mut names = HashMap::new();
         names.insert(
             "backend.backend.svc.cluster.local".to_string(),
-            (Some(Ipv4Addr::new(10, 96, 1, 2)), Some("fd00:10:96::102".parse().unwrap())),
+            (
+                Some(Ipv4Addr::new(10, 96, 1, 2)),
+                Some("fd00:10:96::102".parse().unwrap()),
+            ),
         );
         Zone { names }
     }
@@ -319,21 +333,33 @@ mod tests {
         let q = build_query(8, "backend.backend.svc.cluster.local", TYPE_AAAA);
         let raw = z.answer(&q).expect("answer");
         let r = parse_response(&raw).expect("response");
-        assert_eq!(r.answers, vec!["fd00:10:96::102".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            r.answers,
+            vec!["fd00:10:96::102".parse::<IpAddr>().unwrap()]
+        );
         // Flags: QR, AA, RD copied; the question is echoed verbatim.
-        assert_eq!(u16::from_be_bytes([raw[2], raw[3]]), 0x8000 | 0x0400 | 0x0100);
+        assert_eq!(
+            u16::from_be_bytes([raw[2], raw[3]]),
+            0x8000 | 0x0400 | 0x0100
+        );
         assert_eq!(&raw[12..q.len()], &q[12..]);
     }
 
     #[test]
     fn unknown_names_are_nxdomain_and_other_types_nodata() {
         let z = zone();
-        let r = parse_response(&z.answer(&build_query(1, "nope.backend.svc.cluster.local", TYPE_A)).expect("answer"))
-            .expect("response");
+        let r = parse_response(
+            &z.answer(&build_query(1, "nope.backend.svc.cluster.local", TYPE_A))
+                .expect("answer"),
+        )
+        .expect("response");
         assert_eq!(r.rcode, RCODE_NXDOMAIN);
         assert!(r.answers.is_empty());
-        let r = parse_response(&z.answer(&build_query(2, "backend.backend.svc.cluster.local", 15)).expect("answer"))
-            .expect("response");
+        let r = parse_response(
+            &z.answer(&build_query(2, "backend.backend.svc.cluster.local", 15))
+                .expect("answer"),
+        )
+        .expect("response");
         assert_eq!((r.rcode, r.answers.len()), (RCODE_NOERROR, 0));
     }
 
@@ -361,7 +387,12 @@ mod tests {
     fn response_parsing_follows_compression() {
         // A response whose answer name is a pointer, plus a CNAME-like record we skip.
         let q = build_query(3, "x.y", TYPE_A);
-        let mut m = build_response(&q, &parse_query(&q).expect("q"), 0, &[IpAddr::V4(Ipv4Addr::new(1, 2, 3, 4))]);
+        let mut m = build_response(
+            &q,
+            &parse_query(&q).expect("q"),
+            0,
+            &[IpAddr::V4(Ipv4Addr::new(1, 2, 3, 4))],
+        );
         m[7] = 2; // two answers: append an unknown type record
         m.extend_from_slice(&[0xc0, 12, 0, 5, 0, 1, 0, 0, 0, 5, 0, 2, 0xc0, 12]);
         let r = parse_response(&m).expect("response");

@@ -242,7 +242,10 @@ impl Scenario {
                 .map(str::to_owned)
                 .unwrap_or(message);
             // "connections[2].protocol" -> at "connections[2]", field "protocol".
-            let (at, field) = match path.strip_prefix("connections[").and_then(|r| r.split_once(']')) {
+            let (at, field) = match path
+                .strip_prefix("connections[")
+                .and_then(|r| r.split_once(']'))
+            {
                 Some((i, rest)) => (
                     format!("connections[{i}]"),
                     rest.trim_start_matches('.').to_string(),
@@ -252,7 +255,11 @@ impl Scenario {
             LabError::Scenario {
                 file: source.to_string(),
                 at,
-                field: if field.is_empty() || field == "." { "(item)".to_string() } else { field },
+                field: if field.is_empty() || field == "." {
+                    "(item)".to_string()
+                } else {
+                    field
+                },
                 message,
             }
         })?;
@@ -264,9 +271,17 @@ impl Scenario {
     }
 
     fn err(&self, i: usize, field: &str, message: impl Into<String>) -> LabError {
-        let name = self.connections.get(i).map(connection_name).unwrap_or_default();
+        let name = self
+            .connections
+            .get(i)
+            .map(connection_name)
+            .unwrap_or_default();
         LabError::Scenario {
-            file: if self.source.is_empty() { "(scenario)".to_string() } else { self.source.clone() },
+            file: if self.source.is_empty() {
+                "(scenario)".to_string()
+            } else {
+                self.source.clone()
+            },
             at: format!("connections[{i}] ({name})"),
             field: field.to_string(),
             message: message.into(),
@@ -292,26 +307,48 @@ fn split_ns_name(s: &str) -> Option<(&str, &str)> {
 
 fn validate(s: &Scenario, i: usize) -> Result<(), LabError> {
     let c = &s.connections[i];
-    let is_node = c.from.strip_prefix("node-").is_some_and(|n| n.parse::<usize>().is_ok());
+    let is_node = c
+        .from
+        .strip_prefix("node-")
+        .is_some_and(|n| n.parse::<usize>().is_ok());
     if c.from != "world" && !is_node && split_ns_name(&c.from).is_none() {
-        return Err(s.err(i, "from", format!("{:?}: expected ns/pod, ns/deployment, world or node-N", c.from)));
+        return Err(s.err(
+            i,
+            "from",
+            format!(
+                "{:?}: expected ns/pod, ns/deployment, world or node-N",
+                c.from
+            ),
+        ));
     }
-    let set = [c.to.pod.is_some(), c.to.service.is_some(), c.to.ip.is_some()];
+    let set = [
+        c.to.pod.is_some(),
+        c.to.service.is_some(),
+        c.to.ip.is_some(),
+    ];
     if set.iter().filter(|x| **x).count() != 1 {
         return Err(s.err(i, "to", "give exactly one of pod, service or ip"));
     }
     if let Some(p) = c.to.pod.as_deref().filter(|p| split_ns_name(p).is_none()) {
         return Err(s.err(i, "to.pod", format!("{p:?}: expected ns/name")));
     }
-    if let Some(p) = c.to.service.as_deref().filter(|p| split_ns_name(p).is_none()) {
+    if let Some(p) =
+        c.to.service
+            .as_deref()
+            .filter(|p| split_ns_name(p).is_none())
+    {
         return Err(s.err(i, "to.service", format!("{p:?}: expected ns/name")));
     }
     if let Some(ip) = &c.to.ip
         && ip != "world"
     {
-        let addr: IpAddr = ip
-            .parse()
-            .map_err(|_| s.err(i, "to.ip", format!("{ip:?} is not an IP address (or \"world\")")))?;
+        let addr: IpAddr = ip.parse().map_err(|_| {
+            s.err(
+                i,
+                "to.ip",
+                format!("{ip:?} is not an IP address (or \"world\")"),
+            )
+        })?;
         let ok = matches!(
             (addr, c.family),
             (IpAddr::V4(_), FamilyChoice::Ipv4) | (IpAddr::V6(_), FamilyChoice::Ipv6)
@@ -320,14 +357,22 @@ fn validate(s: &Scenario, i: usize) -> Result<(), LabError> {
             return Err(s.err(
                 i,
                 "family",
-                format!("{:?} does not fit an {} address; use family ipv4 or ipv6 to match", c.family, if addr.is_ipv4() { "IPv4" } else { "IPv6" }),
+                format!(
+                    "{:?} does not fit an {} address; use family ipv4 or ipv6 to match",
+                    c.family,
+                    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+                ),
             ));
         }
     }
     match (c.protocol, c.port) {
         (Protocol::Icmp, Some(_)) => return Err(s.err(i, "port", "not used with ICMP")),
-        (Protocol::Tcp | Protocol::Udp, None) => return Err(s.err(i, "port", "required for TCP and UDP")),
-        (Protocol::Tcp | Protocol::Udp, Some(0)) => return Err(s.err(i, "port", "must be 1-65535")),
+        (Protocol::Tcp | Protocol::Udp, None) => {
+            return Err(s.err(i, "port", "required for TCP and UDP"));
+        }
+        (Protocol::Tcp | Protocol::Udp, Some(0)) => {
+            return Err(s.err(i, "port", "must be 1-65535"));
+        }
         _ => {}
     }
     if c.dns_name.is_some() && c.protocol == Protocol::Icmp {
@@ -339,7 +384,11 @@ fn validate(s: &Scenario, i: usize) -> Result<(), LabError> {
     if let Some(r) = c.rate
         && !(r.is_finite() && r > 0.0)
     {
-        return Err(s.err(i, "rate", "must be a positive number of attempts per second"));
+        return Err(s.err(
+            i,
+            "rate",
+            "must be a positive number of attempts per second",
+        ));
     }
     if !(1..=600_000).contains(&c.timeout_ms) {
         return Err(s.err(i, "timeout_ms", "must be 1-600000"));
@@ -385,7 +434,10 @@ fn resolve_from(state: &State, s: &Scenario, i: usize) -> Result<Vec<Endpoint>, 
         .collect())
 }
 
-fn resolve_to(state: &State, s: &Scenario, i: usize) -> Result<Vec<(String, Option<Ipv4Addr>, Option<Ipv6Addr>)>, LabError> {
+/// A target: its label and its addresses (an IP target has only one family).
+type Resolved = (String, Option<Ipv4Addr>, Option<Ipv6Addr>);
+
+fn resolve_to(state: &State, s: &Scenario, i: usize) -> Result<Vec<Resolved>, LabError> {
     let to = &s.connections[i].to;
     if let Some(p) = &to.pod {
         let (ns, name) = split_ns_name(p).ok_or_else(|| s.err(i, "to.pod", "expected ns/name"))?;
@@ -398,20 +450,37 @@ fn resolve_to(state: &State, s: &Scenario, i: usize) -> Result<Vec<(String, Opti
         }
         return Ok(pods
             .into_iter()
-            .map(|p| (format!("{}/{}", p.namespace, p.name), Some(p.ipv4), Some(p.ipv6)))
+            .map(|p| {
+                (
+                    format!("{}/{}", p.namespace, p.name),
+                    Some(p.ipv4),
+                    Some(p.ipv6),
+                )
+            })
             .collect());
     }
     if let Some(svc) = &to.service {
-        let (ns, name) = split_ns_name(svc).ok_or_else(|| s.err(i, "to.service", "expected ns/name"))?;
+        let (ns, name) =
+            split_ns_name(svc).ok_or_else(|| s.err(i, "to.service", "expected ns/name"))?;
         let rec = state
             .service(ns, name)
             .ok_or_else(|| s.err(i, "to.service", format!("no service {svc} in the lab")))?;
-        return Ok(vec![(svc.clone(), Some(rec.cluster_ipv4), Some(rec.cluster_ipv6))]);
+        return Ok(vec![(
+            svc.clone(),
+            Some(rec.cluster_ipv4),
+            Some(rec.cluster_ipv6),
+        )]);
     }
     match to.ip.as_deref() {
-        Some("world") => Ok(vec![("world".to_string(), Some(state.world.ipv4), Some(state.world.ipv6))]),
+        Some("world") => Ok(vec![(
+            "world".to_string(),
+            Some(state.world.ipv4),
+            Some(state.world.ipv6),
+        )]),
         Some(ip) => {
-            let addr: IpAddr = ip.parse().map_err(|_| s.err(i, "to.ip", "not an IP address"))?;
+            let addr: IpAddr = ip
+                .parse()
+                .map_err(|_| s.err(i, "to.ip", "not an IP address"))?;
             let label = state.owner_of_ip(addr).unwrap_or_else(|| addr.to_string());
             Ok(vec![match addr {
                 IpAddr::V4(a) => (label, Some(a), None),
@@ -443,7 +512,11 @@ pub fn run(state: &State, scenario: &Scenario, opts: &DriveOptions) -> Result<Re
         let targets = resolve_to(state, scenario, i)?;
         for src in &sources {
             if !netns::netns_exists(&src.netns) {
-                return Err(scenario.err(i, "from", format!("netns {} does not exist: is the lab up?", src.netns)));
+                return Err(scenario.err(
+                    i,
+                    "from",
+                    format!("netns {} does not exist: is the lab up?", src.netns),
+                ));
             }
         }
         let families: &[Family] = match c.family {
@@ -461,7 +534,11 @@ pub fn run(state: &State, scenario: &Scenario, opts: &DriveOptions) -> Result<Re
                     Family::Ipv6 => v6.map(IpAddr::V6),
                 };
                 let Some(dst) = dst else {
-                    return Err(scenario.err(i, "family", format!("{label} has no {family} address")));
+                    return Err(scenario.err(
+                        i,
+                        "family",
+                        format!("{label} has no {family} address"),
+                    ));
                 };
                 attempts.push(Planned {
                     index: attempts.len() as u32,
@@ -485,7 +562,10 @@ pub fn run(state: &State, scenario: &Scenario, opts: &DriveOptions) -> Result<Re
     };
     for (c, attempts) in scenario.connections.iter().zip(plans) {
         let results = run_connection(c, &attempts, opts.concurrency.max(1));
-        let succeeded = results.iter().filter(|a| a.outcome == Outcome::Success).count() as u32;
+        let succeeded = results
+            .iter()
+            .filter(|a| a.outcome == Outcome::Success)
+            .count() as u32;
         let attempted = results.len() as u32;
         let failed = attempted - succeeded;
         let met = c.expect.map(|e| match e {
@@ -561,7 +641,13 @@ struct Probe {
     result: Result<Option<String>, String>,
 }
 
-fn attempt(c: &Connection, name: &str, to: &str, plan: &Planned, switcher: &mut Switcher) -> AttemptReport {
+fn attempt(
+    c: &Connection,
+    name: &str,
+    to: &str,
+    plan: &Planned,
+    switcher: &mut Switcher,
+) -> AttemptReport {
     let started_at = SystemTime::now();
     let t = Instant::now();
     let timeout = Duration::from_millis(c.timeout_ms);
@@ -577,7 +663,10 @@ fn attempt(c: &Connection, name: &str, to: &str, plan: &Planned, switcher: &mut 
             Family::Ipv6 => dns::TYPE_AAAA,
         };
         // Any id works; vary it so replies to earlier attempts are not taken for this one.
-        let id = (started_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) as u16)
+        let id = (started_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0) as u16)
             ^ (plan.index as u16);
         (id, dns::build_query(id, &name, qtype))
     });
@@ -644,7 +733,11 @@ fn wait_fd(fd: i32, events: i16, deadline: Instant) -> std::io::Result<bool> {
         if left.is_zero() {
             return Ok(false);
         }
-        let mut pfd = libc::pollfd { fd, events, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
         let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd for the duration of the call.
         let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -668,17 +761,32 @@ fn local(socket: &Socket) -> Option<SocketAddr> {
 /// one answer.
 fn tcp_probe(dst: SocketAddr, timeout: Duration, dns_query: Option<&(u16, Vec<u8>)>) -> Probe {
     let deadline = Instant::now() + timeout;
-    let socket = match Socket::new(Domain::for_address(dst), Type::STREAM, Some(socket2::Protocol::TCP)) {
+    let socket = match Socket::new(
+        Domain::for_address(dst),
+        Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    ) {
         Ok(s) => s,
-        Err(e) => return Probe { src: None, result: Err(format!("socket: {e}")) },
+        Err(e) => {
+            return Probe {
+                src: None,
+                result: Err(format!("socket: {e}")),
+            };
+        }
     };
     if let Err(e) = socket.set_nonblocking(true) {
-        return Probe { src: None, result: Err(format!("socket: {e}")) };
+        return Probe {
+            src: None,
+            result: Err(format!("socket: {e}")),
+        };
     }
     let connected = socket.connect(&dst.into());
     // The local port is chosen by connect(): read it now, whatever happens next.
     let src = local(&socket);
-    let fail = |msg: String| Probe { src, result: Err(msg) };
+    let fail = |msg: String| Probe {
+        src,
+        result: Err(msg),
+    };
     match connected {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -686,7 +794,12 @@ fn tcp_probe(dst: SocketAddr, timeout: Duration, dns_query: Option<&(u16, Vec<u8
     }
     match wait_fd(socket.as_raw_fd(), libc::POLLOUT, deadline) {
         Ok(true) => {}
-        Ok(false) => return fail(format!("timeout: no connection within {}ms", timeout.as_millis())),
+        Ok(false) => {
+            return fail(format!(
+                "timeout: no connection within {}ms",
+                timeout.as_millis()
+            ));
+        }
         Err(e) => return fail(format!("poll: {e}")),
     }
     match socket.take_error() {
@@ -712,18 +825,33 @@ fn tcp_probe(dst: SocketAddr, timeout: Duration, dns_query: Option<&(u16, Vec<u8
         {
             let len = usize::from(u16::from_be_bytes([got[0], got[1]]));
             if got.len() >= 2 + len {
-                return Probe { src, result: dns_result(*id, &got[2..2 + len]) };
+                return Probe {
+                    src,
+                    result: dns_result(*id, &got[2..2 + len]),
+                };
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return fail(format!("timeout: the server did not finish within {}ms", timeout.as_millis()));
+            return fail(format!(
+                "timeout: the server did not finish within {}ms",
+                timeout.as_millis()
+            ));
         }
         match stream.read(&mut buf) {
-            Ok(0) if dns_query.is_some() => return fail("connection closed before a DNS answer".to_string()),
+            Ok(0) if dns_query.is_some() => {
+                return fail("connection closed before a DNS answer".to_string());
+            }
             Ok(0) => {
-                let line = String::from_utf8_lossy(&got).trim().chars().take(200).collect::<String>();
-                return Probe { src, result: Ok(Some(line).filter(|l| !l.is_empty())) };
+                let line = String::from_utf8_lossy(&got)
+                    .trim()
+                    .chars()
+                    .take(200)
+                    .collect::<String>();
+                return Probe {
+                    src,
+                    result: Ok(Some(line).filter(|l| !l.is_empty())),
+                };
             }
             Ok(n) => {
                 if got.len() < 65536 {
@@ -731,7 +859,10 @@ fn tcp_probe(dst: SocketAddr, timeout: Duration, dns_query: Option<&(u16, Vec<u8
                 }
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return fail(format!("timeout: the server did not finish within {}ms", timeout.as_millis()));
+                return fail(format!(
+                    "timeout: the server did not finish within {}ms",
+                    timeout.as_millis()
+                ));
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return fail(describe(&e)),
@@ -742,7 +873,10 @@ fn tcp_probe(dst: SocketAddr, timeout: Duration, dns_query: Option<&(u16, Vec<u8
 fn dns_result(id: u16, msg: &[u8]) -> Result<Option<String>, String> {
     let r = dns::parse_response(msg).map_err(|e| format!("bad DNS answer: {e}"))?;
     if r.id != id {
-        return Err(format!("DNS answer for another query (id {} != {id})", r.id));
+        return Err(format!(
+            "DNS answer for another query (id {} != {id})",
+            r.id
+        ));
     }
     if r.rcode != dns::RCODE_NOERROR {
         return Err(format!("DNS {}", dns::rcode_name(r.rcode)));
@@ -755,18 +889,38 @@ fn dns_result(id: u16, msg: &[u8]) -> Result<Option<String>, String> {
 }
 
 /// UDP: send one datagram from a fresh socket and wait for the echo (or the DNS answer).
-fn udp_probe(dst: SocketAddr, timeout: Duration, dns_query: Option<&(u16, Vec<u8>)>, index: u32) -> Probe {
+fn udp_probe(
+    dst: SocketAddr,
+    timeout: Duration,
+    dns_query: Option<&(u16, Vec<u8>)>,
+    index: u32,
+) -> Probe {
     let deadline = Instant::now() + timeout;
-    let socket = match Socket::new(Domain::for_address(dst), Type::DGRAM, Some(socket2::Protocol::UDP)) {
+    let socket = match Socket::new(
+        Domain::for_address(dst),
+        Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    ) {
         Ok(s) => UdpSocket::from(s),
-        Err(e) => return Probe { src: None, result: Err(format!("socket: {e}")) },
+        Err(e) => {
+            return Probe {
+                src: None,
+                result: Err(format!("socket: {e}")),
+            };
+        }
     };
     // Connected: getsockname gives the real source, and ICMP errors come back as errors.
     if let Err(e) = socket.connect(dst) {
-        return Probe { src: None, result: Err(describe(&e)) };
+        return Probe {
+            src: None,
+            result: Err(describe(&e)),
+        };
     }
     let src = socket.local_addr().ok();
-    let fail = |msg: String| Probe { src, result: Err(msg) };
+    let fail = |msg: String| Probe {
+        src,
+        result: Err(msg),
+    };
     let payload = match dns_query {
         Some((_, q)) => q.clone(),
         None => format!("flows-lab {index} {}", rfc3339_nanos(SystemTime::now())).into_bytes(),
@@ -778,19 +932,35 @@ fn udp_probe(dst: SocketAddr, timeout: Duration, dns_query: Option<&(u16, Vec<u8
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || socket.set_read_timeout(Some(left)).is_err() {
-            return fail(format!("timeout: no reply within {}ms", timeout.as_millis()));
+            return fail(format!(
+                "timeout: no reply within {}ms",
+                timeout.as_millis()
+            ));
         }
         match socket.recv(&mut buf) {
             Ok(n) => match dns_query {
                 Some((id, _)) => match dns::parse_response(&buf[..n]) {
-                    Ok(r) if r.id == *id => return Probe { src, result: dns_result(*id, &buf[..n]) },
+                    Ok(r) if r.id == *id => {
+                        return Probe {
+                            src,
+                            result: dns_result(*id, &buf[..n]),
+                        };
+                    }
                     _ => continue, // not ours
                 },
-                None if buf[..n] == payload[..] => return Probe { src, result: Ok(None) },
+                None if buf[..n] == payload[..] => {
+                    return Probe {
+                        src,
+                        result: Ok(None),
+                    };
+                }
                 None => continue,
             },
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return fail(format!("timeout: no reply within {}ms", timeout.as_millis()));
+                return fail(format!(
+                    "timeout: no reply within {}ms",
+                    timeout.as_millis()
+                ));
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
@@ -814,15 +984,23 @@ fn icmp_probe(dst: IpAddr, timeout: Duration, seq: u16) -> Probe {
         Err(e) => {
             return Probe {
                 src: None,
-                result: Err(format!("ping socket: {e} (is net.ipv4.ping_group_range set?)")),
+                result: Err(format!(
+                    "ping socket: {e} (is net.ipv4.ping_group_range set?)"
+                )),
             };
         }
     };
     if let Err(e) = socket.connect(SocketAddr::new(dst, 0)) {
-        return Probe { src: None, result: Err(describe(&e)) };
+        return Probe {
+            src: None,
+            result: Err(describe(&e)),
+        };
     }
     let src = socket.local_addr().ok();
-    let fail = |msg: String| Probe { src, result: Err(msg) };
+    let fail = |msg: String| Probe {
+        src,
+        result: Err(msg),
+    };
     let mut packet = vec![request, 0, 0, 0, 0, 0];
     packet.extend_from_slice(&seq.to_be_bytes());
     packet.extend_from_slice(b"flows-lab ping..");
@@ -833,15 +1011,24 @@ fn icmp_probe(dst: IpAddr, timeout: Duration, seq: u16) -> Probe {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || socket.set_read_timeout(Some(left)).is_err() {
-            return fail(format!("timeout: no echo reply within {}ms", timeout.as_millis()));
+            return fail(format!(
+                "timeout: no echo reply within {}ms",
+                timeout.as_millis()
+            ));
         }
         match socket.recv(&mut buf) {
             Ok(n) if n >= 8 && buf[0] == reply && buf[6..8] == seq.to_be_bytes() => {
-                return Probe { src, result: Ok(None) };
+                return Probe {
+                    src,
+                    result: Ok(None),
+                };
             }
             Ok(_) => continue,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return fail(format!("timeout: no echo reply within {}ms", timeout.as_millis()));
+                return fail(format!(
+                    "timeout: no echo reply within {}ms",
+                    timeout.as_millis()
+                ));
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return fail(describe(&e)),
@@ -855,7 +1042,12 @@ mod tests {
 
     fn err_of(text: &str) -> (String, String, String) {
         match Scenario::parse("s.yaml", text) {
-            Err(LabError::Scenario { file, at, field, message }) => {
+            Err(LabError::Scenario {
+                file,
+                at,
+                field,
+                message,
+            }) => {
                 assert_eq!(file, "s.yaml");
                 (at, field, message)
             }
@@ -871,38 +1063,63 @@ mod tests {
         )
         .expect("valid");
         let c = &s.connections[0];
-        assert_eq!((c.count, c.timeout_ms, c.family, c.rate), (1, 1000, FamilyChoice::Ipv4, None));
+        assert_eq!(
+            (c.count, c.timeout_ms, c.family, c.rate),
+            (1, 1000, FamilyChoice::Ipv4, None)
+        );
         assert_eq!(connection_name(c), "a/b->service:c/d TCP/80");
         assert_eq!(s.connections[1].protocol, Protocol::Icmp);
     }
 
     #[test]
     fn field_errors_name_connection_and_field() {
-        let (at, field, msg) = err_of("connections:\n- from: a/b\n  to: {pod: c/d}\n  protocol: SCTP\n  port: 1\n");
-        assert_eq!((at.as_str(), field.as_str()), ("connections[0]", "protocol"));
+        let (at, field, msg) =
+            err_of("connections:\n- from: a/b\n  to: {pod: c/d}\n  protocol: SCTP\n  port: 1\n");
+        assert_eq!(
+            (at.as_str(), field.as_str()),
+            ("connections[0]", "protocol")
+        );
         assert!(msg.contains("unknown variant"), "{msg}");
 
-        let (at, field, _) = err_of("connections:\n- {from: a/b, to: {pod: c/d}, protocol: TCP, port: 1}\n- {from: a/b, to: {pod: c/d}, protocol: TCP, port: 70000}\n");
+        let (at, field, _) = err_of(
+            "connections:\n- {from: a/b, to: {pod: c/d}, protocol: TCP, port: 1}\n- {from: a/b, to: {pod: c/d}, protocol: TCP, port: 70000}\n",
+        );
         assert_eq!((at.as_str(), field.as_str()), ("connections[1]", "port"));
 
-        let (at, field, _) = err_of("connections:\n- {from: a/b, to: {pod: c/d}, protocol: TCP, port: 1, colour: red}\n");
+        let (at, field, _) = err_of(
+            "connections:\n- {from: a/b, to: {pod: c/d}, protocol: TCP, port: 1, colour: red}\n",
+        );
         assert_eq!(at, "connections[0]");
-        assert!(field == "(item)" || field.is_empty() || field == "colour", "{field}");
+        assert!(
+            field == "(item)" || field.is_empty() || field == "colour",
+            "{field}"
+        );
 
-        let (at, field, _) = err_of("connections:\n- {name: x, from: a/b, to: {pod: c/d}, protocol: TCP}\n");
-        assert_eq!((at.as_str(), field.as_str()), ("connections[0] (x)", "port"));
+        let (at, field, _) =
+            err_of("connections:\n- {name: x, from: a/b, to: {pod: c/d}, protocol: TCP}\n");
+        assert_eq!(
+            (at.as_str(), field.as_str()),
+            ("connections[0] (x)", "port")
+        );
 
-        let (_, field, _) = err_of("connections:\n- {from: a/b, to: {pod: c/d, ip: 1.2.3.4}, protocol: ICMP}\n");
+        let (_, field, _) =
+            err_of("connections:\n- {from: a/b, to: {pod: c/d, ip: 1.2.3.4}, protocol: ICMP}\n");
         assert_eq!(field, "to");
         let (_, field, _) = err_of("connections:\n- {from: ab, to: {pod: c/d}, protocol: ICMP}\n");
         assert_eq!(field, "from");
-        let (_, field, _) = err_of("connections:\n- {from: a/b, to: {ip: '2001:db8::1'}, protocol: ICMP}\n");
+        let (_, field, _) =
+            err_of("connections:\n- {from: a/b, to: {ip: '2001:db8::1'}, protocol: ICMP}\n");
         assert_eq!(field, "family");
-        let (_, field, _) = err_of("connections:\n- {from: a/b, to: {pod: c/d}, protocol: ICMP, port: 3}\n");
+        let (_, field, _) =
+            err_of("connections:\n- {from: a/b, to: {pod: c/d}, protocol: ICMP, port: 3}\n");
         assert_eq!(field, "port");
-        let (_, field, _) = err_of("connections:\n- {from: a/b, to: {pod: c/d}, protocol: UDP, port: 3, rate: 0}\n");
+        let (_, field, _) = err_of(
+            "connections:\n- {from: a/b, to: {pod: c/d}, protocol: UDP, port: 3, rate: 0}\n",
+        );
         assert_eq!(field, "rate");
-        let (_, field, _) = err_of("connections:\n- {from: a/b, to: {pod: c/d}, protocol: UDP, port: 3, family: ipv5}\n");
+        let (_, field, _) = err_of(
+            "connections:\n- {from: a/b, to: {pod: c/d}, protocol: UDP, port: 3, family: ipv5}\n",
+        );
         assert_eq!(field, "family");
         let (at, _, _) = err_of("connection: []\n");
         assert_eq!(at, "scenario");
@@ -918,13 +1135,20 @@ mod tests {
         )
         .expect("valid");
         let state = crate::plan::plan(&input, 1).expect("plan");
-        let s = Scenario::parse("s.yaml", "connections:\n- {from: n/p, to: {service: n/nope}, protocol: TCP, port: 80}\n")
-            .expect("valid");
+        let s = Scenario::parse(
+            "s.yaml",
+            "connections:\n- {from: n/p, to: {service: n/nope}, protocol: TCP, port: 80}\n",
+        )
+        .expect("valid");
         match run(&state, &s, &DriveOptions::default()) {
             Err(LabError::Scenario { field, .. }) => assert_eq!(field, "to.service"),
             other => panic!("expected a Scenario error, got {other:?}"),
         }
-        let s = Scenario::parse("s.yaml", "connections:\n- {from: n/nope, to: {ip: world}, protocol: ICMP}\n").expect("valid");
+        let s = Scenario::parse(
+            "s.yaml",
+            "connections:\n- {from: n/nope, to: {ip: world}, protocol: ICMP}\n",
+        )
+        .expect("valid");
         match run(&state, &s, &DriveOptions::default()) {
             Err(LabError::Scenario { field, .. }) => assert_eq!(field, "from"),
             other => panic!("expected a Scenario error, got {other:?}"),

@@ -96,10 +96,7 @@ pub enum LabError {
 
     /// A system call outside any namespace (signals, locks, threads).
     #[error("{op}: {error}")]
-    Sys {
-        op: String,
-        error: std::io::Error,
-    },
+    Sys { op: String, error: std::io::Error },
 }
 
 impl LabError {

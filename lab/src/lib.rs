@@ -84,7 +84,7 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
-fn take_build_lock() -> Result<File, LabError> {
+pub(crate) fn take_build_lock() -> Result<File, LabError> {
     let path = Path::new(BUILD_LOCK);
     let file = OpenOptions::new()
         .create(true)
@@ -141,9 +141,9 @@ fn build_and_start(state: &mut State, opts: &UpOptions) -> Result<(), LabError> 
         pid,
     });
     state.save(dir)?;
-    let timeout = opts
-        .ready_timeout
-        .unwrap_or_else(|| Duration::from_secs(30) + Duration::from_millis(100) * state.pods.len() as u32);
+    let timeout = opts.ready_timeout.unwrap_or_else(|| {
+        Duration::from_secs(30) + Duration::from_millis(100) * state.pods.len() as u32
+    });
     agent::wait_ready(dir, pid, timeout)
 }
 
@@ -187,7 +187,7 @@ pub fn down(dir: &Path) -> Result<DownReport, LabError> {
     down_unlocked(dir)
 }
 
-fn down_unlocked(dir: &Path) -> Result<DownReport, LabError> {
+pub(crate) fn down_unlocked(dir: &Path) -> Result<DownReport, LabError> {
     let mut pids = Vec::new();
     match State::load(dir) {
         Ok(s) => pids.extend(s.daemons.iter().map(|d| d.pid)),
@@ -248,7 +248,11 @@ fn stop_processes(pids: &[u32]) -> Vec<u32> {
     };
     signal(libc::SIGTERM, &targets);
     if !wait(Duration::from_secs(5)) {
-        let left: Vec<u32> = targets.iter().copied().filter(|&p| process_alive(p)).collect();
+        let left: Vec<u32> = targets
+            .iter()
+            .copied()
+            .filter(|&p| process_alive(p))
+            .collect();
         tracing::warn!(?left, "daemons ignored SIGTERM for 5 s; sending SIGKILL");
         signal(libc::SIGKILL, &left);
         wait(Duration::from_secs(2));

@@ -21,8 +21,15 @@ pub const LINK_PREFIX: &str = "fl";
 
 /// Runs `program args...`, feeding `stdin`, and returns stdout; a non-zero exit is an error
 /// carrying stderr.
-pub(crate) fn run_tool(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, LabError> {
-    let command = std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ");
+pub(crate) fn run_tool(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, LabError> {
+    let command = std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
     let hint = match program {
         "ip" => " (install iproute2: apt-get install -y iproute2)",
         "nft" => " (install nftables: apt-get install -y nftables)",
@@ -30,7 +37,11 @@ pub(crate) fn run_tool(program: &str, args: &[&str], stdin: Option<&str>) -> Res
     };
     let mut child = Command::new(program)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -93,15 +104,48 @@ pub(crate) fn preflight() -> Result<(), LabError> {
             return Err(LabError::Command {
                 command: "modprobe br_netfilter".to_string(),
                 status: "no /proc/sys/net/bridge".to_string(),
-                stderr: "the kernel has no br_netfilter; bridged service traffic cannot be NATed".to_string(),
+                stderr: "the kernel has no br_netfilter; bridged service traffic cannot be NATed"
+                    .to_string(),
             });
         }
     }
     Ok(())
 }
 
+/// Raises the neighbour-table limits if they are below what the lab needs. They are global
+/// (one ARP/ND table for all netns, tuned only from the root netns), and with hundreds of pods
+/// the default 1024 entries overflow: new neighbours are refused and first packets vanish.
+/// Only ever raised, never lowered; left as they are by `down`.
+fn raise_neighbour_limits(state: &State) {
+    let hosts = state.pods.len() + state.nodes.len() + 1;
+    // Each pod learns its gateway and its peers; each node its pods and the other nodes.
+    let want3 = (hosts * 16).max(4096);
+    let wants = [(1, want3 / 8), (2, want3 / 2), (3, want3)];
+    for family in ["ipv4", "ipv6"] {
+        for (n, want) in wants {
+            let path = format!("/proc/sys/net/{family}/neigh/default/gc_thresh{n}");
+            let Ok(cur) = std::fs::read_to_string(&path) else {
+                continue; // not the root netns: nothing we can tune here
+            };
+            if cur.trim().parse::<usize>().is_ok_and(|c| c >= want) {
+                continue;
+            }
+            match std::fs::write(&path, want.to_string()) {
+                Ok(()) => {
+                    tracing::info!(sysctl = %path, from = cur.trim(), to = want, "raised the neighbour table limit for the lab")
+                }
+                Err(e) => {
+                    tracing::warn!(sysctl = %path, error = %e, "could not raise the neighbour table limit")
+                }
+            }
+        }
+    }
+}
+
 /// Builds everything in `state`. On error, what was built stays: the caller tears down.
 pub(crate) fn build(state: &State) -> Result<(), LabError> {
+    raise_neighbour_limits(state);
+
     // 1. Namespaces.
     let mut all_netns = vec![UNDERLAY_NETNS.to_string(), WORLD_NETNS.to_string()];
     all_netns.extend(state.nodes.iter().map(|n| n.netns.clone()));
@@ -160,11 +204,17 @@ pub(crate) fn build(state: &State) -> Result<(), LabError> {
         "link set lo up".to_string(),
         format!("link add {UNDERLAY_BRIDGE} type bridge mcast_snooping 0"),
     ];
-    let mut hosts: Vec<(String, String)> = state.nodes.iter().map(|n| (n.name.clone(), n.netns.clone())).collect();
+    let mut hosts: Vec<(String, String)> = state
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.netns.clone()))
+        .collect();
     hosts.push(("world".to_string(), WORLD_NETNS.to_string()));
     for (name, ns) in &hosts {
         let port = plan::underlay_port(name);
-        underlay.push(format!("link add {port} type veth peer name {NODE_UPLINK} netns {ns}"));
+        underlay.push(format!(
+            "link add {port} type veth peer name {NODE_UPLINK} netns {ns}"
+        ));
         underlay.push(format!("link set {port} master {UNDERLAY_BRIDGE}"));
         underlay.push(format!("link set {port} up"));
     }
@@ -178,7 +228,10 @@ pub(crate) fn build(state: &State) -> Result<(), LabError> {
             "link set lo up".to_string(),
             format!("link add {NODE_BRIDGE} type bridge mcast_snooping 0"),
             format!("addr add {}/24 dev {NODE_BRIDGE}", plan::node_gateway_v4(i)),
-            format!("addr add {}/64 dev {NODE_BRIDGE} nodad", plan::node_gateway_v6(i)),
+            format!(
+                "addr add {}/64 dev {NODE_BRIDGE} nodad",
+                plan::node_gateway_v6(i)
+            ),
             format!("link set {NODE_BRIDGE} up"),
             format!("addr add {}/24 dev {NODE_UPLINK}", node.uplink_ipv4),
             format!("addr add {}/64 dev {NODE_UPLINK} nodad", node.uplink_ipv6),
@@ -187,15 +240,27 @@ pub(crate) fn build(state: &State) -> Result<(), LabError> {
             format!("route add ::/0 via {WORLD_UPLINK_V6} dev {NODE_UPLINK}"),
         ];
         for other in state.nodes.iter().filter(|o| o.name != node.name) {
-            b.push(format!("route add {} via {} dev {NODE_UPLINK}", other.pod_cidr_v4, other.uplink_ipv4));
-            b.push(format!("route add {} via {} dev {NODE_UPLINK}", other.pod_cidr_v6, other.uplink_ipv6));
+            b.push(format!(
+                "route add {} via {} dev {NODE_UPLINK}",
+                other.pod_cidr_v4, other.uplink_ipv4
+            ));
+            b.push(format!(
+                "route add {} via {} dev {NODE_UPLINK}",
+                other.pod_cidr_v6, other.uplink_ipv6
+            ));
         }
         for pod in state.pods.iter().filter(|p| p.node == node.name) {
-            b.push(format!("link add {} type veth peer name eth0 netns {}", pod.host_ifname, pod.netns));
+            b.push(format!(
+                "link add {} type veth peer name eth0 netns {}",
+                pod.host_ifname, pod.netns
+            ));
             b.push(format!("link set {} master {NODE_BRIDGE}", pod.host_ifname));
             // A pod reaching itself through its own service: br_netfilter bridges the DNATed
             // frame back out of the port it came in on, which only hairpin mode allows.
-            b.push(format!("link set {} type bridge_slave hairpin on", pod.host_ifname));
+            b.push(format!(
+                "link set {} type bridge_slave hairpin on",
+                pod.host_ifname
+            ));
             b.push(format!("link set {} up", pod.host_ifname));
         }
         ip_batch(Some(&node.netns), &b)?;
@@ -230,14 +295,22 @@ pub(crate) fn build(state: &State) -> Result<(), LabError> {
             .nodes
             .iter()
             .position(|n| n.name == pod.node)
-            .ok_or_else(|| LabError::plan(format!("pod {}/{} is on unknown node {}", pod.namespace, pod.name, pod.node)))?;
+            .ok_or_else(|| {
+                LabError::plan(format!(
+                    "pod {}/{} is on unknown node {}",
+                    pod.namespace, pod.name, pod.node
+                ))
+            })?;
         let i = idx + 1;
         let p = vec![
             "link set lo up".to_string(),
             format!("addr add {}/24 dev eth0", pod.ipv4),
             format!("addr add {}/64 dev eth0 nodad", pod.ipv6),
             "link set eth0 up".to_string(),
-            format!("route add default via {} dev eth0", plan::node_gateway_v4(i)),
+            format!(
+                "route add default via {} dev eth0",
+                plan::node_gateway_v4(i)
+            ),
             format!("route add ::/0 via {} dev eth0", plan::node_gateway_v6(i)),
         ];
         ip_batch(Some(&pod.netns), &p)?;
@@ -246,7 +319,11 @@ pub(crate) fn build(state: &State) -> Result<(), LabError> {
     // 7. kube-proxy: the same service rules on every node.
     let rules = proxy::nft_ruleset(state);
     for node in &state.nodes {
-        run_tool("ip", &["netns", "exec", &node.netns, "nft", "-f", "-"], Some(&rules))?;
+        run_tool(
+            "ip",
+            &["netns", "exec", &node.netns, "nft", "-f", "-"],
+            Some(&rules),
+        )?;
     }
     Ok(())
 }
@@ -319,7 +396,8 @@ pub(crate) fn teardown() -> Result<Teardown, LabError> {
     if let Ok(tables) = run_tool("nft", &["list", "tables"], None) {
         for line in tables.lines() {
             let mut words = line.split_whitespace();
-            if let (Some("table"), Some(family), Some(name)) = (words.next(), words.next(), words.next())
+            if let (Some("table"), Some(family), Some(name)) =
+                (words.next(), words.next(), words.next())
                 && name == proxy::TABLE
             {
                 match run_tool("nft", &["delete", "table", family, name], None) {

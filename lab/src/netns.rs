@@ -55,9 +55,12 @@ where
                 f()
             })
             .map_err(|e| LabError::sys("spawn a netns thread", e))?;
-        handle
-            .join()
-            .map_err(|_| LabError::sys(format!("thread in netns {name}"), std::io::Error::other("panicked")))?
+        handle.join().map_err(|_| {
+            LabError::sys(
+                format!("thread in netns {name}"),
+                std::io::Error::other("panicked"),
+            )
+        })?
     })
 }
 
@@ -66,7 +69,8 @@ where
 pub fn sysctls(name: &str, settings: &[(&str, &str)]) -> Result<(), LabError> {
     in_netns(name, || {
         for (key, value) in settings {
-            write_sysctl(key, value).map_err(|e| LabError::netns(name, format!("sysctl {key}={value}"), e))?;
+            write_sysctl(key, value)
+                .map_err(|e| LabError::netns(name, format!("sysctl {key}={value}"), e))?;
         }
         Ok(())
     })
@@ -92,14 +96,16 @@ impl Switcher {
             return Ok(());
         }
         if !self.files.contains_key(name) {
-            let file = File::open(netns_path(name)).map_err(|e| LabError::netns(name, "open", e))?;
+            let file =
+                File::open(netns_path(name)).map_err(|e| LabError::netns(name, "open", e))?;
             self.files.insert(name.to_string(), file);
         }
         let file = self
             .files
             .get(name)
             .ok_or_else(|| LabError::netns(name, "open", std::io::Error::other("not cached")))?;
-        setns(file, CloneFlags::CLONE_NEWNET).map_err(|e| LabError::netns(name, "setns", e.into()))?;
+        setns(file, CloneFlags::CLONE_NEWNET)
+            .map_err(|e| LabError::netns(name, "setns", e.into()))?;
         self.current = Some(name.to_string());
         Ok(())
     }

@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::error::LabError;
 use crate::spec::{Input, Origin, WorkloadIn, WorkloadKind};
 use crate::state::{
-    NamespaceRec, Node, OwnerRec, PodRec, PortRec, STATE_VERSION, ServicePortRec, ServiceRec, State,
-    WorldRec,
+    NamespaceRec, Node, OwnerRec, PodRec, PortRec, STATE_VERSION, ServicePortRec, ServiceRec,
+    State, WorldRec,
 };
 
 /// Node uplinks are 10.99.0.<i+1>; .254 is the world.
@@ -115,7 +115,10 @@ pub fn fnv64(data: &[u8]) -> u64 {
 
 /// 8 hex digits naming a pod's netns and host veth.
 pub fn pod_hash8(namespace: &str, name: &str) -> String {
-    format!("{:08x}", fnv64(format!("{namespace}/{name}").as_bytes()) as u32)
+    format!(
+        "{:08x}",
+        fnv64(format!("{namespace}/{name}").as_bytes()) as u32
+    )
 }
 
 pub fn pod_netns(hash8: &str) -> String {
@@ -208,7 +211,10 @@ fn kube_dns_service() -> ServiceRec {
 pub fn is_dns_pod(pod: &PodRec) -> bool {
     pod.namespace == KUBE_SYSTEM
         && pod.labels.get("k8s-app").map(String::as_str) == Some("kube-dns")
-        && pod.workload.as_ref().is_some_and(|w| w.name == COREDNS_DEPLOYMENT)
+        && pod
+            .workload
+            .as_ref()
+            .is_some_and(|w| w.name == COREDNS_DEPLOYMENT)
 }
 
 /// Lays out the lab for `nodes` nodes.
@@ -232,12 +238,17 @@ pub fn plan(input: &Input, nodes: usize) -> Result<State, LabError> {
 
     for s in &input.services {
         if s.namespace == KUBE_SYSTEM && s.name == KUBE_DNS_SERVICE {
-            return Err(s.origin.err("metadata.name", "kube-system/kube-dns is built into the lab"));
+            return Err(s.origin.err(
+                "metadata.name",
+                "kube-system/kube-dns is built into the lab",
+            ));
         }
     }
     for w in &input.workloads {
         if w.namespace == KUBE_SYSTEM && w.name == COREDNS_DEPLOYMENT {
-            return Err(w.origin.err("metadata.name", "kube-system/coredns is built into the lab"));
+            return Err(w
+                .origin
+                .err("metadata.name", "kube-system/coredns is built into the lab"));
         }
     }
 
@@ -265,7 +276,9 @@ fn plan_namespaces(input: &Input) -> Vec<NamespaceRec> {
     map.entry(KUBE_SYSTEM.to_string()).or_default();
     for ns in &input.namespaces {
         // Declared labels merge onto built-in ones (kube-system).
-        map.entry(ns.name.clone()).or_default().extend(ns.labels.clone());
+        map.entry(ns.name.clone())
+            .or_default()
+            .extend(ns.labels.clone());
     }
     let referenced = input
         .workloads
@@ -284,6 +297,14 @@ fn plan_namespaces(input: &Input) -> Vec<NamespaceRec> {
         .collect()
 }
 
+/// One pod of a workload: name, labels, owner, workload.
+type Instance = (
+    String,
+    BTreeMap<String, String>,
+    Option<OwnerRec>,
+    Option<OwnerRec>,
+);
+
 fn plan_pods(input: &Input, nodes: usize) -> Result<Vec<PodRec>, LabError> {
     let coredns = coredns_workload();
     let workloads = input.workloads.iter().chain(std::iter::once(&coredns));
@@ -296,7 +317,10 @@ fn plan_pods(input: &Input, nodes: usize) -> Result<Vec<PodRec>, LabError> {
 
     for w in workloads {
         let pinned = match &w.node_name {
-            Some(n) => match n.strip_prefix("node-").and_then(|i| i.parse::<usize>().ok()) {
+            Some(n) => match n
+                .strip_prefix("node-")
+                .and_then(|i| i.parse::<usize>().ok())
+            {
                 Some(i) if (1..=nodes).contains(&i) && *n == node_name(i) => Some(i),
                 _ => {
                     tracing::warn!(object = %w.origin.object, node = %n, "spec.nodeName is not a lab node; placing round-robin");
@@ -305,40 +329,39 @@ fn plan_pods(input: &Input, nodes: usize) -> Result<Vec<PodRec>, LabError> {
             },
             None => None,
         };
-        let instances: Vec<(String, BTreeMap<String, String>, Option<OwnerRec>, Option<OwnerRec>)> =
-            match &w.kind {
-                WorkloadKind::Pod => vec![(w.name.clone(), w.labels.clone(), None, None)],
-                WorkloadKind::Deployment { replicas, template } => {
-                    let hash = pod_template_hash(&w.namespace, &w.name, template);
-                    let rs = format!("{}-{hash}", w.name);
-                    let mut labels = w.labels.clone();
-                    labels.insert("pod-template-hash".to_string(), hash.clone());
-                    let mut out = Vec::new();
-                    let mut suffixes = HashSet::new();
-                    let mut salt = 0u32;
-                    for index in 0..*replicas {
-                        // A repeated suffix would repeat a pod name: derive another one.
-                        let mut suffix = pod_suffix(&w.namespace, &w.name, index + salt);
-                        while !suffixes.insert(suffix.clone()) {
-                            salt += 1_000_003;
-                            suffix = pod_suffix(&w.namespace, &w.name, index + salt);
-                        }
-                        out.push((
-                            format!("{rs}-{suffix}"),
-                            labels.clone(),
-                            Some(OwnerRec {
-                                kind: "ReplicaSet".to_string(),
-                                name: rs.clone(),
-                            }),
-                            Some(OwnerRec {
-                                kind: "Deployment".to_string(),
-                                name: w.name.clone(),
-                            }),
-                        ));
+        let instances: Vec<Instance> = match &w.kind {
+            WorkloadKind::Pod => vec![(w.name.clone(), w.labels.clone(), None, None)],
+            WorkloadKind::Deployment { replicas, template } => {
+                let hash = pod_template_hash(&w.namespace, &w.name, template);
+                let rs = format!("{}-{hash}", w.name);
+                let mut labels = w.labels.clone();
+                labels.insert("pod-template-hash".to_string(), hash.clone());
+                let mut out = Vec::new();
+                let mut suffixes = HashSet::new();
+                let mut salt = 0u32;
+                for index in 0..*replicas {
+                    // A repeated suffix would repeat a pod name: derive another one.
+                    let mut suffix = pod_suffix(&w.namespace, &w.name, index + salt);
+                    while !suffixes.insert(suffix.clone()) {
+                        salt += 1_000_003;
+                        suffix = pod_suffix(&w.namespace, &w.name, index + salt);
                     }
-                    out
+                    out.push((
+                        format!("{rs}-{suffix}"),
+                        labels.clone(),
+                        Some(OwnerRec {
+                            kind: "ReplicaSet".to_string(),
+                            name: rs.clone(),
+                        }),
+                        Some(OwnerRec {
+                            kind: "Deployment".to_string(),
+                            name: w.name.clone(),
+                        }),
+                    ));
                 }
-            };
+                out
+            }
+        };
         for (name, labels, owner, workload) in instances {
             if !names.insert((w.namespace.clone(), name.clone())) {
                 return Err(w.origin.err(
@@ -405,9 +428,15 @@ fn plan_services(input: &Input) -> Result<Vec<ServiceRec>, LabError> {
         if used.len() as u32 >= COUNT {
             return Err(LabError::plan("the service range 10.96.0.0/16 is full"));
         }
-        let mut off = FIRST + (fnv64(format!("svc/{}/{}", s.namespace, s.name).as_bytes()) % u64::from(COUNT)) as u32;
+        let mut off = FIRST
+            + (fnv64(format!("svc/{}/{}", s.namespace, s.name).as_bytes()) % u64::from(COUNT))
+                as u32;
         while used.contains(&off) {
-            off = if off >= FIRST + COUNT - 1 { FIRST } else { off + 1 };
+            off = if off >= FIRST + COUNT - 1 {
+                FIRST
+            } else {
+                off + 1
+            };
         }
         used.insert(off);
         offsets[i] = off;
@@ -439,7 +468,11 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn ip(&self, v6: bool) -> IpAddr {
-        if v6 { IpAddr::V6(self.ipv6) } else { IpAddr::V4(self.ipv4) }
+        if v6 {
+            IpAddr::V6(self.ipv6)
+        } else {
+            IpAddr::V4(self.ipv4)
+        }
     }
 }
 
@@ -472,11 +505,15 @@ pub fn endpoints(state: &State, svc: &ServiceRec) -> Vec<PortEndpoints> {
                 .filter_map(|p| {
                     let port = match sp.target_port.parse::<u16>() {
                         Ok(n) => n,
-                        Err(_) => p
-                            .ports
-                            .iter()
-                            .find(|cp| cp.name.as_deref() == Some(sp.target_port.as_str()) && cp.protocol == sp.protocol)?
-                            .port,
+                        Err(_) => {
+                            p.ports
+                                .iter()
+                                .find(|cp| {
+                                    cp.name.as_deref() == Some(sp.target_port.as_str())
+                                        && cp.protocol == sp.protocol
+                                })?
+                                .port
+                        }
                     };
                     Some(Endpoint {
                         namespace: p.namespace.clone(),
@@ -569,16 +606,35 @@ spec:
             let rest = p.name.strip_prefix("api-").expect("prefix");
             let (hash, suffix) = rest.split_once('-').expect("hash-suffix");
             assert_eq!(hash.len(), 10);
-            assert!(hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(
+                hash.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            );
             assert_eq!(suffix.len(), 5);
-            assert!(suffix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
-            assert_eq!(p.labels.get("pod-template-hash").map(String::as_str), Some(hash));
+            assert!(
+                suffix
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            );
+            assert_eq!(
+                p.labels.get("pod-template-hash").map(String::as_str),
+                Some(hash)
+            );
             let owner = p.owner.as_ref().expect("owner");
-            assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("ReplicaSet", &*format!("api-{hash}")));
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str()),
+                ("ReplicaSet", &*format!("api-{hash}"))
+            );
             let wl = p.workload.as_ref().expect("workload");
             assert_eq!((wl.kind.as_str(), wl.name.as_str()), ("Deployment", "api"));
-            assert_eq!(p.netns, format!("flows-pod-{}", pod_hash8("backend", &p.name)));
-            assert_eq!(p.host_ifname, format!("fl{}", pod_hash8("backend", &p.name)));
+            assert_eq!(
+                p.netns,
+                format!("flows-pod-{}", pod_hash8("backend", &p.name))
+            );
+            assert_eq!(
+                p.host_ifname,
+                format!("fl{}", pod_hash8("backend", &p.name))
+            );
             assert!(p.host_ifname.len() <= 15);
         }
         let uids: HashSet<_> = state.pods.iter().map(|p| &p.uid).collect();
@@ -597,8 +653,24 @@ spec:
         assert_eq!(placed[0].1, "node-1");
         assert_eq!(placed[1].1, "node-2");
         assert_eq!(placed[2].1, "node-1");
-        assert_eq!(placed[3], ("legacy", "node-2", "10.244.2.3".parse().unwrap(), "fd00:10:244:2::3".parse().unwrap()));
-        assert_eq!(placed[4], ("pinned", "node-2", "10.244.2.4".parse().unwrap(), "fd00:10:244:2::4".parse().unwrap()));
+        assert_eq!(
+            placed[3],
+            (
+                "legacy",
+                "node-2",
+                "10.244.2.3".parse().unwrap(),
+                "fd00:10:244:2::3".parse().unwrap()
+            )
+        );
+        assert_eq!(
+            placed[4],
+            (
+                "pinned",
+                "node-2",
+                "10.244.2.4".parse().unwrap(),
+                "fd00:10:244:2::4".parse().unwrap()
+            )
+        );
         assert_eq!(placed[0].2, Ipv4Addr::new(10, 244, 1, 2));
         assert_eq!(placed[2].2, Ipv4Addr::new(10, 244, 1, 3));
         let dns = state.pods.last().expect("coredns");
@@ -613,29 +685,46 @@ spec:
         let names: Vec<_> = state.namespaces.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["backend", "frontend", "kube-system"]);
         let ks = &state.namespaces[2];
-        assert_eq!(ks.labels.get("contains").map(String::as_str), Some("coredns"));
-        assert_eq!(ks.labels.get(NAMESPACE_NAME_LABEL).map(String::as_str), Some("kube-system"));
+        assert_eq!(
+            ks.labels.get("contains").map(String::as_str),
+            Some("coredns")
+        );
+        assert_eq!(
+            ks.labels.get(NAMESPACE_NAME_LABEL).map(String::as_str),
+            Some("kube-system")
+        );
     }
 
     #[test]
     fn service_ips_are_deterministic_and_avoid_reserved() {
         let state = plan(&input(), 2).expect("plan");
-        let dns = state.service(KUBE_SYSTEM, KUBE_DNS_SERVICE).expect("kube-dns");
+        let dns = state
+            .service(KUBE_SYSTEM, KUBE_DNS_SERVICE)
+            .expect("kube-dns");
         assert_eq!(dns.cluster_ipv4, Ipv4Addr::new(10, 96, 0, 10));
-        assert_eq!(dns.cluster_ipv6, "fd00:10:96::a".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            dns.cluster_ipv6,
+            "fd00:10:96::a".parse::<Ipv6Addr>().unwrap()
+        );
         let api = state.service("backend", "api").expect("api");
         let other = state.service("frontend", "other").expect("other");
         assert_ne!(api.cluster_ipv4, other.cluster_ipv4);
         for s in [api, other] {
             let off = u32::from(s.cluster_ipv4) - SERVICE_BASE_V4;
             assert!((2..=65534).contains(&off) && off != 10);
-            assert_eq!(u128::from(s.cluster_ipv6) - SERVICE_BASE_V6, u128::from(off));
+            assert_eq!(
+                u128::from(s.cluster_ipv6) - SERVICE_BASE_V6,
+                u128::from(off)
+            );
         }
         // Input order does not change allocation.
         let mut rev = input();
         rev.services.reverse();
         let state2 = plan(&rev, 2).expect("plan");
-        assert_eq!(state2.service("backend", "api").map(|s| s.cluster_ipv4), Some(api.cluster_ipv4));
+        assert_eq!(
+            state2.service("backend", "api").map(|s| s.cluster_ipv4),
+            Some(api.cluster_ipv4)
+        );
     }
 
     #[test]
@@ -658,7 +747,9 @@ spec:
         let other = state.service("frontend", "other").expect("other");
         assert!(endpoints(&state, other)[0].endpoints.is_empty());
         // kube-dns selects coredns.
-        let dns = state.service(KUBE_SYSTEM, KUBE_DNS_SERVICE).expect("kube-dns");
+        let dns = state
+            .service(KUBE_SYSTEM, KUBE_DNS_SERVICE)
+            .expect("kube-dns");
         let dns_eps = endpoints(&state, dns);
         assert_eq!(dns_eps.len(), 2);
         assert_eq!(dns_eps[0].endpoints.len(), 1);
@@ -667,12 +758,18 @@ spec:
     #[test]
     fn node_limits() {
         assert!(matches!(plan(&input(), 0), Err(LabError::Plan { .. })));
-        assert!(matches!(plan(&input(), MAX_NODES + 1), Err(LabError::Plan { .. })));
+        assert!(matches!(
+            plan(&input(), MAX_NODES + 1),
+            Err(LabError::Plan { .. })
+        ));
         let state = plan(&input(), 3).expect("plan");
         assert_eq!(state.nodes[2].name, "node-3");
         assert_eq!(state.nodes[2].netns, "flows-node-3");
         assert_eq!(state.nodes[2].uplink_ipv4, Ipv4Addr::new(10, 99, 0, 4));
-        assert_eq!(state.nodes[2].uplink_ipv6, "fd00:99::4".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            state.nodes[2].uplink_ipv6,
+            "fd00:99::4".parse::<Ipv6Addr>().unwrap()
+        );
         assert_eq!(state.nodes[2].pod_cidr_v4, "10.244.3.0/24");
         assert_eq!(state.nodes[2].pod_cidr_v6, "fd00:10:244:3::/64");
     }

@@ -68,7 +68,11 @@ fn table(out: &mut String, state: &State, v6: bool) {
             );
             let ep_chain = |ei: usize| format!("ep-{si}-{proto}-{port}-{ei}");
             if pe.endpoints.len() == 1 {
-                let _ = writeln!(chains, "\tchain {svc_chain} {{\n\t\tjump {}\n\t}}", ep_chain(0));
+                let _ = writeln!(
+                    chains,
+                    "\tchain {svc_chain} {{\n\t\tjump {}\n\t}}",
+                    ep_chain(0)
+                );
             } else {
                 let arms: Vec<String> = (0..pe.endpoints.len())
                     .map(|ei| format!("{ei} : jump {}", ep_chain(ei)))
@@ -157,8 +161,14 @@ spec: {selector: {app: none}, ports: [{port: 80}]}
             assert!(rules.contains(&format!("dnat to {}:8080", p.ipv4)));
             assert!(rules.contains(&format!("dnat to [{}]:8080", p.ipv6)));
         }
-        assert!(!rules.contains(&empty.cluster_ipv4.to_string()), "no endpoints: no DNAT rule");
+        assert!(
+            !rules.contains(&empty.cluster_ipv4.to_string()),
+            "no endpoints: no DNAT rule"
+        );
         assert!(rules.contains("ip daddr 10.96.0.0/16 meta l4proto tcp reject with tcp reset"));
-        assert!(rules.contains("udp dport 53 jump"), "kube-dns is always there");
+        assert!(
+            rules.contains("udp dport 53 jump"),
+            "kube-dns is always there"
+        );
     }
 }

@@ -228,10 +228,17 @@ fn describe(value: &serde_yaml::Value) -> String {
     }
 }
 
-fn typed<T: DeserializeOwned>(doc: serde_yaml::Deserializer<'_>, origin: &Origin) -> Result<T, LabError> {
+fn typed<T: DeserializeOwned>(
+    doc: serde_yaml::Deserializer<'_>,
+    origin: &Origin,
+) -> Result<T, LabError> {
     serde_path_to_error::deserialize(doc).map_err(|e| {
         let field = e.path().to_string();
-        let field = if field == "." { "(object)".to_string() } else { field };
+        let field = if field == "." {
+            "(object)".to_string()
+        } else {
+            field
+        };
         let message = e.into_inner().to_string();
         // serde_yaml puts its own copy of the path in front of the message; keep one.
         let message = message
@@ -281,11 +288,21 @@ fn deployment_in(deploy: Deployment, origin: &Origin) -> Result<WorkloadIn, LabE
     let replicas = match spec.replicas {
         None => 1,
         Some(r) if (0..=10_000).contains(&r) => r as u32,
-        Some(r) => return Err(origin.err("spec.replicas", format!("{r} is out of range 0..=10000"))),
+        Some(r) => {
+            return Err(origin.err("spec.replicas", format!("{r} is out of range 0..=10000")));
+        }
     };
-    let labels = spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
     if labels.is_empty() {
-        return Err(origin.err("spec.template.metadata.labels", "required (the selector must match them)"));
+        return Err(origin.err(
+            "spec.template.metadata.labels",
+            "required (the selector must match them)",
+        ));
     }
     if let Some(match_labels) = &spec.selector.match_labels {
         for (k, v) in match_labels {
@@ -297,15 +314,25 @@ fn deployment_in(deploy: Deployment, origin: &Origin) -> Result<WorkloadIn, LabE
             }
         }
     }
-    if spec.selector.match_expressions.as_ref().is_some_and(|e| !e.is_empty()) {
+    if spec
+        .selector
+        .match_expressions
+        .as_ref()
+        .is_some_and(|e| !e.is_empty())
+    {
         tracing::debug!(object = %origin.object, "selector.matchExpressions not evaluated by the lab");
     }
-    let template_text = serde_json::to_string(&spec.template).map_err(|e| origin.err("spec.template", e.to_string()))?;
+    let template_text = serde_json::to_string(&spec.template)
+        .map_err(|e| origin.err("spec.template", e.to_string()))?;
     let pod_spec = spec
         .template
         .spec
         .ok_or_else(|| origin.err("spec.template.spec", "required"))?;
-    let ports = container_ports(&pod_spec.containers, "spec.template.spec.containers", origin)?;
+    let ports = container_ports(
+        &pod_spec.containers,
+        "spec.template.spec.containers",
+        origin,
+    )?;
     Ok(WorkloadIn {
         kind: WorkloadKind::Deployment {
             replicas,
@@ -356,12 +383,17 @@ fn service_in(svc: Service, origin: &mut Origin) -> Result<Option<ServiceIn>, La
     for (i, p) in ports_in.into_iter().enumerate() {
         let at = |f: &str| format!("spec.ports[{i}].{f}");
         let port = port_number(p.port).map_err(|m| origin.err(at("port"), m))?;
-        let protocol = protocol(p.protocol.as_deref()).map_err(|m| origin.err(at("protocol"), m))?;
+        let protocol =
+            protocol(p.protocol.as_deref()).map_err(|m| origin.err(at("protocol"), m))?;
         let target_port = match p.target_port {
             None => port.to_string(),
-            Some(IntOrString::Int(n)) => port_number(n).map_err(|m| origin.err(at("targetPort"), m))?.to_string(),
+            Some(IntOrString::Int(n)) => port_number(n)
+                .map_err(|m| origin.err(at("targetPort"), m))?
+                .to_string(),
             Some(IntOrString::String(s)) => match s.parse::<i32>() {
-                Ok(n) => port_number(n).map_err(|m| origin.err(at("targetPort"), m))?.to_string(),
+                Ok(n) => port_number(n)
+                    .map_err(|m| origin.err(at("targetPort"), m))?
+                    .to_string(),
                 Err(_) => {
                     port_name(&s).map_err(|m| origin.err(at("targetPort"), m))?;
                     s
@@ -376,8 +408,10 @@ fn service_in(svc: Service, origin: &mut Origin) -> Result<Option<ServiceIn>, La
                     return Err(origin.err(at("name"), format!("duplicate port name {n:?}")));
                 }
             }
-            None if i > 0 || ports.len() > 1 => {
-                return Err(origin.err(at("name"), "required when a Service has more than one port"));
+            None if i > 0 => {
+                return Err(
+                    origin.err(at("name"), "required when a Service has more than one port")
+                );
             }
             None => {}
         }
@@ -392,7 +426,10 @@ fn service_in(svc: Service, origin: &mut Origin) -> Result<Option<ServiceIn>, La
         });
     }
     if ports.len() > 1 && ports[0].name.is_none() {
-        return Err(origin.err("spec.ports[0].name", "required when a Service has more than one port"));
+        return Err(origin.err(
+            "spec.ports[0].name",
+            "required when a Service has more than one port",
+        ));
     }
     Ok(Some(ServiceIn {
         namespace,
@@ -403,7 +440,11 @@ fn service_in(svc: Service, origin: &mut Origin) -> Result<Option<ServiceIn>, La
     }))
 }
 
-fn container_ports(containers: &[Container], at: &str, origin: &Origin) -> Result<Vec<PortRec>, LabError> {
+fn container_ports(
+    containers: &[Container],
+    at: &str,
+    origin: &Origin,
+) -> Result<Vec<PortRec>, LabError> {
     if containers.is_empty() {
         return Err(origin.err(at, "at least one container is required"));
     }
@@ -413,20 +454,32 @@ fn container_ports(containers: &[Container], at: &str, origin: &Origin) -> Resul
     for (ci, c) in containers.iter().enumerate() {
         for (pi, p) in c.ports.iter().flatten().enumerate() {
             let field = |f: &str| format!("{at}[{ci}].ports[{pi}].{f}");
-            let port = port_number(p.container_port).map_err(|m| origin.err(field("containerPort"), m))?;
-            let protocol = protocol(p.protocol.as_deref()).map_err(|m| origin.err(field("protocol"), m))?;
+            let port =
+                port_number(p.container_port).map_err(|m| origin.err(field("containerPort"), m))?;
+            let protocol =
+                protocol(p.protocol.as_deref()).map_err(|m| origin.err(field("protocol"), m))?;
             let name = p.name.clone().filter(|n| !n.is_empty());
             if let Some(n) = &name {
                 port_name(n).map_err(|m| origin.err(field("name"), m))?;
                 if !names.insert(n.clone()) {
-                    return Err(origin.err(field("name"), format!("duplicate port name {n:?} in the pod")));
+                    return Err(origin.err(
+                        field("name"),
+                        format!("duplicate port name {n:?} in the pod"),
+                    ));
                 }
             }
             // Containers share the pod's network namespace: one listener per port/protocol.
             if !seen.insert((port, protocol.clone())) {
-                return Err(origin.err(field("containerPort"), format!("duplicate port {port}/{protocol} in the pod")));
+                return Err(origin.err(
+                    field("containerPort"),
+                    format!("duplicate port {port}/{protocol} in the pod"),
+                ));
             }
-            ports.push(PortRec { name, port, protocol });
+            ports.push(PortRec {
+                name,
+                port,
+                protocol,
+            });
         }
     }
     Ok(ports)
@@ -435,7 +488,10 @@ fn container_ports(containers: &[Container], at: &str, origin: &Origin) -> Resul
 fn required_name(name: Option<String>, origin: &Origin) -> Result<String, LabError> {
     match name {
         Some(n) if !n.is_empty() => Ok(n),
-        _ => Err(origin.err("metadata.name", "required (generateName is not supported by the lab)")),
+        _ => Err(origin.err(
+            "metadata.name",
+            "required (generateName is not supported by the lab)",
+        )),
     }
 }
 
@@ -460,7 +516,9 @@ fn protocol(p: Option<&str>) -> Result<String, String> {
     match p {
         None => Ok("TCP".to_string()),
         Some(p @ ("TCP" | "UDP" | "SCTP")) => Ok(p.to_string()),
-        Some(other) => Err(format!("unsupported value {other:?}: must be TCP, UDP or SCTP")),
+        Some(other) => Err(format!(
+            "unsupported value {other:?}: must be TCP, UDP or SCTP"
+        )),
     }
 }
 
@@ -469,7 +527,9 @@ pub fn dns_label(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 63 {
         return Err(format!("{s:?} must be 1-63 characters"));
     }
-    let ok_chars = s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_chars = s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     let ok_ends = !s.starts_with('-') && !s.ends_with('-');
     if !(ok_chars && ok_ends) {
         return Err(format!(
@@ -505,7 +565,8 @@ pub fn dns_subdomain(s: &str) -> Result<(), String> {
 pub fn port_name(s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= 15
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && s.bytes().any(|b| b.is_ascii_lowercase())
         && !s.starts_with('-')
         && !s.ends_with('-')
@@ -524,7 +585,10 @@ fn check_duplicates(input: &Input) -> Result<(), LabError> {
     let mut seen = BTreeSet::new();
     for ns in &input.namespaces {
         if !seen.insert(("Namespace", String::new(), ns.name.clone())) {
-            return Err(ns.origin.err("metadata.name", format!("Namespace {} is declared twice", ns.name)));
+            return Err(ns.origin.err(
+                "metadata.name",
+                format!("Namespace {} is declared twice", ns.name),
+            ));
         }
     }
     for w in &input.workloads {
@@ -533,12 +597,18 @@ fn check_duplicates(input: &Input) -> Result<(), LabError> {
             WorkloadKind::Deployment { .. } => "Deployment",
         };
         if !seen.insert((kind, w.namespace.clone(), w.name.clone())) {
-            return Err(w.origin.err("metadata.name", format!("{kind} {}/{} is declared twice", w.namespace, w.name)));
+            return Err(w.origin.err(
+                "metadata.name",
+                format!("{kind} {}/{} is declared twice", w.namespace, w.name),
+            ));
         }
     }
     for s in &input.services {
         if !seen.insert(("Service", s.namespace.clone(), s.name.clone())) {
-            return Err(s.origin.err("metadata.name", format!("Service {}/{} is declared twice", s.namespace, s.name)));
+            return Err(s.origin.err(
+                "metadata.name",
+                format!("Service {}/{} is declared twice", s.namespace, s.name),
+            ));
         }
     }
     Ok(())
@@ -618,14 +688,20 @@ spec: {}
     fn parses_the_kinds_it_handles_and_skips_others() {
         let input = parse(GOOD).expect("valid input");
         assert_eq!(input.namespaces.len(), 1);
-        assert_eq!(input.namespaces[0].labels.get("team").map(String::as_str), Some("a"));
+        assert_eq!(
+            input.namespaces[0].labels.get("team").map(String::as_str),
+            Some("a")
+        );
         assert_eq!(input.workloads.len(), 2);
         let web = &input.workloads[0];
         assert_eq!((web.namespace.as_str(), web.name.as_str()), ("shop", "web"));
         assert_eq!(web.ports[0].name.as_deref(), Some("http"));
         assert_eq!(web.ports[0].protocol, "TCP");
         assert_eq!(web.ports[1].protocol, "UDP");
-        assert!(matches!(input.workloads[1].kind, WorkloadKind::Deployment { replicas: 3, .. }));
+        assert!(matches!(
+            input.workloads[1].kind,
+            WorkloadKind::Deployment { replicas: 3, .. }
+        ));
         assert_eq!(input.services[0].ports[0].target_port, "http");
         assert_eq!(input.services[0].ports[0].protocol, "TCP");
     }
@@ -669,7 +745,8 @@ spec: {}
             "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{name: a, port: 80}, {port: 81}]}\n",
         );
         assert_eq!(field, "spec.ports[1].name");
-        let (_, _, field, _) = spec_err("apiVersion: v1\nkind: Namespace\nmetadata: {name: Bad_Name}\n");
+        let (_, _, field, _) =
+            spec_err("apiVersion: v1\nkind: Namespace\nmetadata: {name: Bad_Name}\n");
         assert_eq!(field, "metadata.name");
         let (_, _, field, _) = spec_err(
             "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 80, targetPort: not_a_name}]}\n",
@@ -679,10 +756,13 @@ spec: {}
 
     #[test]
     fn missing_required_fields() {
-        let (_, _, field, message) = spec_err("apiVersion: v1\nkind: Pod\nmetadata: {namespace: x}\nspec: {containers: [{name: c}]}\n");
+        let (_, _, field, message) = spec_err(
+            "apiVersion: v1\nkind: Pod\nmetadata: {namespace: x}\nspec: {containers: [{name: c}]}\n",
+        );
         assert_eq!(field, "metadata.name");
         assert!(message.contains("required"));
-        let (_, _, field, _) = spec_err("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {}\n");
+        let (_, _, field, _) =
+            spec_err("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {}\n");
         assert!(field.starts_with("spec"), "{field}");
         let (_, _, field, _) = spec_err("kind: Pod\nmetadata: {name: p}\nspec: {}\n");
         assert_eq!(field, "apiVersion");
@@ -700,14 +780,16 @@ spec: {}
 
     #[test]
     fn wrong_api_version_is_an_error() {
-        let (_, _, field, message) = spec_err("apiVersion: apps/v1beta1\nkind: Deployment\nmetadata: {name: d}\nspec: {}\n");
+        let (_, _, field, message) =
+            spec_err("apiVersion: apps/v1beta1\nkind: Deployment\nmetadata: {name: d}\nspec: {}\n");
         assert_eq!(field, "apiVersion");
         assert!(message.contains("apps/v1"), "{message}");
     }
 
     #[test]
     fn yaml_syntax_error_names_file_and_document() {
-        let err = parse("kind: Namespace\nmetadata: {name: a}\n---\nkind: [unclosed\n").expect_err("bad yaml");
+        let err = parse("kind: Namespace\nmetadata: {name: a}\n---\nkind: [unclosed\n")
+            .expect_err("bad yaml");
         match err {
             LabError::Yaml { file, message } => {
                 assert_eq!(file, Path::new("in.yaml"));
@@ -741,8 +823,16 @@ spec: {}
     fn directories_are_read_sorted() {
         let dir = std::env::temp_dir().join(format!("flows-lab-spec-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("tmp dir");
-        std::fs::write(dir.join("b.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n").expect("write");
-        std::fs::write(dir.join("a.yml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n").expect("write");
+        std::fs::write(
+            dir.join("b.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n",
+        )
+        .expect("write");
+        std::fs::write(
+            dir.join("a.yml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+        )
+        .expect("write");
         std::fs::write(dir.join("c.txt"), "not yaml: [").expect("write");
         let input = load_paths(std::slice::from_ref(&dir)).expect("load");
         let names: Vec<_> = input.namespaces.iter().map(|n| n.name.as_str()).collect();

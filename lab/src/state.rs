@@ -130,7 +130,10 @@ impl State {
     pub fn save(&self, dir: &Path) -> Result<(), LabError> {
         fs::create_dir_all(dir).map_err(|e| LabError::io(dir, e))?;
         let path = dir.join(STATE_FILE);
-        let tmp = dir.join(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
+        // Unique per process and call, so concurrent savers never share a temp file.
+        static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{STATE_FILE}.{}.{n}.tmp", std::process::id()));
         let json = serde_json::to_vec_pretty(self).map_err(|error| LabError::StateParse {
             path: path.clone(),
             error,
@@ -256,5 +259,110 @@ pub fn default_dir() -> PathBuf {
     match std::env::var_os("FLOWS_LAB_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
         _ => PathBuf::from("/run/flows-lab"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> State {
+        State {
+            version: STATE_VERSION,
+            nodes: vec![Node {
+                name: "node-1".into(),
+                netns: "flows-node-1".into(),
+                uplink_ipv4: Ipv4Addr::new(10, 99, 0, 2),
+                uplink_ipv6: "fd00:99::2".parse().expect("literal"),
+                pod_cidr_v4: "10.244.1.0/24".into(),
+                pod_cidr_v6: "fd00:10:244:1::/64".into(),
+                bridge: "flbr0".into(),
+            }],
+            namespaces: Vec::new(),
+            pods: Vec::new(),
+            services: Vec::new(),
+            world: WorldRec {
+                netns: "flows-world".into(),
+                ipv4: Ipv4Addr::new(203, 0, 113, 10),
+                ipv6: "2001:db8:100::10".parse().expect("literal"),
+            },
+            daemons: Vec::new(),
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("flows-lab-state-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn json_field_names_are_the_contract() {
+        let v = serde_json::to_value(sample()).expect("serialize");
+        let keys: Vec<&str> = v
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        for k in [
+            "version",
+            "nodes",
+            "namespaces",
+            "pods",
+            "services",
+            "world",
+            "daemons",
+        ] {
+            assert!(keys.contains(&k), "missing {k}");
+        }
+        assert_eq!(v["nodes"][0]["uplink_ipv4"], "10.99.0.2");
+        assert_eq!(v["nodes"][0]["pod_cidr_v6"], "fd00:10:244:1::/64");
+        assert_eq!(v["world"]["ipv6"], "2001:db8:100::10");
+    }
+
+    #[test]
+    fn save_load_round_trip_and_missing_state() {
+        let dir = temp_dir("roundtrip");
+        assert!(matches!(State::load(&dir), Err(LabError::NoState { .. })));
+        let s = sample();
+        s.save(&dir).expect("save");
+        assert_eq!(State::load(&dir).expect("load"), s);
+        fs::write(dir.join(STATE_FILE), "{not json").expect("write");
+        assert!(matches!(
+            State::load(&dir),
+            Err(LabError::StateParse { .. })
+        ));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn concurrent_add_daemon_loses_nothing() {
+        let dir = temp_dir("daemons");
+        sample().save(&dir).expect("save");
+        std::thread::scope(|s| {
+            for t in 0..8u32 {
+                let dir = &dir;
+                s.spawn(move || {
+                    for i in 0..10u32 {
+                        add_daemon(
+                            dir,
+                            Daemon {
+                                role: "test".into(),
+                                node: Some(format!("node-{t}")),
+                                pid: 1000 + t * 100 + i,
+                            },
+                        )
+                        .expect("add_daemon");
+                    }
+                });
+            }
+        });
+        let state = State::load(&dir).expect("load");
+        assert_eq!(state.daemons.len(), 80);
+        remove_daemon(&dir, 1000).expect("remove");
+        assert_eq!(State::load(&dir).expect("load").daemons.len(), 79);
+        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -69,10 +69,11 @@ pub struct LabLock {
     _file: File,
 }
 
+/// Takes the lock, then removes a lab left over by a crashed run (see `LabGuard`).
 pub fn lab_lock() -> Result<LabLock, LabError> {
-    Ok(LabLock {
-        _file: take_lab_lock()?,
-    })
+    let file = take_lab_lock()?;
+    clear_leftovers(&[crate::state::default_dir()])?;
+    Ok(LabLock { _file: file })
 }
 
 fn take_lab_lock() -> Result<File, LabError> {
@@ -90,6 +91,34 @@ fn take_lab_lock() -> Result<File, LabError> {
         crate::state::flock(&file, path)?;
     }
     Ok(file)
+}
+
+/// Holding the lab lock, a lab that is still present is either a crashed test's leftover (no
+/// agent alive: removed) or one somebody started by hand with `flows lab up` (its agent is
+/// alive: left alone, and the test fails saying so).
+fn clear_leftovers(dirs: &[PathBuf]) -> Result<(), LabError> {
+    let _build = crate::take_build_lock()?;
+    let present = crate::netns::list_netns(crate::net::NETNS_PREFIX);
+    let Some(first) = present.first() else {
+        return Ok(());
+    };
+    if crate::agent::any_agent_alive() {
+        return Err(LabError::AlreadyUp {
+            detail: format!(
+                "netns {first} exists and its agent is running: a lab started outside the tests \
+                 (flows lab up?) is in use; tests will not remove it"
+            ),
+        });
+    }
+    eprintln!(
+        "removing a lab left over by an earlier run ({} netns)",
+        present.len()
+    );
+    // Its state dir is unknown: the default one and ours are where its daemons may be recorded.
+    for dir in dirs {
+        crate::down_unlocked(dir)?;
+    }
+    Ok(())
 }
 
 impl LabGuard {
@@ -126,11 +155,7 @@ impl LabGuard {
 
     fn start(opts: UpOptions, own_dir: bool) -> Result<LabGuard, LabError> {
         let lock = take_lab_lock()?;
-        // Holding the lock, any lab still present is a leftover: nobody else may own one.
-        if !crate::netns::list_netns(crate::net::NETNS_PREFIX).is_empty() {
-            eprintln!("removing a lab left over by an earlier run");
-            crate::down(&opts.state_dir)?;
-        }
+        clear_leftovers(&[crate::state::default_dir(), opts.state_dir.clone()])?;
         match crate::up(&opts) {
             Ok(state) => Ok(LabGuard {
                 state,

@@ -92,14 +92,30 @@ fn lab_end_to_end() {
     let client = state.pod("beta", "client").expect("client pod");
     let web = state.deployment_pods("alpha", "web");
     assert_eq!(web.len(), 2);
-    let near = web.iter().find(|p| p.node == client.node).expect("a web pod on the client's node");
-    let far = web.iter().find(|p| p.node != client.node).expect("a web pod on the other node");
+    let near = web
+        .iter()
+        .find(|p| p.node == client.node)
+        .expect("a web pod on the client's node");
+    let far = web
+        .iter()
+        .find(|p| p.node != client.node)
+        .expect("a web pod on the other node");
     assert!(far.name.starts_with("web-") && far.labels.contains_key("pod-template-hash"));
     assert_eq!(
-        state.namespaces.iter().find(|n| n.name == "alpha").and_then(|n| n.labels.get("team")).map(String::as_str),
+        state
+            .namespaces
+            .iter()
+            .find(|n| n.name == "alpha")
+            .and_then(|n| n.labels.get("team"))
+            .map(String::as_str),
         Some("a")
     );
-    assert!(state.daemons.iter().any(|d| d.role == "agent" && flows_lab::process_alive(d.pid)));
+    assert!(
+        state
+            .daemons
+            .iter()
+            .any(|d| d.role == "agent" && flows_lab::process_alive(d.pid))
+    );
 
     // A second lab is refused while this one is up, and leaves this one alone.
     let other_dir = testing::temp_dir("flows-lab-second").expect("temp dir");
@@ -142,9 +158,18 @@ connections:
     let summary: Vec<String> = report
         .attempts
         .iter()
-        .map(|a| format!("{} #{} {:?} {:?} {:?}", a.connection, a.index, a.outcome, a.error, a.reply))
+        .map(|a| {
+            format!(
+                "{} #{} {:?} {:?} {:?}",
+                a.connection, a.index, a.outcome, a.error, a.reply
+            )
+        })
         .collect();
-    assert!(report.expectations_met, "expectations not met:\n{}", summary.join("\n"));
+    assert!(
+        report.expectations_met,
+        "expectations not met:\n{}",
+        summary.join("\n")
+    );
     assert_eq!(report.connections.len(), scenario.connections.len());
 
     let svc = state.service("alpha", "web").expect("service");
@@ -159,7 +184,11 @@ connections:
             assert!(a.src_port.is_some_and(|p| p > 0), "{a:?}");
         }
         if a.protocol == Protocol::Icmp && a.outcome == Outcome::Success {
-            assert_eq!(a.src_port, Some(a.dst_port), "ICMP reports the echo id as both ports");
+            assert_eq!(
+                a.src_port,
+                Some(a.dst_port),
+                "ICMP reports the echo id as both ports"
+            );
         }
         match a.connection.as_str() {
             "tcp-service" => {
@@ -169,11 +198,20 @@ connections:
                 };
                 assert_eq!((a.dst_ip, a.dst_port), (ip, 80));
                 let reply = a.reply.as_deref().unwrap_or("");
-                assert!(reply.starts_with("alpha/web-") && reply.ends_with(" 8080"), "{reply}");
+                assert!(
+                    reply.starts_with("alpha/web-") && reply.ends_with(" 8080"),
+                    "{reply}"
+                );
             }
-            "tcp-cross-node" => assert_eq!(a.reply.as_deref(), Some(format!("alpha/{} 8080", far.name).as_str())),
+            "tcp-cross-node" => assert_eq!(
+                a.reply.as_deref(),
+                Some(format!("alpha/{} 8080", far.name).as_str())
+            ),
             "tcp-world" => assert_eq!(a.dst_port, 80),
-            "world-in" => assert_eq!(a.src_ip.map(|ip| ip.is_ipv4()), Some(a.family == Family::Ipv4)),
+            "world-in" => assert_eq!(
+                a.src_ip.map(|ip| ip.is_ipv4()),
+                Some(a.family == Family::Ipv4)
+            ),
             "dns-udp" => {
                 let want = match a.family {
                     Family::Ipv4 => svc.cluster_ipv4.to_string(),
@@ -197,7 +235,11 @@ connections:
     .expect("valid");
     let report = drive::run(&state, &burst, &DriveOptions { concurrency: 8 }).expect("drive burst");
     assert!(report.expectations_met, "burst: {:?}", report.connections);
-    let mut tuples: Vec<(Option<IpAddr>, Option<u16>)> = report.attempts.iter().map(|a| (a.src_ip, a.src_port)).collect();
+    let mut tuples: Vec<(Option<IpAddr>, Option<u16>)> = report
+        .attempts
+        .iter()
+        .map(|a| (a.src_ip, a.src_port))
+        .collect();
     tuples.sort();
     tuples.dedup();
     assert_eq!(tuples.len(), 60, "every attempt has its own 5-tuple");

@@ -10,19 +10,21 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     os::fd::AsFd,
-    path::{Path, PathBuf},
-    process::{Child, Command},
+    path::PathBuf,
+    process::Command,
     time::{Duration, Instant},
 };
 
+mod common;
+
+use common::{Probe, all_flows};
 use flows_lab::{
     drive::{self, AttemptReport, DriveOptions, Outcome, Protocol, Scenario},
     state::State,
     testing::{LabGuard, skip_unless_root},
 };
 use flows_proto::{
-    Flow, GetFlowsRequest, ObservationPoint, TrafficDirection, Verdict,
-    get_flows_response::ResponseTypes, layer4, observer_client::ObserverClient,
+    Flow, ObservationPoint, TrafficDirection, Verdict, layer4,
 };
 
 const CLUSTER: &str = r#"
@@ -91,109 +93,6 @@ const BLOCKED: &str = r#"
 connections:
   - { name: blocked, from: frontend/frontend, to: { pod: backend/backend }, protocol: TCP, port: 80, family: both, count: 2, timeout_ms: 1500, expect: failure }
 "#;
-
-/// A node-probe process; SIGTERM (or SIGKILL) and reaped on drop.
-struct Probe {
-    node: String,
-    child: Option<Child>,
-    addr: String,
-}
-
-impl Probe {
-    fn start(state: &State, node: &str, dir: &Path) -> Probe {
-        let n = state.node(node).expect("node in state");
-        let ready = dir.join(format!("probe-{node}.ready"));
-        let _ = std::fs::remove_file(&ready);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flows-node-probe"));
-        cmd.args(["--node-name", node, "--netns", &n.netns])
-            .args(["--iface-prefix", "fl", "--exclude-iface", "fl-uplink"])
-            .args(["--listen", "127.0.0.1:0", "--iface-poll-secs", "0.2"])
-            .arg("--ready-file")
-            .arg(&ready)
-            .arg("--drop-netns")
-            .arg(Path::new("/run/netns").join(&n.netns));
-        for p in state.pods.iter().filter(|p| p.node == node) {
-            cmd.arg("--drop-netns").arg(Path::new("/run/netns").join(&p.netns));
-        }
-        cmd.env("RUST_LOG", "warn");
-        let child = cmd.spawn().expect("spawn node-probe");
-        let mut probe = Probe {
-            node: node.to_string(),
-            child: Some(child),
-            addr: String::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(a) = std::fs::read_to_string(&ready) {
-                if !a.is_empty() {
-                    probe.addr = a;
-                    break;
-                }
-            }
-            if let Some(Ok(Some(status))) = probe.child.as_mut().map(|c| c.try_wait()) {
-                panic!("node-probe for {node} exited early: {status}");
-            }
-            assert!(Instant::now() < deadline, "node-probe for {node} not ready in 30 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        probe
-    }
-
-    fn signal(&mut self, sig: nix::sys::signal::Signal) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, sig);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return child.wait().expect("wait");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
-    }
-}
-
-fn all_flows(addr: &str) -> Vec<Flow> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let mut client = ObserverClient::connect(format!("http://{addr}"))
-            .await
-            .expect("connect");
-        let mut stream = client
-            .get_flows(GetFlowsRequest::default())
-            .await
-            .expect("GetFlows")
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(r) = stream.message().await.expect("stream") {
-            match r.response_types {
-                Some(ResponseTypes::Flow(f)) => out.push(f),
-                Some(ResponseTypes::LostEvents(l)) => panic!("events lost: {l:?}"),
-                _ => {}
-            }
-        }
-        out
-    })
-}
 
 /// (src ip, src port, dst ip, dst port) of a flow; ICMP uses the echo id for both ports.
 fn tuple_of(f: &Flow) -> (IpAddr, u16, IpAddr, u16, &'static str) {

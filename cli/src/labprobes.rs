@@ -1,0 +1,106 @@
+//! A node-probe per lab node: the lab's stand-in for the DaemonSet.
+//!
+//! Each probe runs detached (its own session), attaches in its node's namespace, reports
+//! kernel drops of its node's namespaces only, listens on a free loopback port, and
+//! writes that address to `<state dir>/probe-<node>.addr` once it is serving (the file
+//! goes when the probe exits). `flows lab down` stops them with the other daemons.
+
+use std::{
+    fs::File,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use flows_lab::state::{Daemon, State, add_daemon};
+
+fn addr_file(dir: &Path, node: &str) -> PathBuf {
+    dir.join(format!("probe-{node}.addr"))
+}
+
+/// The node-probe binary: $FLOWS_NODE_PROBE, else next to this executable, else PATH.
+fn probe_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("FLOWS_NODE_PROBE") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let sibling = exe.with_file_name("flows-node-probe");
+        if sibling.exists() {
+            return sibling;
+        }
+    }
+    PathBuf::from("flows-node-probe")
+}
+
+pub fn start(dir: &Path, state: &State) -> anyhow::Result<Vec<String>> {
+    let bin = probe_binary();
+    let mut waiting = Vec::new();
+    for node in &state.nodes {
+        let ready = addr_file(dir, &node.name);
+        let _ = std::fs::remove_file(&ready);
+        let log_path = dir.join(format!("probe-{}.log", node.name));
+        let log = File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--node-name", &node.name, "--netns", &node.netns])
+            .args(["--iface-prefix", "fl", "--exclude-iface", "fl-uplink"])
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--drop-netns")
+            .arg(Path::new("/run/netns").join(&node.netns));
+        for p in state.pods.iter().filter(|p| p.node == node.name) {
+            cmd.arg("--drop-netns").arg(Path::new("/run/netns").join(&p.netns));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().context("log file")?)
+            .stderr(log)
+            // Its own session: the probe outlives this command, like a DaemonSet pod.
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        add_daemon(
+            dir,
+            Daemon {
+                role: "node-probe".into(),
+                node: Some(node.name.clone()),
+                pid: child.id(),
+            },
+        )?;
+        waiting.push((node.name.clone(), ready, log_path));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut addrs = Vec::new();
+    for (node, ready, log) in waiting {
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&ready) {
+                if !a.is_empty() {
+                    addrs.push(a);
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("node-probe for {node} did not start; its log ({}):\n{tail}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(addrs)
+}
+
+/// Addresses of the lab's running node-probes.
+pub fn addresses(dir: &Path) -> Vec<String> {
+    let Ok(state) = State::load(dir) else {
+        return Vec::new();
+    };
+    state
+        .nodes
+        .iter()
+        .filter_map(|n| std::fs::read_to_string(addr_file(dir, &n.name)).ok())
+        .filter(|a| !a.is_empty())
+        .collect()
+}

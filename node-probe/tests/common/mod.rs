@@ -1,0 +1,139 @@
+//! Shared by the kernel tests and benches: node-probe processes for a lab's nodes.
+#![allow(dead_code)]
+
+use std::{
+    path::Path,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use flows_lab::state::State;
+use flows_proto::{
+    Flow, GetFlowsRequest, ServerStatusRequest, ServerStatusResponse,
+    get_flows_response::ResponseTypes, observer_client::ObserverClient,
+};
+
+/// A node-probe process; SIGTERM (or SIGKILL) and reaped on drop.
+pub struct Probe {
+    pub node: String,
+    child: Option<Child>,
+    pub addr: String,
+}
+
+impl Probe {
+    pub fn start(state: &State, node: &str, dir: &Path) -> Probe {
+        Probe::start_with(state, node, dir, &[])
+    }
+
+    pub fn start_with(state: &State, node: &str, dir: &Path, extra: &[&str]) -> Probe {
+        let n = state.node(node).expect("node in state");
+        let ready = dir.join(format!("probe-{node}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flows-node-probe"));
+        cmd.args(["--node-name", node, "--netns", &n.netns])
+            .args(["--iface-prefix", "fl", "--exclude-iface", "fl-uplink"])
+            .args(["--listen", "127.0.0.1:0", "--iface-poll-secs", "0.2"])
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--drop-netns")
+            .arg(Path::new("/run/netns").join(&n.netns));
+        for p in state.pods.iter().filter(|p| p.node == node) {
+            cmd.arg("--drop-netns").arg(Path::new("/run/netns").join(&p.netns));
+        }
+        cmd.args(extra);
+        cmd.env("RUST_LOG", "warn");
+        let child = cmd.spawn().expect("spawn node-probe");
+        let mut probe = Probe {
+            node: node.to_string(),
+            child: Some(child),
+            addr: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&ready) {
+                if !a.is_empty() {
+                    probe.addr = a;
+                    break;
+                }
+            }
+            if let Some(Ok(Some(status))) = probe.child.as_mut().map(|c| c.try_wait()) {
+                panic!("node-probe for {node} exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "node-probe for {node} not ready in 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        probe
+    }
+
+    pub fn signal(&mut self, sig: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, sig);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn all_flows(addr: &str) -> Vec<Flow> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut client = ObserverClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        let mut stream = client
+            .get_flows(GetFlowsRequest::default())
+            .await
+            .expect("GetFlows")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(r) = stream.message().await.expect("stream") {
+            match r.response_types {
+                Some(ResponseTypes::Flow(f)) => out.push(f),
+                Some(ResponseTypes::LostEvents(l)) => panic!("events lost: {l:?}"),
+                _ => {}
+            }
+        }
+        out
+    })
+}
+
+pub fn server_status(addr: &str) -> ServerStatusResponse {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut client = ObserverClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        client
+            .server_status(ServerStatusRequest {})
+            .await
+            .expect("ServerStatus")
+            .into_inner()
+    })
+}
