@@ -8,4 +8,13 @@ bash scripts/setup.sh
 # Anything a crashed earlier run left behind (namespaces, links, daemons).
 if [ -x target/debug/flows ]; then target/debug/flows lab down >/dev/null 2>&1 || true; fi
 cargo build --bins
-cargo test --no-fail-fast -- --test-threads=1
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --no-fail-fast --lib --bins --tests -- --test-threads=1 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole workspace (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
