@@ -641,6 +641,15 @@ struct Probe {
     result: Result<Option<String>, String>,
 }
 
+impl Probe {
+    fn failed(src: Option<SocketAddr>, msg: String) -> Probe {
+        Probe {
+            src,
+            result: Err(msg),
+        }
+    }
+}
+
 fn attempt(
     c: &Connection,
     name: &str,
@@ -671,10 +680,7 @@ fn attempt(
         (id, dns::build_query(id, &name, qtype))
     });
     let probe = match switcher.enter(&plan.from.netns) {
-        Err(e) => Probe {
-            src: None,
-            result: Err(e.to_string()),
-        },
+        Err(e) => Probe::failed(None, e.to_string()),
         Ok(()) => match c.protocol {
             Protocol::Tcp => tcp_probe(dst, timeout, dns_query.as_ref()),
             Protocol::Udp => udp_probe(dst, timeout, dns_query.as_ref(), plan.index),
@@ -768,25 +774,16 @@ fn tcp_probe(dst: SocketAddr, timeout: Duration, dns_query: Option<&(u16, Vec<u8
     ) {
         Ok(s) => s,
         Err(e) => {
-            return Probe {
-                src: None,
-                result: Err(format!("socket: {e}")),
-            };
+            return Probe::failed(None, format!("socket: {e}"));
         }
     };
     if let Err(e) = socket.set_nonblocking(true) {
-        return Probe {
-            src: None,
-            result: Err(format!("socket: {e}")),
-        };
+        return Probe::failed(None, format!("socket: {e}"));
     }
     let connected = socket.connect(&dst.into());
     // The local port is chosen by connect(): read it now, whatever happens next.
     let src = local(&socket);
-    let fail = |msg: String| Probe {
-        src,
-        result: Err(msg),
-    };
+    let fail = |msg: String| Probe::failed(src, msg);
     match connected {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -903,24 +900,15 @@ fn udp_probe(
     ) {
         Ok(s) => UdpSocket::from(s),
         Err(e) => {
-            return Probe {
-                src: None,
-                result: Err(format!("socket: {e}")),
-            };
+            return Probe::failed(None, format!("socket: {e}"));
         }
     };
     // Connected: getsockname gives the real source, and ICMP errors come back as errors.
     if let Err(e) = socket.connect(dst) {
-        return Probe {
-            src: None,
-            result: Err(describe(&e)),
-        };
+        return Probe::failed(None, describe(&e));
     }
     let src = socket.local_addr().ok();
-    let fail = |msg: String| Probe {
-        src,
-        result: Err(msg),
-    };
+    let fail = |msg: String| Probe::failed(src, msg);
     let payload = match dns_query {
         Some((_, q)) => q.clone(),
         None => format!("flows-lab {index} {}", rfc3339_nanos(SystemTime::now())).into_bytes(),
@@ -991,16 +979,10 @@ fn icmp_probe(dst: IpAddr, timeout: Duration, seq: u16) -> Probe {
         }
     };
     if let Err(e) = socket.connect(SocketAddr::new(dst, 0)) {
-        return Probe {
-            src: None,
-            result: Err(describe(&e)),
-        };
+        return Probe::failed(None, describe(&e));
     }
     let src = socket.local_addr().ok();
-    let fail = |msg: String| Probe {
-        src,
-        result: Err(msg),
-    };
+    let fail = |msg: String| Probe::failed(src, msg);
     let mut packet = vec![request, 0, 0, 0, 0, 0];
     packet.extend_from_slice(&seq.to_be_bytes());
     packet.extend_from_slice(b"flows-lab ping..");

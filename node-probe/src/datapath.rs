@@ -243,22 +243,13 @@ impl DatapathThread {
             prog.attach().map_err(prog_err(PROG_KFREE_SKB))?;
         }
 
-        let events = RingBuf::try_from(
-            ebpf.take_map("EVENTS")
-                .ok_or(DatapathError::MissingMap { name: "EVENTS" })?,
-        )
-        .map_err(map_err("EVENTS"))?;
-        let counters = PerCpuArray::try_from(
-            ebpf.take_map("COUNTERS")
-                .ok_or(DatapathError::MissingMap { name: "COUNTERS" })?,
-        )
-        .map_err(map_err("COUNTERS"))?;
+        let maps = take_maps(&mut ebpf)?;
         Ok((
             DatapathThread {
                 ebpf,
                 links: HashMap::new(),
             },
-            DatapathMaps { events, counters },
+            maps,
         ))
     }
 
@@ -309,6 +300,21 @@ impl DatapathThread {
             }
         }
     }
+}
+
+/// Takes the maps user space reads out of the loaded object.
+fn take_maps(ebpf: &mut Ebpf) -> Result<DatapathMaps, DatapathError> {
+    let events = RingBuf::try_from(
+        ebpf.take_map("EVENTS")
+            .ok_or(DatapathError::MissingMap { name: "EVENTS" })?,
+    )
+    .map_err(map_err("EVENTS"))?;
+    let counters = PerCpuArray::try_from(
+        ebpf.take_map("COUNTERS")
+            .ok_or(DatapathError::MissingMap { name: "COUNTERS" })?,
+    )
+    .map_err(map_err("COUNTERS"))?;
+    Ok(DatapathMaps { events, counters })
 }
 
 /// Loads the object with the globals the kernel programs read.
@@ -449,16 +455,7 @@ impl TestHarness {
         for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT, PROG_BENCH_NOP] {
             classifier(&mut ebpf, name)?.load().map_err(prog_err(name))?;
         }
-        let events = RingBuf::try_from(
-            ebpf.take_map("EVENTS")
-                .ok_or(DatapathError::MissingMap { name: "EVENTS" })?,
-        )
-        .map_err(map_err("EVENTS"))?;
-        let counters = PerCpuArray::try_from(
-            ebpf.take_map("COUNTERS")
-                .ok_or(DatapathError::MissingMap { name: "COUNTERS" })?,
-        )
-        .map_err(map_err("COUNTERS"))?;
+        let DatapathMaps { events, counters } = take_maps(&mut ebpf)?;
         Ok(TestHarness {
             ebpf,
             events,

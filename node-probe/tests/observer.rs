@@ -1,0 +1,138 @@
+//! The Observer service over real gRPC on loopback: history requests, follow, and the
+//! guarantee that a reader who falls behind is told how many flows it lost.
+
+use std::{sync::Arc, time::Duration, time::Instant};
+
+use flows_node_probe::{
+    ring::{Entry, FlowRing},
+    server::ObserverService,
+    stats::ProbeStats,
+};
+use flows_proto::{
+    Flow, GetFlowsRequest, LostEventSource, ServerStatusRequest, Timestamp,
+    get_flows_response::ResponseTypes, observer_client::ObserverClient,
+    observer_server::ObserverServer,
+};
+use tonic::transport::Channel;
+
+async fn serve(ring: Arc<FlowRing>) -> ObserverClient<Channel> {
+    let svc = ObserverService {
+        ring,
+        stats: Arc::new(ProbeStats::default()),
+        node_name: "node-t".into(),
+        started: Instant::now(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ObserverServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    ObserverClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+}
+
+fn flow(n: u32) -> Entry {
+    Entry::Flow(Flow {
+        packet_length: n,
+        time: Some(Timestamp {
+            seconds: 1_000 + n as i64,
+            nanos: 0,
+        }),
+        ..Default::default()
+    })
+}
+
+async fn lengths(client: &mut ObserverClient<Channel>, req: GetFlowsRequest) -> Vec<u32> {
+    let mut s = client.get_flows(req).await.expect("GetFlows").into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.message().await.expect("stream") {
+        if let Some(ResponseTypes::Flow(f)) = m.response_types {
+            out.push(f.packet_length);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_requests() {
+    let ring = Arc::new(FlowRing::new(8).expect("ring"));
+    for i in 0..12 {
+        ring.push(flow(i));
+    }
+    let mut c = serve(ring).await;
+    let req = |number, first| GetFlowsRequest {
+        number,
+        first,
+        ..Default::default()
+    };
+    assert_eq!(lengths(&mut c, req(3, false)).await, vec![9, 10, 11]);
+    assert_eq!(lengths(&mut c, req(2, true)).await, vec![4, 5]);
+    assert_eq!(lengths(&mut c, req(0, false)).await, (4..12).collect::<Vec<_>>());
+    let window = GetFlowsRequest {
+        since: Some(Timestamp { seconds: 1_005, nanos: 0 }),
+        until: Some(Timestamp { seconds: 1_007, nanos: 0 }),
+        ..Default::default()
+    };
+    assert_eq!(lengths(&mut c, window).await, vec![5, 6]);
+
+    let bad = GetFlowsRequest {
+        first: true,
+        follow: true,
+        ..Default::default()
+    };
+    let err = c.get_flows(bad).await.err().expect("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    let st = c.server_status(ServerStatusRequest {}).await.expect("status").into_inner();
+    assert_eq!((st.num_flows, st.max_flows), (8, 8));
+    assert_eq!(st.node_name, "node-t");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_follower_is_told_what_it_lost() {
+    let ring = Arc::new(FlowRing::new(16).expect("ring"));
+    let mut c = serve(ring.clone()).await;
+    let mut stream = c
+        .get_flows(GetFlowsRequest {
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .expect("GetFlows")
+        .into_inner();
+    // Far more than the ring, the server's per-client buffer and the HTTP/2 window hold,
+    // written while the client reads nothing.
+    let n: u64 = 200_000;
+    for i in 0..n {
+        ring.push(flow(i as u32));
+    }
+    let (mut delivered, mut lost) = (0u64, 0u64);
+    let mut last: Option<u32> = None;
+    while delivered + lost < n {
+        let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("no silence: every flow is delivered or counted")
+            .expect("stream")
+            .expect("open");
+        match m.response_types {
+            Some(ResponseTypes::Flow(f)) => {
+                assert!(last.is_none_or(|l| f.packet_length > l), "in order, no repeats");
+                last = Some(f.packet_length);
+                delivered += 1;
+            }
+            Some(ResponseTypes::LostEvents(l)) => {
+                assert_eq!(l.source, LostEventSource::FlowRingBuffer as i32);
+                lost += l.num_events_lost;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(delivered + lost, n);
+    assert!(lost > 0, "the reader was overrun");
+    assert_eq!(last, Some(n as u32 - 1), "the newest flow arrives");
+}
