@@ -4,6 +4,7 @@ mod lab;
 mod labindex;
 mod labprobes;
 mod observe;
+mod policy;
 mod printer;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +23,9 @@ enum Command {
     Lab(lab::LabCommand),
     /// Print flows from a node-probe or the relay.
     Observe(observe::ObserveArgs),
+    /// NetworkPolicy tools: offline evaluation.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Lab(cmd) => lab::run(cmd),
+        Command::Policy(cmd) => policy::run(cmd),
         Command::Observe(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

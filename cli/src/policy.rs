@@ -1,0 +1,172 @@
+//! `flows policy ...`: NetworkPolicy tools over manifests and flows.
+
+use std::{
+    io::{BufRead, Write},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, bail};
+use flows_policy::{Cluster, Endpoint, Engine, Manifests, Protocol};
+use serde::Deserialize;
+use serde_json::json;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Evaluate connection attempts offline: "why was this dropped?"
+    ///
+    /// Reads JSON lines `{"src": "<ns>/<pod>" or an IP, "dst": ..., "protocol": "TCP",
+    /// "port": 80}` and writes one JSON line per input with the verdict and the deciding
+    /// policies. A bad line gets an error naming it; the others are still answered, and
+    /// the exit status is then 1.
+    Eval {
+        /// NetworkPolicy, Pod and Namespace manifests: files or directories.
+        #[arg(long, required = true, num_args = 1..)]
+        manifests: Vec<PathBuf>,
+        /// The attempts, one JSON object a line ("-" for standard input).
+        #[arg(long)]
+        flows: PathBuf,
+    },
+}
+
+/// Manifest files: the files given, and *.yaml, *.yml, *.json in directories (sorted).
+pub fn manifest_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("reading directory {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    f.extension()
+                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+                })
+                .collect();
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+pub fn read_manifests(paths: &[PathBuf]) -> anyhow::Result<Manifests> {
+    let files = manifest_files(paths)?;
+    if files.is_empty() {
+        bail!("no manifest files found in {paths:?}");
+    }
+    let mut texts = Vec::new();
+    for f in &files {
+        let t = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        texts.push((f.display().to_string(), t));
+    }
+    Ok(Manifests::parse(texts.iter().map(|(n, t)| (n.as_str(), t.as_str())))?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttemptLine {
+    src: String,
+    dst: String,
+    #[serde(default = "tcp")]
+    protocol: String,
+    port: u16,
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+fn endpoint<'a>(cluster: &'a Cluster, s: &str) -> Result<Endpoint<'a>, String> {
+    if let Ok(ip) = s.parse() {
+        return Ok(match cluster.pod_by_ip(ip) {
+            Some(p) => Endpoint::Pod(p, Some(ip)),
+            None => Endpoint::External(ip),
+        });
+    }
+    let (ns, name) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is neither <namespace>/<pod> nor an IP address"))?;
+    cluster
+        .pod(ns, name)
+        .map(|p| Endpoint::Pod(p, None))
+        .ok_or_else(|| format!("no pod {s} in the manifests"))
+}
+
+/// Answers one input line (already known not to be blank).
+pub fn eval_line(cluster: &Cluster, engine: &Engine, line: &str) -> Result<serde_json::Value, String> {
+    let a: AttemptLine = serde_json::from_str(line).map_err(|e| format!("not an attempt: {e}"))?;
+    let protocol = Protocol::parse(&a.protocol)
+        .ok_or_else(|| format!("protocol {:?}: expected TCP, UDP or SCTP", a.protocol))?;
+    if a.port == 0 {
+        return Err("port must be 1-65535".into());
+    }
+    let src = endpoint(cluster, &a.src)?;
+    let dst = endpoint(cluster, &a.dst)?;
+    let d = engine.evaluate(cluster, &src, &dst, protocol, a.port);
+    let names = |v: &[flows_policy::PolicyRef]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+    Ok(json!({
+        "src": a.src,
+        "dst": a.dst,
+        "protocol": protocol.as_str(),
+        "port": a.port,
+        "verdict": if d.allowed { "allow" } else { "deny" },
+        "policies": names(&d.deciding()),
+        "egress": {
+            "allowed": d.egress.allowed,
+            "isolated_by": names(&d.egress.isolated_by),
+            "allowed_by": names(&d.egress.allowed_by),
+        },
+        "ingress": {
+            "allowed": d.ingress.allowed,
+            "isolated_by": names(&d.ingress.isolated_by),
+            "allowed_by": names(&d.ingress.allowed_by),
+        },
+    }))
+}
+
+fn eval(manifests: &[PathBuf], flows: &Path) -> anyhow::Result<bool> {
+    let m = read_manifests(manifests)?;
+    let engine = m.engine();
+    let input: Box<dyn BufRead> = if flows == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(flows).with_context(|| format!("opening {}", flows.display()))?,
+        ))
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut all_ok = true;
+    for (i, line) in input.lines().enumerate() {
+        let n = i + 1;
+        let line = line.with_context(|| format!("reading line {n}"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v = match eval_line(&m.cluster, &engine, &line) {
+            Ok(mut v) => {
+                v["line"] = json!(n);
+                v
+            }
+            Err(e) => {
+                all_ok = false;
+                json!({ "line": n, "error": format!("line {n}: {e}") })
+            }
+        };
+        writeln!(out, "{v}")?;
+    }
+    out.flush()?;
+    Ok(all_ok)
+}
+
+pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCommand::Eval { manifests, flows } => {
+            if !eval(&manifests, &flows)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}
