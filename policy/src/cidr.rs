@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cidr {
     /// The network address, masked.
     pub addr: IpAddr,

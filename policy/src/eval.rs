@@ -282,6 +282,128 @@ impl CompiledPolicy {
     pub fn selects(&self, pod: &PodInfo) -> bool {
         pod.namespace == self.id.namespace && self.selector.matches(&pod.labels)
     }
+
+    pub fn affects(&self, ingress: bool) -> bool {
+        if ingress {
+            self.affects_ingress()
+        } else {
+            self.affects_egress()
+        }
+    }
+
+    fn rules(&self, ingress: bool) -> &[Rule] {
+        let r = if ingress { &self.ingress } else { &self.egress };
+        r.as_deref().unwrap_or(&[])
+    }
+
+    /// Every ipBlock of the policy, as (cidr, excepts).
+    pub fn ip_blocks(&self) -> Vec<(Cidr, Vec<Cidr>)> {
+        self.rules(true)
+            .iter()
+            .chain(self.rules(false))
+            .flat_map(|r| r.peers.iter().flatten())
+            .filter_map(|p| match p {
+                Peer::Block { cidr, except } => Some((*cidr, except.clone())),
+                Peer::Selectors { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Named ports used by egress rules (they resolve against the destination pod).
+    pub fn egress_named_ports(&self) -> Vec<String> {
+        self.rules(false)
+            .iter()
+            .flat_map(|r| r.ports.iter())
+            .filter_map(|p| match &p.port {
+                PortMatch::Named(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// What this policy allows `subject` (which it selects) in one direction, per peer
+    /// identity: `members` gives, per identity, a representative (pod, address).
+    pub fn grants(
+        &self,
+        cluster: &Cluster,
+        subject: &PodInfo,
+        ingress: bool,
+        members: &BTreeMap<u32, (Option<&PodInfo>, IpAddr)>,
+    ) -> Vec<Grant> {
+        const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+        let mut out = Vec::new();
+        for r in self.rules(ingress) {
+            // A rule without peers matches every peer; but an egress named port must be
+            // resolved per destination, so such a rule is expanded to every identity.
+            let egress_named = !ingress
+                && r.ports.iter().any(|p| matches!(p.port, PortMatch::Named(_)));
+            let peers: Vec<(u32, Option<&PodInfo>)> = match (&r.peers, egress_named) {
+                (None, false) => vec![(crate::compile::IDENTITY_ANY, None)],
+                _ => members
+                    .iter()
+                    .filter(|(_, (pod, ip))| {
+                        let ep = match pod {
+                            Some(p) => Endpoint::Pod(p, Some(*ip)),
+                            None => Endpoint::External(*ip),
+                        };
+                        r.peers.as_ref().is_none_or(|peers| {
+                            peers.iter().any(|pe| {
+                                Engine::peer_matches_static(cluster, &self.id.namespace, pe, &ep, Some(*ip))
+                            })
+                        })
+                    })
+                    .map(|(id, (pod, _))| (*id, *pod))
+                    .collect(),
+            };
+            for (identity, peer_pod) in peers {
+                if r.ports.is_empty() {
+                    for protocol in ALL {
+                        out.push(Grant { identity, protocol, from: 0, to: 65535 });
+                    }
+                    continue;
+                }
+                for spec in &r.ports {
+                    match &spec.port {
+                        PortMatch::Any => out.push(Grant {
+                            identity,
+                            protocol: spec.protocol,
+                            from: 0,
+                            to: 65535,
+                        }),
+                        PortMatch::Range(a, b) => out.push(Grant {
+                            identity,
+                            protocol: spec.protocol,
+                            from: *a,
+                            to: *b,
+                        }),
+                        PortMatch::Named(name) => {
+                            let dst = if ingress { Some(subject) } else { peer_pod };
+                            for cp in dst.into_iter().flat_map(|p| p.ports.iter()) {
+                                if cp.name.as_deref() == Some(name.as_str()) && cp.protocol == spec.protocol {
+                                    out.push(Grant {
+                                        identity,
+                                        protocol: spec.protocol,
+                                        from: cp.port,
+                                        to: cp.port,
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One thing a policy allows: a peer identity, protocol and port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub identity: u32,
+    pub protocol: Protocol,
+    pub from: u16,
+    pub to: u16,
 }
 
 /// One side of a connection attempt.
@@ -387,6 +509,16 @@ impl Engine {
 
     fn peer_matches(
         &self,
+        cluster: &Cluster,
+        policy_ns: &str,
+        peer: &Peer,
+        ep: &Endpoint,
+        ip: Option<IpAddr>,
+    ) -> bool {
+        Self::peer_matches_static(cluster, policy_ns, peer, ep, ip)
+    }
+
+    fn peer_matches_static(
         cluster: &Cluster,
         policy_ns: &str,
         peer: &Peer,

@@ -6,6 +6,7 @@
 //! - [`Manifests`] ties them together for a set of texts.
 
 pub mod cidr;
+pub mod compile;
 pub mod eval;
 pub mod load;
 pub mod selector;

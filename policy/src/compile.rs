@@ -1,0 +1,484 @@
+//! Policies compiled into the state a datapath enforces, Cilium-style but exact.
+//!
+//! * **Identities.** Addresses are grouped into identities: two addresses share one when
+//!   no policy can tell them apart — same pod labels, same namespace labels, same
+//!   membership in every ipBlock, and the same numbers for every named port an egress
+//!   rule uses. Identities are allocated by an [`IdentityAllocator`] that keeps numbers
+//!   stable across recompiles, so an update only touches what changed.
+//! * **ipcache.** Prefix → identity: every pod address as a host prefix, every ipBlock
+//!   cidr and except as its prefix, and 0.0.0.0/0 and ::/0 for the rest of the world.
+//!   Prefixes nest or are disjoint, so the longest match is the right identity.
+//! * **Policy entries.** Per local endpoint and direction: (peer identity or ANY,
+//!   protocol, port prefix) → the set of policies that allow it. Port ranges are
+//!   partitioned so that one longest-prefix lookup returns *every* allowing policy, and
+//!   ANY-peer rules are folded into the specific identities' entries for the same reason.
+//! * **Endpoints.** Per local pod address: its number, whether each direction is
+//!   isolated and by which policies, and the enforcement mode of its namespace.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use crate::{
+    cidr::Cidr,
+    eval::{Cluster, CompiledPolicy, Engine, PodInfo, PolicyRef, Protocol},
+    selector::Labels,
+};
+
+/// Identity of any peer (rules without `from`/`to`).
+pub const IDENTITY_ANY: u32 = 0;
+/// Addresses outside the cluster that no ipBlock mentions.
+pub const IDENTITY_WORLD: u32 = 2;
+/// First number handed out to computed identities.
+pub const IDENTITY_FIRST: u32 = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    /// Observe only.
+    Off,
+    /// Evaluate and report AUDIT for what would be denied; drop nothing.
+    Audit,
+    /// Drop what policy denies.
+    Enforce,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "off" => Some(Mode::Off),
+            "audit" => Some(Mode::Audit),
+            "enforce" => Some(Mode::Enforce),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+/// What makes two addresses distinguishable by the policies in force.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IdentityKey {
+    Pod {
+        namespace: String,
+        labels: Vec<(String, String)>,
+        namespace_labels: Vec<(String, String)>,
+        blocks: Vec<usize>,
+        named_ports: Vec<(String, Protocol, u16)>,
+    },
+    World {
+        blocks: Vec<usize>,
+    },
+}
+
+/// Hands out identity numbers, stable for as long as a key stays in use.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityAllocator {
+    ids: HashMap<IdentityKey, u32>,
+    next: u32,
+}
+
+impl IdentityAllocator {
+    pub fn new() -> IdentityAllocator {
+        IdentityAllocator {
+            ids: HashMap::new(),
+            next: IDENTITY_FIRST,
+        }
+    }
+
+    fn get(&mut self, key: &IdentityKey) -> u32 {
+        if let IdentityKey::World { blocks } = key {
+            if blocks.is_empty() {
+                return IDENTITY_WORLD;
+            }
+        }
+        if let Some(&id) = self.ids.get(key) {
+            return id;
+        }
+        let id = self.next;
+        self.next += 1;
+        self.ids.insert(key.clone(), id);
+        id
+    }
+
+    /// Forgets keys not used by the latest compile (their numbers are not reused).
+    fn retain(&mut self, used: &BTreeSet<u32>) {
+        self.ids.retain(|_, id| used.contains(id));
+    }
+}
+
+/// A policy entry's key: which endpoint, direction, peer identity, protocol, and a port
+/// prefix (`port_bits` leading bits of `port` significant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub endpoint: u32,
+    pub identity: u32,
+    pub direction: Direction,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub port_bits: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointEntry {
+    pub endpoint: u32,
+    pub pod: (String, String),
+    pub mode: Mode,
+    /// Set id of the policies isolating each direction (None: not isolated).
+    pub ingress_isolation: Option<u32>,
+    pub egress_isolation: Option<u32>,
+}
+
+/// Everything a datapath needs, with policy sets referenced by number.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatapathState {
+    pub ipcache: BTreeMap<Cidr, u32>,
+    pub endpoints: BTreeMap<IpAddr, EndpointEntry>,
+    pub policy: BTreeMap<PolicyKey, u32>,
+    /// Policy sets: id → sorted policies. Id 0 is the empty set.
+    pub sets: Vec<Vec<PolicyRef>>,
+}
+
+impl DatapathState {
+    pub fn set(&self, id: u32) -> &[PolicyRef] {
+        self.sets.get(id as usize).map(|v| v.as_slice()).unwrap_or(&[])
+    }
+}
+
+struct Sets {
+    ids: HashMap<Vec<PolicyRef>, u32>,
+    list: Vec<Vec<PolicyRef>>,
+}
+
+impl Sets {
+    fn new() -> Sets {
+        Sets {
+            ids: HashMap::from([(Vec::new(), 0)]),
+            list: vec![Vec::new()],
+        }
+    }
+
+    fn id(&mut self, set: &BTreeSet<PolicyRef>) -> u32 {
+        let v: Vec<PolicyRef> = set.iter().cloned().collect();
+        if let Some(&id) = self.ids.get(&v) {
+            return id;
+        }
+        let id = self.list.len() as u32;
+        self.ids.insert(v.clone(), id);
+        self.list.push(v);
+        id
+    }
+}
+
+/// The ipBlocks of all policies, deduplicated, each as (cidr, excepts).
+fn blocks(engine: &Engine) -> Vec<(Cidr, Vec<Cidr>)> {
+    let mut out: Vec<(Cidr, Vec<Cidr>)> = Vec::new();
+    for p in engine.policies() {
+        for b in p.ip_blocks() {
+            if !out.contains(&b) {
+                out.push(b);
+            }
+        }
+    }
+    out
+}
+
+fn block_bits(blocks: &[(Cidr, Vec<Cidr>)], ip: IpAddr) -> Vec<usize> {
+    blocks
+        .iter()
+        .enumerate()
+        .filter(|(_, (c, ex))| c.contains(ip) && !ex.iter().any(|e| e.contains(ip)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+fn sorted(l: &Labels) -> Vec<(String, String)> {
+    l.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// Decomposes [a, b] into port prefixes (value, significant bits).
+pub fn port_prefixes(a: u16, b: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (a as u32, b as u32);
+    while lo <= hi {
+        // The largest aligned block starting at lo that stays within hi.
+        let mut size: u32 = if lo == 0 { 1 << 16 } else { 1 << lo.trailing_zeros().min(16) };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        out.push((lo as u16, (16 - size.trailing_zeros()) as u8));
+        lo += size;
+    }
+    out
+}
+
+/// Port intervals → disjoint pieces, each with the union of the sets covering it.
+fn partition(intervals: &[(u16, u16, PolicyRef)]) -> Vec<(u16, u16, BTreeSet<PolicyRef>)> {
+    let mut cuts: BTreeSet<u32> = BTreeSet::new();
+    for (a, b, _) in intervals {
+        cuts.insert(*a as u32);
+        cuts.insert(*b as u32 + 1);
+    }
+    let cuts: Vec<u32> = cuts.into_iter().collect();
+    let mut out: Vec<(u16, u16, BTreeSet<PolicyRef>)> = Vec::new();
+    for w in cuts.windows(2) {
+        let (lo, hi) = (w[0], w[1] - 1);
+        let set: BTreeSet<PolicyRef> = intervals
+            .iter()
+            .filter(|(a, b, _)| (*a as u32) <= lo && hi <= *b as u32)
+            .map(|(_, _, p)| p.clone())
+            .collect();
+        if set.is_empty() {
+            continue;
+        }
+        // Merge with the previous piece when contiguous and identical.
+        if let Some(last) = out.last_mut() {
+            if last.1 as u32 + 1 == lo && last.2 == set {
+                last.1 = hi as u16;
+                continue;
+            }
+        }
+        out.push((lo as u16, hi as u16, set));
+    }
+    out
+}
+
+/// Input about this node: which pods are local, and each namespace's mode.
+pub struct NodeView<'a> {
+    pub is_local: &'a dyn Fn(&PodInfo) -> bool,
+    pub mode_of: &'a dyn Fn(&str) -> Mode,
+}
+
+/// Compiles the cluster and policies into datapath state for one node.
+pub fn compile_datapath(
+    cluster: &Cluster,
+    engine: &Engine,
+    node: &NodeView,
+    alloc: &mut IdentityAllocator,
+) -> DatapathState {
+    let blocks = blocks(engine);
+    let named: Vec<String> = engine
+        .policies()
+        .flat_map(|p| p.egress_named_ports())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let empty = Labels::new();
+
+    // Identities of every pod address, and a representative pod per identity.
+    let mut ipcache: BTreeMap<Cidr, u32> = BTreeMap::new();
+    let mut members: BTreeMap<u32, (Option<&PodInfo>, IpAddr)> = BTreeMap::new();
+    for pod in cluster.pods() {
+        for ip in &pod.ips {
+            let named_ports = named
+                .iter()
+                .flat_map(|n| {
+                    pod.ports
+                        .iter()
+                        .filter(move |cp| cp.name.as_deref() == Some(n.as_str()))
+                        .map(move |cp| (n.clone(), cp.protocol, cp.port))
+                })
+                .collect();
+            let key = IdentityKey::Pod {
+                namespace: pod.namespace.clone(),
+                labels: sorted(&pod.labels),
+                namespace_labels: sorted(cluster.namespace_labels(&pod.namespace).unwrap_or(&empty)),
+                blocks: block_bits(&blocks, *ip),
+                named_ports,
+            };
+            let id = alloc.get(&key);
+            let len = if ip.is_ipv4() { 32 } else { 128 };
+            ipcache.insert(Cidr { addr: *ip, len }, id);
+            members.entry(id).or_insert((Some(pod), *ip));
+        }
+    }
+    // The world: every ipBlock prefix (and except), plus the default routes.
+    let mut prefixes: BTreeSet<Cidr> = BTreeSet::new();
+    for (c, ex) in &blocks {
+        prefixes.insert(*c);
+        prefixes.extend(ex.iter().copied());
+    }
+    for d in ["0.0.0.0/0", "::/0"] {
+        if let Some(c) = Cidr::parse(d) {
+            prefixes.insert(c);
+        }
+    }
+    for p in prefixes {
+        if ipcache.contains_key(&p) {
+            continue; // a pod's own address, already an identity
+        }
+        // Prefixes nest or are disjoint: membership of the network address holds for
+        // every address this prefix is the longest match for.
+        let id = alloc.get(&IdentityKey::World {
+            blocks: block_bits(&blocks, p.addr),
+        });
+        ipcache.insert(p, id);
+        members.entry(id).or_insert((None, p.addr));
+    }
+
+    let mut sets = Sets::new();
+    let mut endpoints = BTreeMap::new();
+    let mut policy = BTreeMap::new();
+    let mut next_endpoint = 1u32;
+    let mut local: Vec<&PodInfo> = cluster.pods().iter().filter(|p| (node.is_local)(p)).collect();
+    local.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    for pod in local {
+        let endpoint = next_endpoint;
+        next_endpoint += 1;
+        let mut isolation = [None, None];
+        for (di, dir) in [Direction::Ingress, Direction::Egress].into_iter().enumerate() {
+            let selecting: Vec<&CompiledPolicy> = engine
+                .policies()
+                .filter(|p| p.selects(pod) && p.affects(dir == Direction::Ingress))
+                .collect();
+            if selecting.is_empty() {
+                continue;
+            }
+            isolation[di] = Some(sets.id(&selecting.iter().map(|p| p.id.clone()).collect()));
+            // (identity, protocol) → port intervals with the allowing policy.
+            let mut grants: BTreeMap<(u32, Protocol), Vec<(u16, u16, PolicyRef)>> = BTreeMap::new();
+            for p in &selecting {
+                for g in p.grants(cluster, pod, dir == Direction::Ingress, &members) {
+                    grants
+                        .entry((g.identity, g.protocol))
+                        .or_default()
+                        .push((g.from, g.to, p.id.clone()));
+                }
+            }
+            // Fold ANY-peer grants into each specific identity's, so that the first
+            // (specific) lookup alone names every allowing policy.
+            let any: Vec<((u32, Protocol), Vec<(u16, u16, PolicyRef)>)> = grants
+                .iter()
+                .filter(|((id, _), _)| *id == IDENTITY_ANY)
+                .map(|(k, v)| (*k, v.clone()))
+                .collect();
+            for ((id, proto), v) in grants.iter_mut() {
+                if *id == IDENTITY_ANY {
+                    continue;
+                }
+                for ((_, aproto), av) in &any {
+                    if aproto == proto {
+                        v.extend(av.iter().cloned());
+                    }
+                }
+            }
+            for ((identity, protocol), intervals) in grants {
+                for (lo, hi, set) in partition(&intervals) {
+                    let set_id = sets.id(&set);
+                    for (port, port_bits) in port_prefixes(lo, hi) {
+                        policy.insert(
+                            PolicyKey {
+                                endpoint,
+                                identity,
+                                direction: dir,
+                                protocol,
+                                port,
+                                port_bits,
+                            },
+                            set_id,
+                        );
+                    }
+                }
+            }
+        }
+        for ip in &pod.ips {
+            endpoints.insert(
+                *ip,
+                EndpointEntry {
+                    endpoint,
+                    pod: (pod.namespace.clone(), pod.name.clone()),
+                    mode: (node.mode_of)(&pod.namespace),
+                    ingress_isolation: isolation[0],
+                    egress_isolation: isolation[1],
+                },
+            );
+        }
+    }
+    let used: BTreeSet<u32> = ipcache.values().copied().collect();
+    alloc.retain(&used);
+    DatapathState {
+        ipcache,
+        endpoints,
+        policy,
+        sets: sets.list,
+    }
+}
+
+/// What a datapath holding `state` decides (used to check the compile against the
+/// evaluator): ipcache longest match, then the specific identity, then ANY.
+pub fn lookup(
+    state: &DatapathState,
+    endpoint: u32,
+    direction: Direction,
+    peer: IpAddr,
+    protocol: Protocol,
+    port: u16,
+) -> Option<u32> {
+    let identity = state
+        .ipcache
+        .iter()
+        .filter(|(c, _)| c.contains(peer))
+        .max_by_key(|(c, _)| c.len)
+        .map(|(_, id)| *id)
+        .unwrap_or(IDENTITY_WORLD);
+    for id in [identity, IDENTITY_ANY] {
+        let best = state
+            .policy
+            .iter()
+            .filter(|(k, _)| {
+                k.endpoint == endpoint
+                    && k.identity == id
+                    && k.direction == direction
+                    && k.protocol == protocol
+                    && (k.port_bits == 0
+                        || (port >> (16 - k.port_bits as u32)) == (k.port >> (16 - k.port_bits as u32)))
+            })
+            .max_by_key(|(k, _)| k.port_bits);
+        if let Some((_, set)) = best {
+            return Some(*set);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_become_prefixes() {
+        assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
+        assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_prefixes(1, 65535).len(), 16);
+        let p = port_prefixes(1000, 2000);
+        let mut covered = 0u32;
+        for (v, bits) in &p {
+            let size = 1u32 << (16 - bits);
+            assert_eq!(*v as u32 % size, 0, "aligned");
+            covered += size;
+        }
+        assert_eq!(covered, 1001);
+        assert_eq!(p.first().map(|x| x.0), Some(1000));
+    }
+
+    #[test]
+    fn partitions_are_disjoint_unions() {
+        let a = PolicyRef {
+            namespace: "n".into(),
+            name: "a".into(),
+        };
+        let b = PolicyRef {
+            namespace: "n".into(),
+            name: "b".into(),
+        };
+        let parts = partition(&[(0, 65535, a.clone()), (80, 90, b.clone())]);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts[1], (80, 90, [a.clone(), b.clone()].into_iter().collect()));
+        assert_eq!(parts[0].1, 79);
+        assert_eq!(parts[2].0, 91);
+    }
+}
