@@ -24,6 +24,70 @@ pub const POINT_FROM_ENDPOINT: u8 = 1;
 pub const POINT_TO_ENDPOINT: u8 = 2;
 /// The kernel freed the packet with a drop reason (`skb:kfree_skb`).
 pub const POINT_KERNEL_DROP: u8 = 3;
+/// Leaving the node: the egress hook of the node's uplink, after kube-proxy's DNAT, where
+/// the egress policy of a local pod towards other nodes and the world is enforced.
+pub const POINT_TO_NETWORK: u8 = 4;
+/// Entering the node through its uplink (tracked only, so replies are recognised).
+pub const POINT_FROM_NETWORK: u8 = 5;
+
+/// Values of [`RawEvent::verdict`].
+pub const VERDICT_NONE: u8 = 0;
+pub const VERDICT_ALLOWED: u8 = 1;
+pub const VERDICT_DENIED: u8 = 2;
+pub const VERDICT_AUDIT: u8 = 3;
+
+/// Bits of [`RawEvent::policy`].
+pub const POLICY_INGRESS_EVALUATED: u8 = 1 << 0;
+pub const POLICY_INGRESS_ALLOWED: u8 = 1 << 1;
+pub const POLICY_EGRESS_EVALUATED: u8 = 1 << 2;
+pub const POLICY_EGRESS_ALLOWED: u8 = 1 << 3;
+
+/// Enforcement modes of an endpoint (its namespace's).
+pub const MODE_OFF: u8 = 0;
+pub const MODE_AUDIT: u8 = 1;
+pub const MODE_ENFORCE: u8 = 2;
+
+/// Bits of [`EndpointValue::flags`].
+pub const EP_INGRESS_ISOLATED: u8 = 1 << 0;
+pub const EP_EGRESS_ISOLATED: u8 = 1 << 1;
+
+/// A local pod address: which endpoint it is and how policy applies to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointValue {
+    pub endpoint: u32,
+    pub mode: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// Policy sets isolating each direction (reported when a side denies).
+    pub ingress_isolation: u32,
+    pub egress_isolation: u32,
+}
+
+/// Policy directions in [`PolicyKey`].
+pub const DIR_INGRESS: u8 = 1;
+pub const DIR_EGRESS: u8 = 2;
+
+/// The data of a policy LPM key: fixed fields first, the port last so that a port
+/// range is a set of prefixes. All multi-byte fields big-endian (LPM compares bits in
+/// memory order). Full length: 96 bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyKey {
+    pub endpoint_be: u32,
+    pub identity_be: u32,
+    pub direction: u8,
+    pub proto: u8,
+    pub port_be: u16,
+}
+
+/// Bits of the policy key before the port.
+pub const POLICY_KEY_FIXED_BITS: u32 = 80;
+
+/// Identity of peers no ipcache entry names (the default routes make this rare).
+pub const IDENTITY_WORLD: u32 = 2;
+/// Identity of "any peer" entries (rules without from/to).
+pub const IDENTITY_ANY: u32 = 0;
 
 /// Event kinds in the ring buffer.
 pub const EVENT_FLOW: u8 = 1;
@@ -101,6 +165,10 @@ pub const CT_F_CLOSING: u32 = 1 << 1;
 /// Created from a mid-stream packet (the probe started after the connection did):
 /// tracked so replies are recognised, but never reported as an attempt.
 pub const CT_F_NO_EVENT: u32 = 1 << 2;
+/// Policy denied the connection (enforce mode): its packets are dropped.
+pub const CT_F_DENIED: u32 = 1 << 3;
+/// Policy was evaluated for the connection at this point (at `CtEntry::rev`).
+pub const CT_F_EVALUATED: u32 = 1 << 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,7 +178,8 @@ pub struct CtEntry {
     pub packets_orig: u32,
     pub packets_reply: u32,
     pub flags: u32,
-    pub _pad: u32,
+    /// Policy revision the connection was evaluated at: a newer revision re-evaluates it.
+    pub rev: u32,
 }
 
 /// Key of the per-probe map of tuples seen at pod interfaces, used to decide whether a
@@ -124,11 +193,16 @@ pub struct DropWatch {
     /// Drop reason already reported for this tuple (0 = none yet): one report per attempt,
     /// not one per retransmission.
     pub reported_reason: u32,
-    pub _pad: u32,
+    /// `WATCH_F_*`.
+    pub flags: u32,
     pub last_seen_ns: u64,
 }
 
-/// One record in the ring buffer: 72 bytes, 8-aligned.
+/// The TC program dropped this tuple for policy and reported it: the kernel's own
+/// report of that drop (reason TC_INGRESS/TC_EGRESS) would repeat it.
+pub const WATCH_F_POLICY_DROP: u32 = 1;
+
+/// One record in the ring buffer: 80 bytes, 8-aligned.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RawEvent {
@@ -142,13 +216,20 @@ pub struct RawEvent {
     pub tuple: FlowTuple,
     pub icmp_type: u8,
     pub icmp_code: u8,
-    pub _pad0: [u8; 2],
+    /// `VERDICT_*`: what policy decided (0: no policy decision at this point).
+    pub verdict: u8,
+    /// `POLICY_*` bits: which sides were evaluated and allowed.
+    pub policy: u8,
     /// Kernel `enum skb_drop_reason` value for drops; 0 otherwise.
     pub drop_reason: u32,
     /// Length of the packet on the wire (skb->len).
     pub pkt_len: u32,
     /// Network namespace inode of the device that dropped the packet (drops only).
     pub netns_ino: u32,
+    /// Policy set ids (see the probe's compiled state): the policies that allowed the
+    /// side, or, when it denied, the policies isolating it.
+    pub ingress_set: u32,
+    pub egress_set: u32,
 }
 
 impl RawEvent {
@@ -163,10 +244,13 @@ impl RawEvent {
             tuple: FlowTuple::zeroed(),
             icmp_type: 0,
             icmp_code: 0,
-            _pad0: [0; 2],
+            verdict: 0,
+            policy: 0,
             drop_reason: 0,
             pkt_len: 0,
             netns_ino: 0,
+            ingress_set: 0,
+            egress_set: 0,
         }
     }
 }
@@ -197,7 +281,15 @@ pub mod counter {
     pub const DROP_RINGBUF_FULL: u32 = 9;
     /// Non-first IP fragments (no L4 header): passed untouched.
     pub const FRAGMENTS: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// Connection attempts dropped by policy (enforce mode).
+    pub const POLICY_DENIED: u32 = 11;
+    /// Connection attempts policy would deny, let through (audit mode).
+    pub const POLICY_AUDIT: u32 = 12;
+    /// Packets of denied connections dropped after the first (retransmissions).
+    pub const POLICY_DENIED_PACKETS: u32 = 13;
+    /// Established connections re-evaluated after a policy change.
+    pub const POLICY_REEVALUATED: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "packets",
@@ -211,6 +303,10 @@ pub mod counter {
         "kernel_drops",
         "drop_ringbuf_full",
         "fragments",
+        "policy_denied",
+        "policy_audit",
+        "policy_denied_packets",
+        "policy_reevaluated",
     ];
 }
 
@@ -241,6 +337,8 @@ mod pod {
     unsafe impl aya::Pod for super::DropWatch {}
     unsafe impl aya::Pod for super::RawEvent {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::EndpointValue {}
+    unsafe impl aya::Pod for super::PolicyKey {}
 }
 
 #[cfg(test)]
@@ -252,7 +350,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowTuple>(), 40);
         assert_eq!(core::mem::size_of::<CtKey>(), 44);
         assert_eq!(core::mem::size_of::<CtEntry>(), 32);
-        assert_eq!(core::mem::size_of::<RawEvent>(), 72);
+        assert_eq!(core::mem::size_of::<RawEvent>(), 80);
+        assert_eq!(core::mem::size_of::<PolicyKey>(), 12);
+        assert_eq!(core::mem::size_of::<EndpointValue>(), 16);
         assert_eq!(core::mem::align_of::<RawEvent>(), 8);
     }
 

@@ -10,17 +10,22 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, classifier, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{BtfTracePointContext, TcContext},
 };
 use flows_common::{
-    AF_INET, AF_INET6, CT_F_CLOSING, CT_F_NO_EVENT, CT_F_REPLY_SEEN, CtEntry, CtKey, DropWatch,
-    EVENT_DROP, EVENT_F_REPLY, EVENT_FLOW, FlowTuple, KernelOffsets, POINT_FROM_ENDPOINT,
-    POINT_KERNEL_DROP, POINT_TO_ENDPOINT, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, RawEvent, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, counter,
+    AF_INET, AF_INET6, CT_F_CLOSING, CT_F_DENIED, CT_F_EVALUATED, CT_F_NO_EVENT, CT_F_REPLY_SEEN,
+    CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, DropWatch, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED,
+    EVENT_DROP, EVENT_F_REPLY, EVENT_FLOW, EndpointValue, FlowTuple, IDENTITY_ANY, IDENTITY_WORLD,
+    KernelOffsets, MODE_ENFORCE, MODE_OFF, POINT_FROM_ENDPOINT, POINT_FROM_NETWORK,
+    POINT_KERNEL_DROP, POINT_TO_ENDPOINT, POINT_TO_NETWORK, POLICY_EGRESS_ALLOWED,
+    POLICY_EGRESS_EVALUATED, POLICY_INGRESS_ALLOWED, POLICY_INGRESS_EVALUATED, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, RawEvent, TCP_ACK, TCP_FIN,
+    TCP_RST, TCP_SYN, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED, VERDICT_NONE,
+    WATCH_F_POLICY_DROP, counter,
 };
 
 /// 4 MiB: ~58k events of 72 bytes before user space must catch up.
@@ -43,6 +48,22 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 #[map]
 static DROP_NETNS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 
+/// Address (v4-mapped for IPv4) → identity, longest prefix first.
+#[map]
+static IPCACHE: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(262_144, 0);
+
+/// Local pod address (v4-mapped) → endpoint.
+#[map]
+static ENDPOINTS: HashMap<[u8; 16], EndpointValue> = HashMap::with_max_entries(65_536, 0);
+
+/// (endpoint, identity, direction, protocol, port prefix) → policy set that allows it.
+#[map]
+static POLICY: LpmTrie<PolicyKey, u32> = LpmTrie::with_max_entries(1 << 20, 0);
+
+/// Current policy revision; connections evaluated at an older one are evaluated again.
+#[map]
+static POLICY_REV: Array<u32> = Array::with_max_entries(1, 0);
+
 #[unsafe(no_mangle)]
 static OFFSETS: KernelOffsets = KernelOffsets {
     skb_head: 0,
@@ -59,6 +80,24 @@ static OFFSETS: KernelOffsets = KernelOffsets {
 
 #[unsafe(no_mangle)]
 static DROP_NETNS_FILTER: u32 = 0;
+
+/// The kernel's numbers for SKB_DROP_REASON_TC_INGRESS / _TC_EGRESS (from BTF).
+#[unsafe(no_mangle)]
+static DROP_REASON_TC_INGRESS: u32 = 0;
+#[unsafe(no_mangle)]
+static DROP_REASON_TC_EGRESS: u32 = 0;
+
+#[inline(always)]
+fn tc_ingress_reason() -> u32 {
+    // SAFETY: read-only global set at load time.
+    unsafe { core::ptr::read_volatile(&DROP_REASON_TC_INGRESS) }
+}
+
+#[inline(always)]
+fn tc_egress_reason() -> u32 {
+    // SAFETY: read-only global set at load time.
+    unsafe { core::ptr::read_volatile(&DROP_REASON_TC_EGRESS) }
+}
 
 /// A UDP or ICMP "connection" idle this long is new again (the kernel's conntrack uses 30 s).
 const DATAGRAM_IDLE_NS: u64 = 30_000_000_000;
@@ -97,6 +136,19 @@ pub fn flows_to_ep(ctx: TcContext) -> i32 {
     observe(&ctx, POINT_TO_ENDPOINT)
 }
 
+/// Node uplink, leaving the node (after kube-proxy's DNAT): egress policy of local pods
+/// towards other nodes and the world.
+#[classifier]
+pub fn flows_to_net(ctx: TcContext) -> i32 {
+    observe(&ctx, POINT_TO_NETWORK)
+}
+
+/// Node uplink, entering the node: tracked only, so replies leaving later are replies.
+#[classifier]
+pub fn flows_from_net(ctx: TcContext) -> i32 {
+    observe(&ctx, POINT_FROM_NETWORK)
+}
+
 /// Does nothing: the baseline against which benchmarks measure the datapath's cost.
 #[classifier]
 pub fn flows_bench_nop(_ctx: TcContext) -> i32 {
@@ -108,10 +160,12 @@ fn observe(ctx: &TcContext, point: u8) -> i32 {
     count(counter::PACKETS);
     match parse(ctx) {
         Ok(pkt) => track(ctx, point, &pkt),
-        Err(counter_idx) => count(counter_idx),
+        Err(counter_idx) => {
+            // Unparseable packets are never dropped here: they pass and are counted.
+            count(counter_idx);
+            TC_ACT_OK
+        }
     }
-    // Observation only: the packet continues whatever happened above.
-    TC_ACT_OK
 }
 
 #[inline(always)]
@@ -240,19 +294,157 @@ fn is_new_tcp_attempt(flags: u8) -> bool {
     flags & TCP_SYN != 0 && flags & TCP_ACK == 0
 }
 
+/// The key of an address in IPCACHE and ENDPOINTS: IPv4 as ::ffff:a.b.c.d.
 #[inline(always)]
-fn track(ctx: &TcContext, point: u8, pkt: &Packet) {
+fn addr_key(addr: &[u8; 16], family: u8) -> [u8; 16] {
+    if family == AF_INET {
+        let mut k = [0u8; 16];
+        k[10] = 0xff;
+        k[11] = 0xff;
+        k[12] = addr[0];
+        k[13] = addr[1];
+        k[14] = addr[2];
+        k[15] = addr[3];
+        k
+    } else {
+        *addr
+    }
+}
+
+#[inline(always)]
+fn identity_of(addr: &[u8; 16], family: u8) -> u32 {
+    IPCACHE
+        .get(Key::new(128, addr_key(addr, family)))
+        .copied()
+        .unwrap_or(IDENTITY_WORLD)
+}
+
+#[inline(always)]
+fn policy_rev() -> u32 {
+    POLICY_REV.get(0).copied().unwrap_or(0)
+}
+
+/// What policy decided for a new connection at an enforcement point.
+struct Verdict {
+    verdict: u8,
+    policy: u8,
+    ingress_set: u32,
+    egress_set: u32,
+    drop: bool,
+}
+
+/// One side: (evaluated, allowed, policy set).
+#[inline(always)]
+fn side(ep: &EndpointValue, dir: u8, peer: u32, proto: u8, port: u16) -> (bool, bool, u32) {
+    let (isolated, isolation) = if dir == DIR_INGRESS {
+        (ep.flags & EP_INGRESS_ISOLATED != 0, ep.ingress_isolation)
+    } else {
+        (ep.flags & EP_EGRESS_ISOLATED != 0, ep.egress_isolation)
+    };
+    if !isolated {
+        return (false, true, 0);
+    }
+    let mut key = PolicyKey {
+        endpoint_be: ep.endpoint.to_be(),
+        identity_be: peer.to_be(),
+        direction: dir,
+        proto,
+        port_be: port.to_be(),
+    };
+    if let Some(set) = POLICY.get(Key::new(96, key)) {
+        return (true, true, *set);
+    }
+    key.identity_be = IDENTITY_ANY.to_be();
+    if let Some(set) = POLICY.get(Key::new(96, key)) {
+        return (true, true, *set);
+    }
+    (true, false, isolation)
+}
+
+/// Decides a new connection: the destination's ingress when it is a local pod (and
+/// `ingress` is asked), the source's egress when it is a local pod.
+/// Kept out of line: its lookups need stack that the tracking path also needs.
+#[inline(never)]
+fn decide(t: &FlowTuple, ingress: bool, v: &mut Verdict) {
+    let port = match t.proto {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => t.dport,
+        _ => 0,
+    };
+    let mut denied = false;
+    let mut enforce = false;
+    if ingress {
+        if let Some(ep) = unsafe { ENDPOINTS.get(&addr_key(&t.daddr, t.family)) } {
+            if ep.mode != MODE_OFF {
+                let (evaluated, allowed, set) =
+                    side(ep, DIR_INGRESS, identity_of(&t.saddr, t.family), t.proto, port);
+                if evaluated {
+                    v.policy |= POLICY_INGRESS_EVALUATED;
+                    v.ingress_set = set;
+                    if allowed {
+                        v.policy |= POLICY_INGRESS_ALLOWED;
+                    } else {
+                        denied = true;
+                        enforce |= ep.mode == MODE_ENFORCE;
+                    }
+                }
+            }
+        }
+    }
+    if let Some(ep) = unsafe { ENDPOINTS.get(&addr_key(&t.saddr, t.family)) } {
+        if ep.mode != MODE_OFF {
+            let (evaluated, allowed, set) =
+                side(ep, DIR_EGRESS, identity_of(&t.daddr, t.family), t.proto, port);
+            if evaluated {
+                v.policy |= POLICY_EGRESS_EVALUATED;
+                v.egress_set = set;
+                if allowed {
+                    v.policy |= POLICY_EGRESS_ALLOWED;
+                } else {
+                    denied = true;
+                    enforce |= ep.mode == MODE_ENFORCE;
+                }
+            }
+        }
+    }
+    if v.policy != 0 {
+        v.verdict = if !denied {
+            VERDICT_ALLOWED
+        } else if enforce {
+            v.drop = true;
+            VERDICT_DENIED
+        } else {
+            VERDICT_AUDIT
+        };
+    }
+}
+
+const NO_VERDICT: Verdict = Verdict {
+    verdict: VERDICT_NONE,
+    policy: 0,
+    ingress_set: 0,
+    egress_set: 0,
+    drop: false,
+};
+
+#[inline(always)]
+fn enforcing(point: u8) -> bool {
+    point == POINT_TO_ENDPOINT || point == POINT_TO_NETWORK
+}
+
+#[inline(always)]
+fn track(ctx: &TcContext, point: u8, pkt: &Packet) -> i32 {
     if pkt.icmp_control {
         // Errors and neighbour discovery belong to other flows or to the link: never a
         // new attempt. Counted with the replies they mostly are.
         count(counter::REPLIES);
-        return;
+        return TC_ACT_OK;
     }
     // SAFETY: the context's skb pointer is valid for the program's lifetime.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let now = unsafe { bpf_ktime_get_ns() };
     let tcp = pkt.tuple.proto == PROTO_TCP;
     let fin_rst = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let rev = policy_rev();
 
     let key = CtKey {
         tuple: pkt.tuple,
@@ -274,7 +466,32 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) {
             if fin_rst {
                 e.flags |= CT_F_CLOSING;
             }
-            return;
+            if e.flags & CT_F_EVALUATED != 0 && e.rev != rev && enforcing(point) {
+                // Policy changed since this connection was decided: decide it again.
+                count(counter::POLICY_REEVALUATED);
+                let mut v = NO_VERDICT;
+                decide(&pkt.tuple, point == POINT_TO_ENDPOINT, &mut v);
+                e.rev = rev;
+                let was_denied = e.flags & CT_F_DENIED != 0;
+                if v.drop {
+                    e.flags |= CT_F_DENIED;
+                } else {
+                    e.flags &= !CT_F_DENIED;
+                }
+                if v.drop != was_denied {
+                    emit_flow(ctx, point, pkt, ifindex, now, 0, &v);
+                }
+                if v.drop {
+                    note_policy_drop(&pkt.tuple);
+                    return TC_ACT_SHOT;
+                }
+                return TC_ACT_OK;
+            }
+            if e.flags & CT_F_DENIED != 0 {
+                count(counter::POLICY_DENIED_PACKETS);
+                return TC_ACT_SHOT;
+            }
+            return TC_ACT_OK;
         }
     } else {
         let rkey = CtKey {
@@ -285,6 +502,10 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) {
             let e = unsafe { &mut *e };
             let reopened = tcp && is_new_tcp_attempt(pkt.tcp_flags) && e.flags & CT_F_CLOSING != 0;
             if !reopened {
+                if e.flags & CT_F_DENIED != 0 {
+                    count(counter::POLICY_DENIED_PACKETS);
+                    return TC_ACT_SHOT;
+                }
                 // The first reply at this point is reported too (flagged as a reply): it
                 // tells that the attempt was answered. Later replies are silent.
                 let first_reply = e.flags & (CT_F_REPLY_SEEN | CT_F_NO_EVENT) == 0;
@@ -295,10 +516,10 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) {
                     e.flags |= CT_F_CLOSING;
                 }
                 count(counter::REPLIES);
-                if first_reply {
-                    emit_flow(ctx, point, pkt, ifindex, now, EVENT_F_REPLY);
+                if first_reply && (point == POINT_FROM_ENDPOINT || point == POINT_TO_ENDPOINT) {
+                    emit_flow(ctx, point, pkt, ifindex, now, EVENT_F_REPLY, &NO_VERDICT);
                 }
-                return;
+                return TC_ACT_OK;
             }
             // The peer opens a new connection on the same ports in the other direction.
             let _ = CONNTRACK.remove(&rkey);
@@ -311,37 +532,96 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) {
         packets_orig: 1,
         packets_reply: 0,
         flags: 0,
-        _pad: 0,
+        rev,
     };
     if tcp && !is_new_tcp_attempt(pkt.tcp_flags) {
         // Mid-stream packet of a connection older than this probe: track it so its
-        // replies are recognised, but it is not an attempt we saw start.
+        // replies are recognised, but it is not an attempt we saw start, and policy is
+        // not applied to it (it was allowed when it started).
         entry.flags = CT_F_NO_EVENT;
         let _ = CONNTRACK.insert(&key, &entry, 0);
-        return;
+        return TC_ACT_OK;
+    }
+    let mut v = NO_VERDICT;
+    if enforcing(point) {
+        entry.flags |= CT_F_EVALUATED;
+        decide(&pkt.tuple, point == POINT_TO_ENDPOINT, &mut v);
+    }
+    if v.drop {
+        entry.flags |= CT_F_DENIED;
     }
     let _ = CONNTRACK.insert(&key, &entry, 0);
+    if point == POINT_FROM_NETWORK {
+        return TC_ACT_OK;
+    }
     watch_for_drops(&pkt.tuple, now);
-    count(counter::NEW_FLOWS);
-    emit_flow(ctx, point, pkt, ifindex, now, 0);
+    // The uplink reports only policy decisions; pod interfaces report every attempt.
+    if point != POINT_TO_NETWORK || v.verdict != VERDICT_NONE {
+        count(counter::NEW_FLOWS);
+        emit_flow(ctx, point, pkt, ifindex, now, 0, &v);
+    }
+    match v.verdict {
+        VERDICT_DENIED => {
+            count(counter::POLICY_DENIED);
+            note_policy_drop(&pkt.tuple);
+            TC_ACT_SHOT
+        }
+        VERDICT_AUDIT => {
+            count(counter::POLICY_AUDIT);
+            TC_ACT_OK
+        }
+        _ => TC_ACT_OK,
+    }
 }
 
+/// Marks a tuple as dropped by our policy, so the kernel's report of the same drop is
+/// not repeated by the kfree_skb program.
 #[inline(always)]
-fn emit_flow(ctx: &TcContext, point: u8, pkt: &Packet, ifindex: u32, now: u64, flags: u8) {
-    let mut ev = RawEvent::zeroed();
-    ev.ts_ns = now;
-    ev.kind = EVENT_FLOW;
-    ev.point = point;
-    ev.flags = flags;
-    ev.tcp_flags = pkt.tcp_flags;
-    ev.ifindex = ifindex;
-    ev.tuple = pkt.tuple;
-    ev.icmp_type = pkt.icmp_type;
-    ev.icmp_code = pkt.icmp_code;
-    ev.pkt_len = ctx.len();
-    if EVENTS.output::<RawEvent>(&ev, 0).is_err() {
-        count(counter::RINGBUF_FULL);
+fn note_policy_drop(t: &FlowTuple) {
+    if let Some(w) = DROP_WATCH.get_ptr_mut(&normalised(t)) {
+        // SAFETY: map value pointer valid until the program exits.
+        unsafe { (*w).flags |= WATCH_F_POLICY_DROP };
     }
+}
+
+/// Writes a flow event straight into the ring buffer (not via the stack, which the
+/// enforcement path needs).
+#[inline(always)]
+fn emit_flow(
+    ctx: &TcContext,
+    point: u8,
+    pkt: &Packet,
+    ifindex: u32,
+    now: u64,
+    flags: u8,
+    v: &Verdict,
+) {
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count(counter::RINGBUF_FULL);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, exclusively owned RawEvent-sized slot; every
+    // field is written before submit.
+    unsafe {
+        (*ev).ts_ns = now;
+        (*ev).kind = EVENT_FLOW;
+        (*ev).point = point;
+        (*ev).flags = flags;
+        (*ev).tcp_flags = pkt.tcp_flags;
+        (*ev).ifindex = ifindex;
+        (*ev).tuple = pkt.tuple;
+        (*ev).icmp_type = pkt.icmp_type;
+        (*ev).icmp_code = pkt.icmp_code;
+        (*ev).verdict = v.verdict;
+        (*ev).policy = v.policy;
+        (*ev).drop_reason = 0;
+        (*ev).pkt_len = ctx.len();
+        (*ev).netns_ino = 0;
+        (*ev).ingress_set = v.ingress_set;
+        (*ev).egress_set = v.egress_set;
+    }
+    entry.submit(0);
 }
 
 /// Orders a tuple so both directions of a connection give the same key.
@@ -366,7 +646,7 @@ fn normalised(t: &FlowTuple) -> FlowTuple {
 fn watch_for_drops(t: &FlowTuple, now: u64) {
     let w = DropWatch {
         reported_reason: 0,
-        _pad: 0,
+        flags: 0,
         last_seen_ns: now,
     };
     let _ = DROP_WATCH.insert(&normalised(t), &w, 0);
@@ -474,6 +754,10 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i32> {
 
     // SAFETY: map value pointer valid until the program exits.
     let w = unsafe { &mut *w };
+    if w.flags & WATCH_F_POLICY_DROP != 0 && (reason == tc_ingress_reason() || reason == tc_egress_reason()) {
+        // Our own policy drop, already reported with its policies.
+        return Ok(());
+    }
     if w.reported_reason == reason {
         // Retransmissions of the same attempt dropped for the same reason.
         return Ok(());

@@ -75,6 +75,14 @@ pub enum IdentityKey {
     },
 }
 
+/// What policies can see of an identity: a representative pod (all its pods are alike
+/// for every selector) or none for the world, and the ipBlocks its addresses are in.
+#[derive(Debug, Clone)]
+pub struct Member<'a> {
+    pub pod: Option<&'a PodInfo>,
+    pub blocks: Vec<(Cidr, Vec<Cidr>)>,
+}
+
 /// Hands out identity numbers, stable for as long as a key stays in use.
 #[derive(Debug, Clone, Default)]
 pub struct IdentityAllocator {
@@ -118,7 +126,8 @@ pub struct PolicyKey {
     pub endpoint: u32,
     pub identity: u32,
     pub direction: Direction,
-    pub protocol: Protocol,
+    /// IP protocol number.
+    pub protocol: u8,
     pub port: u16,
     pub port_bits: u8,
 }
@@ -140,23 +149,40 @@ pub struct DatapathState {
     pub endpoints: BTreeMap<IpAddr, EndpointEntry>,
     pub policy: BTreeMap<PolicyKey, u32>,
     /// Policy sets: id → sorted policies. Id 0 is the empty set.
-    pub sets: Vec<Vec<PolicyRef>>,
+    pub sets: SetTable,
 }
 
-impl DatapathState {
-    pub fn set(&self, id: u32) -> &[PolicyRef] {
-        self.sets.get(id as usize).map(|v| v.as_slice()).unwrap_or(&[])
+impl PartialEq for SetTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.list == other.list
     }
 }
 
-struct Sets {
+impl Eq for SetTable {}
+
+impl DatapathState {
+    pub fn set(&self, id: u32) -> &[PolicyRef] {
+        self.sets.get(id)
+    }
+}
+
+/// Numbers for sets of policies, stable across compiles (events in flight name sets by
+/// number). Grows with the distinct sets ever seen.
+#[derive(Debug, Clone)]
+pub struct SetTable {
     ids: HashMap<Vec<PolicyRef>, u32>,
     list: Vec<Vec<PolicyRef>>,
 }
 
-impl Sets {
-    fn new() -> Sets {
-        Sets {
+impl Default for SetTable {
+    fn default() -> Self {
+        SetTable::new()
+    }
+}
+
+impl SetTable {
+    pub fn new() -> SetTable {
+        SetTable {
             ids: HashMap::from([(Vec::new(), 0)]),
             list: vec![Vec::new()],
         }
@@ -171,6 +197,10 @@ impl Sets {
         self.ids.insert(v.clone(), id);
         self.list.push(v);
         id
+    }
+
+    pub fn get(&self, id: u32) -> &[PolicyRef] {
+        self.list.get(id as usize).map(|v| v.as_slice()).unwrap_or(&[])
     }
 }
 
@@ -187,13 +217,24 @@ fn blocks(engine: &Engine) -> Vec<(Cidr, Vec<Cidr>)> {
     out
 }
 
-fn block_bits(blocks: &[(Cidr, Vec<Cidr>)], ip: IpAddr) -> Vec<usize> {
+/// The blocks that contain every address of `p` not covered by a longer listed prefix:
+/// a block counts when its cidr covers all of `p` and none of its excepts does. (For a
+/// host prefix that is plain membership of the address.)
+fn block_bits(blocks: &[(Cidr, Vec<Cidr>)], p: Cidr) -> Vec<usize> {
+    let covers = |c: &Cidr| c.len <= p.len && c.contains(p.addr);
     blocks
         .iter()
         .enumerate()
-        .filter(|(_, (c, ex))| c.contains(ip) && !ex.iter().any(|e| e.contains(ip)))
+        .filter(|(_, (c, ex))| covers(c) && !ex.iter().any(covers))
         .map(|(i, _)| i)
         .collect()
+}
+
+fn host(ip: IpAddr) -> Cidr {
+    Cidr {
+        addr: ip,
+        len: if ip.is_ipv4() { 32 } else { 128 },
+    }
 }
 
 fn sorted(l: &Labels) -> Vec<(String, String)> {
@@ -259,7 +300,9 @@ pub fn compile_datapath(
     engine: &Engine,
     node: &NodeView,
     alloc: &mut IdentityAllocator,
+    sets: SetTable,
 ) -> DatapathState {
+    let mut sets = sets;
     let blocks = blocks(engine);
     let named: Vec<String> = engine
         .policies()
@@ -271,7 +314,8 @@ pub fn compile_datapath(
 
     // Identities of every pod address, and a representative pod per identity.
     let mut ipcache: BTreeMap<Cidr, u32> = BTreeMap::new();
-    let mut members: BTreeMap<u32, (Option<&PodInfo>, IpAddr)> = BTreeMap::new();
+    // Per identity: a representative pod (None for the world) and the ipBlocks it is in.
+    let mut members: BTreeMap<u32, Member> = BTreeMap::new();
     for pod in cluster.pods() {
         for ip in &pod.ips {
             let named_ports = named
@@ -283,17 +327,21 @@ pub fn compile_datapath(
                         .map(move |cp| (n.clone(), cp.protocol, cp.port))
                 })
                 .collect();
+            let bits = block_bits(&blocks, host(*ip));
+            let in_blocks = bits.iter().map(|&i| blocks[i].clone()).collect();
             let key = IdentityKey::Pod {
                 namespace: pod.namespace.clone(),
                 labels: sorted(&pod.labels),
                 namespace_labels: sorted(cluster.namespace_labels(&pod.namespace).unwrap_or(&empty)),
-                blocks: block_bits(&blocks, *ip),
+                blocks: bits,
                 named_ports,
             };
             let id = alloc.get(&key);
-            let len = if ip.is_ipv4() { 32 } else { 128 };
-            ipcache.insert(Cidr { addr: *ip, len }, id);
-            members.entry(id).or_insert((Some(pod), *ip));
+            ipcache.insert(host(*ip), id);
+            members.entry(id).or_insert(Member {
+                pod: Some(pod),
+                blocks: in_blocks,
+            });
         }
     }
     // The world: every ipBlock prefix (and except), plus the default routes.
@@ -311,16 +359,18 @@ pub fn compile_datapath(
         if ipcache.contains_key(&p) {
             continue; // a pod's own address, already an identity
         }
-        // Prefixes nest or are disjoint: membership of the network address holds for
-        // every address this prefix is the longest match for.
-        let id = alloc.get(&IdentityKey::World {
-            blocks: block_bits(&blocks, p.addr),
-        });
+        // Prefixes nest or are disjoint, so every address this prefix is the longest
+        // match for is in exactly the blocks that cover the whole prefix.
+        let bits = block_bits(&blocks, p);
+        let in_blocks = bits.iter().map(|&i| blocks[i].clone()).collect();
+        let id = alloc.get(&IdentityKey::World { blocks: bits });
         ipcache.insert(p, id);
-        members.entry(id).or_insert((None, p.addr));
+        members.entry(id).or_insert(Member {
+            pod: None,
+            blocks: in_blocks,
+        });
     }
 
-    let mut sets = Sets::new();
     let mut endpoints = BTreeMap::new();
     let mut policy = BTreeMap::new();
     let mut next_endpoint = 1u32;
@@ -340,7 +390,7 @@ pub fn compile_datapath(
             }
             isolation[di] = Some(sets.id(&selecting.iter().map(|p| p.id.clone()).collect()));
             // (identity, protocol) → port intervals with the allowing policy.
-            let mut grants: BTreeMap<(u32, Protocol), Vec<(u16, u16, PolicyRef)>> = BTreeMap::new();
+            let mut grants: BTreeMap<(u32, u8), Vec<(u16, u16, PolicyRef)>> = BTreeMap::new();
             for p in &selecting {
                 for g in p.grants(cluster, pod, dir == Direction::Ingress, &members) {
                     grants
@@ -351,7 +401,7 @@ pub fn compile_datapath(
             }
             // Fold ANY-peer grants into each specific identity's, so that the first
             // (specific) lookup alone names every allowing policy.
-            let any: Vec<((u32, Protocol), Vec<(u16, u16, PolicyRef)>)> = grants
+            let any: Vec<((u32, u8), Vec<(u16, u16, PolicyRef)>)> = grants
                 .iter()
                 .filter(|((id, _), _)| *id == IDENTITY_ANY)
                 .map(|(k, v)| (*k, v.clone()))
@@ -404,7 +454,7 @@ pub fn compile_datapath(
         ipcache,
         endpoints,
         policy,
-        sets: sets.list,
+        sets,
     }
 }
 
@@ -418,6 +468,7 @@ pub fn lookup(
     protocol: Protocol,
     port: u16,
 ) -> Option<u32> {
+    let protocol = protocol.number();
     let identity = state
         .ipcache
         .iter()

@@ -30,6 +30,15 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The IP protocol number.
+    pub fn number(&self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Protocol> {
         match s {
             "TCP" | "tcp" => Some(Protocol::Tcp),
@@ -72,6 +81,8 @@ pub struct ContainerPort {
 pub struct PodInfo {
     pub namespace: String,
     pub name: String,
+    /// spec.nodeName, when known.
+    pub node: Option<String>,
     pub labels: Labels,
     pub ips: Vec<IpAddr>,
     pub ports: Vec<ContainerPort>,
@@ -328,9 +339,11 @@ impl CompiledPolicy {
         cluster: &Cluster,
         subject: &PodInfo,
         ingress: bool,
-        members: &BTreeMap<u32, (Option<&PodInfo>, IpAddr)>,
+        members: &BTreeMap<u32, crate::compile::Member>,
     ) -> Vec<Grant> {
-        const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+        // A rule without ports admits every protocol, ICMP included (NetworkPolicy itself
+        // names only TCP, UDP and SCTP; this is what CNIs do for port-less rules).
+        const ALL: [u8; 5] = [6, 17, 132, 1, 58];
         let mut out = Vec::new();
         for r in self.rules(ingress) {
             // A rule without peers matches every peer; but an egress named port must be
@@ -341,18 +354,27 @@ impl CompiledPolicy {
                 (None, false) => vec![(crate::compile::IDENTITY_ANY, None)],
                 _ => members
                     .iter()
-                    .filter(|(_, (pod, ip))| {
-                        let ep = match pod {
-                            Some(p) => Endpoint::Pod(p, Some(*ip)),
-                            None => Endpoint::External(*ip),
-                        };
+                    .filter(|(_, m)| {
                         r.peers.as_ref().is_none_or(|peers| {
-                            peers.iter().any(|pe| {
-                                Engine::peer_matches_static(cluster, &self.id.namespace, pe, &ep, Some(*ip))
+                            peers.iter().any(|pe| match pe {
+                                // By membership: a sample address of a world prefix may
+                                // lie in a longer prefix with other memberships.
+                                Peer::Block { cidr, except } => {
+                                    m.blocks.iter().any(|(c, e)| c == cidr && e == except)
+                                }
+                                Peer::Selectors { .. } => m.pod.is_some_and(|p| {
+                                    Engine::peer_matches_static(
+                                        cluster,
+                                        &self.id.namespace,
+                                        pe,
+                                        &Endpoint::Pod(p, None),
+                                        None,
+                                    )
+                                }),
                             })
                         })
                     })
-                    .map(|(id, (pod, _))| (*id, *pod))
+                    .map(|(id, m)| (*id, m.pod))
                     .collect(),
             };
             for (identity, peer_pod) in peers {
@@ -366,13 +388,13 @@ impl CompiledPolicy {
                     match &spec.port {
                         PortMatch::Any => out.push(Grant {
                             identity,
-                            protocol: spec.protocol,
+                            protocol: spec.protocol.number(),
                             from: 0,
                             to: 65535,
                         }),
                         PortMatch::Range(a, b) => out.push(Grant {
                             identity,
-                            protocol: spec.protocol,
+                            protocol: spec.protocol.number(),
                             from: *a,
                             to: *b,
                         }),
@@ -382,7 +404,7 @@ impl CompiledPolicy {
                                 if cp.name.as_deref() == Some(name.as_str()) && cp.protocol == spec.protocol {
                                     out.push(Grant {
                                         identity,
-                                        protocol: spec.protocol,
+                                        protocol: spec.protocol.number(),
                                         from: cp.port,
                                         to: cp.port,
                                     });
@@ -401,7 +423,8 @@ impl CompiledPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
     pub identity: u32,
-    pub protocol: Protocol,
+    /// IP protocol number.
+    pub protocol: u8,
     pub from: u16,
     pub to: u16,
 }

@@ -41,6 +41,8 @@ pub enum ManifestError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Invalid(#[from] InvalidPolicy),
+    #[error("namespace {namespace}: annotation {MODE_ANNOTATION}={value:?}: expected enforce, audit or off")]
+    Mode { namespace: String, value: String },
 }
 
 /// The pod model of a Pod object: labels, addresses (status.podIPs, else status.podIP)
@@ -78,6 +80,7 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
     PodInfo {
         namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
         name: pod.metadata.name.clone().unwrap_or_default(),
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         ips,
         ports,
@@ -106,7 +109,12 @@ pub struct Manifests {
     pub policies: Vec<CompiledPolicy>,
     /// Kinds that were present but play no part in policy (Service, Deployment...).
     pub ignored_kinds: Vec<String>,
+    /// Namespaces' enforcement modes, from the `flows.dev/policy-mode` annotation.
+    pub modes: std::collections::BTreeMap<String, compile::Mode>,
 }
+
+/// Namespace annotation choosing how policy applies to its pods: enforce, audit or off.
+pub const MODE_ANNOTATION: &str = "flows.dev/policy-mode";
 
 impl Manifests {
     /// Reads every text; the first error stops it (nothing half-read is returned).
@@ -130,6 +138,15 @@ impl Manifests {
             if let Some(name) = &n.metadata.name {
                 m.cluster
                     .add_namespace(name, n.metadata.labels.clone().unwrap_or_default());
+                if let Some(mode) = n.metadata.annotations.as_ref().and_then(|a| a.get(MODE_ANNOTATION)) {
+                    let parsed = compile::Mode::parse(mode).ok_or_else(|| {
+                        ManifestError::Mode {
+                            namespace: name.clone(),
+                            value: mode.clone(),
+                        }
+                    })?;
+                    m.modes.insert(name.clone(), parsed);
+                }
             }
         }
         for p in &pods {

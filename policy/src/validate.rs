@@ -35,19 +35,22 @@ impl Errs {
     }
 }
 
-fn is_dns1123_label(s: &str) -> bool {
+/// One dot-separated part: lowercase alphanumerics and '-', alphanumeric at both ends.
+fn is_dns1123_part(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 63
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
 
+fn is_dns1123_label(s: &str) -> bool {
+    s.len() <= 63 && is_dns1123_part(s)
+}
+
+/// As Kubernetes checks it: only the whole name is limited (253), not each part.
 pub fn is_dns1123_subdomain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(is_dns1123_label)
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_part)
 }
 
 /// The name part of a label key, and label values (which may also be empty).
@@ -292,5 +295,8 @@ mod tests {
         assert!(!is_port_name("-a"));
         assert!(!is_port_name("sixteen-chars-xx"));
         assert!(!is_port_name("HTTP"));
+        assert!(is_dns1123_subdomain(&"a".repeat(100)));
+        assert!(!is_dns1123_subdomain(&"a".repeat(254)));
+        assert!(!is_dns1123_subdomain("a..b"));
     }
 }

@@ -10,7 +10,10 @@ use std::{
 
 use flows_policy::{
     Cluster, ContainerPort, Decision, Endpoint, Engine, Origin, PodInfo, Protocol, compile,
-    compile::{DatapathState, Direction, IdentityAllocator, Mode, NodeView, compile_datapath, lookup},
+    compile::{
+        DatapathState, Direction, IdentityAllocator, Mode, NodeView, SetTable, compile_datapath,
+        lookup,
+    },
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
@@ -136,6 +139,7 @@ fn cluster_of(def: &ClusterDef) -> Result<Cluster, String> {
         c.add_pod(PodInfo {
             namespace: p.namespace.clone(),
             name: p.name.clone(),
+            node: None,
             labels: p.labels.clone(),
             ips: p.ip.into_iter().chain(p.ip6).collect(),
             ports,
@@ -285,6 +289,7 @@ fn run_case(file: &str, cluster: &Cluster, case: &Case, t: &mut Tally) -> Result
             mode_of: &|_| Mode::Enforce,
         },
         &mut IdentityAllocator::new(),
+        SetTable::new(),
     );
     let mut check = |from: &str, to: &str, proto: Protocol, port: u16, expect: Expect, policies: Option<&Vec<String>>| -> Result<(), String> {
         t.probes += 1;
