@@ -16,10 +16,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{
+        Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{BtfTracePoint, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
-use flows_common::{KernelOffsets, counter};
+use flows_common::{
+    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointValue, KernelOffsets,
+    MODE_AUDIT, MODE_ENFORCE, MODE_OFF, POLICY_KEY_FIXED_BITS, PolicyKey, counter,
+};
+use flows_policy::compile::{DatapathState, Direction, Mode};
 
 use crate::btf::Btf;
 
@@ -29,6 +36,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const PROG_FROM_ENDPOINT: &str = "flows_from_ep";
 pub const PROG_TO_ENDPOINT: &str = "flows_to_ep";
 pub const PROG_KFREE_SKB: &str = "flows_kfree_skb";
+pub const PROG_TO_NETWORK: &str = "flows_to_net";
+pub const PROG_FROM_NETWORK: &str = "flows_from_net";
 /// An empty classifier: the baseline of the cost benchmarks.
 pub const PROG_BENCH_NOP: &str = "flows_bench_nop";
 
@@ -90,15 +99,21 @@ pub struct DatapathConfig {
     /// When several probes share one kernel (the lab), each reports only the drops that
     /// happen in these network namespaces (inode numbers). Empty: report all.
     pub drop_netns: Vec<u32>,
+    /// The node's interface towards other nodes and the world, where local pods' egress
+    /// policy is enforced after kube-proxy's DNAT.
+    pub uplink: Option<String>,
+    /// The kernel's drop reason numbers for TC_INGRESS and TC_EGRESS.
+    pub tc_drop_reasons: (u32, u32),
 }
 
 pub type EventsMap = RingBuf<MapData>;
 pub type CountersMap = PerCpuArray<MapData, u64>;
 
-/// Maps that user space reads, handed out once the datapath is loaded.
+/// Maps that user space reads or programs, handed out once the datapath is loaded.
 pub struct DatapathMaps {
     pub events: EventsMap,
     pub counters: CountersMap,
+    pub policy: PolicyMaps,
 }
 
 enum Cmd {
@@ -118,6 +133,15 @@ impl Datapath {
         let btf = Btf::from_sys_fs()?;
         let offsets = btf.kernel_offsets()?;
         let drop_reasons = btf.drop_reasons()?;
+        let find = |name: &str| {
+            drop_reasons
+                .iter()
+                .find(|(_, n)| n.as_str() == name)
+                .map(|(v, _)| *v)
+                .unwrap_or(u32::MAX)
+        };
+        let mut cfg = cfg;
+        cfg.tc_drop_reasons = (find("TC_INGRESS"), find("TC_EGRESS"));
         let (init_tx, init_rx) = mpsc::channel();
         let (cmd_tx, cmd_rx) = mpsc::channel::<Cmd>();
         let thread = std::thread::Builder::new()
@@ -198,7 +222,7 @@ impl Drop for Datapath {
 
 struct DatapathThread {
     ebpf: Ebpf,
-    links: HashMap<String, [SchedClassifierLinkId; 2]>,
+    links: HashMap<String, ([SchedClassifierLinkId; 2], &'static str, &'static str)>,
 }
 
 impl DatapathThread {
@@ -209,9 +233,9 @@ impl DatapathThread {
         if let Some(path) = &cfg.netns {
             enter_netns(path)?;
         }
-        let mut ebpf = load_object(offsets, !cfg.drop_netns.is_empty())?;
+        let mut ebpf = load_object(offsets, !cfg.drop_netns.is_empty(), cfg.tc_drop_reasons)?;
 
-        for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT] {
+        for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT, PROG_TO_NETWORK, PROG_FROM_NETWORK] {
             classifier(&mut ebpf, name)?.load().map_err(prog_err(name))?;
         }
 
@@ -244,13 +268,14 @@ impl DatapathThread {
         }
 
         let maps = take_maps(&mut ebpf)?;
-        Ok((
-            DatapathThread {
-                ebpf,
-                links: HashMap::new(),
-            },
-            maps,
-        ))
+        let mut thread = DatapathThread {
+            ebpf,
+            links: HashMap::new(),
+        };
+        if let Some(uplink) = &cfg.uplink {
+            thread.attach_pair(uplink, PROG_FROM_NETWORK, PROG_TO_NETWORK)?;
+        }
+        Ok((thread, maps))
     }
 
     fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
@@ -258,6 +283,16 @@ impl DatapathThread {
     }
 
     fn attach(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        self.attach_pair(ifname, PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT)
+    }
+
+    /// Attaches `ingress_prog` to the interface's ingress and `egress_prog` to its egress.
+    fn attach_pair(
+        &mut self,
+        ifname: &str,
+        ingress_prog: &'static str,
+        egress_prog: &'static str,
+    ) -> Result<(), DatapathError> {
         if self.links.contains_key(ifname) {
             return Ok(());
         }
@@ -271,31 +306,29 @@ impl DatapathThread {
         };
         // Pod -> host is the host side's ingress; host -> pod its egress.
         let from = self
-            .classifier(PROG_FROM_ENDPOINT)?
+            .classifier(ingress_prog)?
             .attach(ifname, TcAttachType::Ingress)
             .map_err(attach_err)?;
-        let to = match self
-            .classifier(PROG_TO_ENDPOINT)?
-            .attach(ifname, TcAttachType::Egress)
-        {
+        let to = match self.classifier(egress_prog)?.attach(ifname, TcAttachType::Egress) {
             Ok(l) => l,
             Err(e) => {
-                let _ = self.classifier(PROG_FROM_ENDPOINT)?.detach(from);
+                let _ = self.classifier(ingress_prog)?.detach(from);
                 return Err(attach_err(e));
             }
         };
-        self.links.insert(ifname.to_string(), [from, to]);
+        self.links
+            .insert(ifname.to_string(), ([from, to], ingress_prog, egress_prog));
         Ok(())
     }
 
     fn detach(&mut self, ifname: &str) {
-        if let Some([from, to]) = self.links.remove(ifname) {
+        if let Some(([from, to], ingress_prog, egress_prog)) = self.links.remove(ifname) {
             // The interface is usually gone already, and its links with it; errors here
             // only mean there was nothing left to detach.
-            if let Ok(p) = self.classifier(PROG_FROM_ENDPOINT) {
+            if let Ok(p) = self.classifier(ingress_prog) {
                 let _ = p.detach(from);
             }
-            if let Ok(p) = self.classifier(PROG_TO_ENDPOINT) {
+            if let Ok(p) = self.classifier(egress_prog) {
                 let _ = p.detach(to);
             }
         }
@@ -314,15 +347,36 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<DatapathMaps, DatapathError> {
             .ok_or(DatapathError::MissingMap { name: "COUNTERS" })?,
     )
     .map_err(map_err("COUNTERS"))?;
-    Ok(DatapathMaps { events, counters })
+    let take = |ebpf: &mut Ebpf, name: &'static str| {
+        ebpf.take_map(name).ok_or(DatapathError::MissingMap { name })
+    };
+    let policy = PolicyMaps {
+        ipcache: LpmTrie::try_from(take(ebpf, "IPCACHE")?).map_err(map_err("IPCACHE"))?,
+        endpoints: BpfHashMap::try_from(take(ebpf, "ENDPOINTS")?).map_err(map_err("ENDPOINTS"))?,
+        policy: LpmTrie::try_from(take(ebpf, "POLICY")?).map_err(map_err("POLICY"))?,
+        rev: Array::try_from(take(ebpf, "POLICY_REV")?).map_err(map_err("POLICY_REV"))?,
+        current: DatapathState::default(),
+        revision: 0,
+    };
+    Ok(DatapathMaps {
+        events,
+        counters,
+        policy,
+    })
 }
 
 /// Loads the object with the globals the kernel programs read.
-fn load_object(offsets: KernelOffsets, drop_netns_filter: bool) -> Result<Ebpf, DatapathError> {
+fn load_object(
+    offsets: KernelOffsets,
+    drop_netns_filter: bool,
+    tc_drop_reasons: (u32, u32),
+) -> Result<Ebpf, DatapathError> {
     let filter = u32::from(drop_netns_filter);
     EbpfLoader::new()
         .override_global("OFFSETS", &offsets, true)
         .override_global("DROP_NETNS_FILTER", &filter, true)
+        .override_global("DROP_REASON_TC_INGRESS", &tc_drop_reasons.0, true)
+        .override_global("DROP_REASON_TC_EGRESS", &tc_drop_reasons.1, true)
         .load(EBPF_OBJECT)
         .map_err(|e| DatapathError::Load(Box::new(e)))
 }
@@ -451,11 +505,11 @@ pub struct TestHarness {
 
 impl TestHarness {
     pub fn new() -> Result<TestHarness, DatapathError> {
-        let mut ebpf = load_object(Btf::from_sys_fs()?.kernel_offsets()?, false)?;
+        let mut ebpf = load_object(Btf::from_sys_fs()?.kernel_offsets()?, false, (u32::MAX, u32::MAX))?;
         for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT, PROG_BENCH_NOP] {
             classifier(&mut ebpf, name)?.load().map_err(prog_err(name))?;
         }
-        let DatapathMaps { events, counters } = take_maps(&mut ebpf)?;
+        let DatapathMaps { events, counters, .. } = take_maps(&mut ebpf)?;
         Ok(TestHarness {
             ebpf,
             events,
@@ -508,5 +562,140 @@ impl TestHarness {
 
     pub fn counters(&self) -> Result<[u64; counter::COUNT as usize], DatapathError> {
         read_counters(&self.counters)
+    }
+}
+
+
+/// The policy maps and what was last written to them.
+pub struct PolicyMaps {
+    ipcache: LpmTrie<MapData, [u8; 16], u32>,
+    endpoints: BpfHashMap<MapData, [u8; 16], EndpointValue>,
+    policy: LpmTrie<MapData, PolicyKey, u32>,
+    rev: Array<MapData, u32>,
+    current: DatapathState,
+    revision: u32,
+}
+
+/// Counts of one update, for logs and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyUpdate {
+    pub written: usize,
+    pub removed: usize,
+    pub revision: u32,
+}
+
+fn ip_key(ip: std::net::IpAddr) -> [u8; 16] {
+    match ip {
+        std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(a) => a.octets(),
+    }
+}
+
+fn cidr_key(c: &flows_policy::cidr::Cidr) -> Key<[u8; 16]> {
+    let extra = if c.addr.is_ipv4() { 96 } else { 0 };
+    Key::new(c.len as u32 + extra, ip_key(c.addr))
+}
+
+fn policy_key(k: &flows_policy::compile::PolicyKey) -> Key<PolicyKey> {
+    Key::new(
+        POLICY_KEY_FIXED_BITS + k.port_bits as u32,
+        PolicyKey {
+            endpoint_be: k.endpoint.to_be(),
+            identity_be: k.identity.to_be(),
+            direction: match k.direction {
+                Direction::Ingress => DIR_INGRESS,
+                Direction::Egress => DIR_EGRESS,
+            },
+            proto: k.protocol,
+            port_be: k.port.to_be(),
+        },
+    )
+}
+
+fn endpoint_value(e: &flows_policy::compile::EndpointEntry) -> EndpointValue {
+    let mut flags = 0;
+    if e.ingress_isolation.is_some() {
+        flags |= EP_INGRESS_ISOLATED;
+    }
+    if e.egress_isolation.is_some() {
+        flags |= EP_EGRESS_ISOLATED;
+    }
+    EndpointValue {
+        endpoint: e.endpoint,
+        mode: match e.mode {
+            Mode::Off => MODE_OFF,
+            Mode::Audit => MODE_AUDIT,
+            Mode::Enforce => MODE_ENFORCE,
+        },
+        flags,
+        _pad: [0; 2],
+        ingress_isolation: e.ingress_isolation.unwrap_or(0),
+        egress_isolation: e.egress_isolation.unwrap_or(0),
+    }
+}
+
+impl PolicyMaps {
+    /// Moves the maps to `next`, touching only what differs, in an order that never
+    /// denies what both the old and the new state allow: new policy entries first, then
+    /// the ipcache (identities may move to entries that now exist), then endpoints, then
+    /// the revision (established connections are decided again), and only then removal
+    /// of what is no longer needed.
+    pub fn apply(&mut self, next: DatapathState) -> Result<PolicyUpdate, DatapathError> {
+        let mut u = PolicyUpdate::default();
+        let cur = std::mem::take(&mut self.current);
+        for (k, set) in &next.policy {
+            if cur.policy.get(k) != Some(set) {
+                self.policy
+                    .insert(&policy_key(k), set, 0)
+                    .map_err(map_err("POLICY"))?;
+                u.written += 1;
+            }
+        }
+        for (c, id) in &next.ipcache {
+            if cur.ipcache.get(c) != Some(id) {
+                self.ipcache
+                    .insert(&cidr_key(c), id, 0)
+                    .map_err(map_err("IPCACHE"))?;
+                u.written += 1;
+            }
+        }
+        for (ip, e) in &next.endpoints {
+            if cur.endpoints.get(ip) != Some(e) {
+                self.endpoints
+                    .insert(ip_key(*ip), endpoint_value(e), 0)
+                    .map_err(map_err("ENDPOINTS"))?;
+                u.written += 1;
+            }
+        }
+        if u.written > 0 || next.policy.len() != cur.policy.len() || next.endpoints.len() != cur.endpoints.len() {
+            self.revision = self.revision.wrapping_add(1);
+            self.rev.set(0, self.revision, 0).map_err(map_err("POLICY_REV"))?;
+        }
+        for ip in cur.endpoints.keys() {
+            if !next.endpoints.contains_key(ip) {
+                let _ = self.endpoints.remove(&ip_key(*ip));
+                u.removed += 1;
+            }
+        }
+        for k in cur.policy.keys() {
+            if !next.policy.contains_key(k) {
+                let _ = self.policy.remove(&policy_key(k));
+                u.removed += 1;
+            }
+        }
+        for c in cur.ipcache.keys() {
+            if !next.ipcache.contains_key(c) {
+                let _ = self.ipcache.remove(&cidr_key(c));
+                u.removed += 1;
+            }
+        }
+        u.revision = self.revision;
+        self.current = next;
+        Ok(u)
+    }
+
+    /// The policy sets of the state last applied (for naming policies in flows).
+    pub fn current(&self) -> &DatapathState {
+        &self.current
     }
 }

@@ -12,14 +12,23 @@ use std::{
 
 use flows_common::{
     AF_INET, AF_INET6, EVENT_DROP, EVENT_F_REPLY, EVENT_FLOW, POINT_FROM_ENDPOINT,
-    POINT_KERNEL_DROP, POINT_TO_ENDPOINT, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, RAW_EVENT_SIZE, RawEvent, TCP_ACK, TCP_CWR, TCP_ECE, TCP_FIN, TCP_PSH, TCP_RST,
-    TCP_SYN, TCP_URG,
+    POINT_KERNEL_DROP, POINT_TO_ENDPOINT, POINT_TO_NETWORK, POLICY_EGRESS_ALLOWED,
+    POLICY_EGRESS_EVALUATED, POLICY_INGRESS_ALLOWED, POLICY_INGRESS_EVALUATED, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RAW_EVENT_SIZE, RawEvent, TCP_ACK, TCP_CWR,
+    TCP_ECE, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, TCP_URG, VERDICT_ALLOWED, VERDICT_AUDIT,
+    VERDICT_DENIED,
 };
+use flows_policy::compile::SetTable;
 use flows_proto::{
-    EventType, Flow, Icmpv4, Icmpv6, Interface, Ip, IpVersion, Layer4, ObservationPoint, Sctp,
-    Tcp, TcpFlags, TrafficDirection, Udp, Verdict, layer4,
+    EventType, Flow, Icmpv4, Icmpv6, Interface, Ip, IpVersion, Layer4, ObservationPoint, Policy,
+    Sctp, Tcp, TcpFlags, TrafficDirection, Udp, Verdict, layer4,
 };
+
+/// Drop reason of connections denied by NetworkPolicy in enforce mode.
+pub const POLICY_DENIED: &str = "POLICY_DENIED";
+
+/// Policy sets by id, shared with the policy programmer (ids are stable; the table grows).
+pub type PolicySets = Arc<RwLock<SetTable>>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -78,6 +87,7 @@ pub type IfNames = Arc<RwLock<HashMap<u32, String>>>;
 pub struct Decoder {
     node_name: String,
     ifnames: IfNames,
+    sets: PolicySets,
     drop_reasons: HashMap<u32, String>,
     clock: Clock,
 }
@@ -92,9 +102,31 @@ impl Decoder {
         Decoder {
             node_name,
             ifnames,
+            sets: Arc::new(RwLock::new(SetTable::new())),
             drop_reasons,
             clock,
         }
+    }
+
+    /// Names policy sets from this table (shared with the policy programmer).
+    pub fn with_policy_sets(mut self, sets: PolicySets) -> Decoder {
+        self.sets = sets;
+        self
+    }
+
+    fn policies(&self, set: u32) -> Vec<Policy> {
+        let Ok(t) = self.sets.read() else {
+            return Vec::new();
+        };
+        t.get(set)
+            .iter()
+            .map(|p| Policy {
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                kind: "NetworkPolicy".into(),
+                labels: Vec::new(),
+            })
+            .collect()
     }
 
     pub fn set_clock(&mut self, clock: Clock) {
@@ -134,10 +166,13 @@ impl Decoder {
             family => return Err(DecodeError::UnknownFamily { family }),
         };
         let is_reply = raw.flags & EVENT_F_REPLY != 0;
-        let (event_type, verdict) = match raw.kind {
-            EVENT_FLOW => (EventType::Trace, Verdict::Forwarded),
-            EVENT_DROP => (EventType::Drop, Verdict::Dropped),
-            kind => return Err(DecodeError::UnknownKind { kind }),
+        let (event_type, verdict) = match (raw.kind, raw.verdict) {
+            (EVENT_FLOW, VERDICT_ALLOWED) => (EventType::PolicyVerdict, Verdict::Forwarded),
+            (EVENT_FLOW, VERDICT_DENIED) => (EventType::PolicyVerdict, Verdict::Dropped),
+            (EVENT_FLOW, VERDICT_AUDIT) => (EventType::PolicyVerdict, Verdict::Audit),
+            (EVENT_FLOW, _) => (EventType::Trace, Verdict::Forwarded),
+            (EVENT_DROP, _) => (EventType::Drop, Verdict::Dropped),
+            (kind, _) => return Err(DecodeError::UnknownKind { kind }),
         };
         let (point, direction) = match (raw.point, is_reply) {
             // Leaving the pod: the pod's egress, unless it is the pod answering.
@@ -152,6 +187,7 @@ impl Decoder {
             (POINT_KERNEL_DROP, _) => {
                 (ObservationPoint::KernelDrop, TrafficDirection::Unspecified)
             }
+            (POINT_TO_NETWORK, _) => (ObservationPoint::ToNetwork, TrafficDirection::Egress),
             (point, _) => return Err(DecodeError::UnknownPoint { point }),
         };
         let t = &raw.tuple;
@@ -199,9 +235,27 @@ impl Decoder {
                 .get(&raw.drop_reason)
                 .cloned()
                 .unwrap_or_else(|| format!("REASON_{}", raw.drop_reason))
+        } else if raw.verdict == VERDICT_DENIED {
+            POLICY_DENIED.to_string()
         } else {
             String::new()
         };
+        let (mut ingress_allowed_by, mut ingress_denied_by) = (Vec::new(), Vec::new());
+        if raw.policy & POLICY_INGRESS_EVALUATED != 0 {
+            if raw.policy & POLICY_INGRESS_ALLOWED != 0 {
+                ingress_allowed_by = self.policies(raw.ingress_set);
+            } else {
+                ingress_denied_by = self.policies(raw.ingress_set);
+            }
+        }
+        let (mut egress_allowed_by, mut egress_denied_by) = (Vec::new(), Vec::new());
+        if raw.policy & POLICY_EGRESS_EVALUATED != 0 {
+            if raw.policy & POLICY_EGRESS_ALLOWED != 0 {
+                egress_allowed_by = self.policies(raw.egress_set);
+            } else {
+                egress_denied_by = self.policies(raw.egress_set);
+            }
+        }
         Ok(Flow {
             time: Some(self.clock.to_timestamp(raw.ts_ns)),
             uuid: uuid::Uuid::new_v4().to_string(),
@@ -221,6 +275,10 @@ impl Decoder {
             observation_point: point as i32,
             interface,
             packet_length: raw.pkt_len,
+            ingress_allowed_by,
+            egress_allowed_by,
+            ingress_denied_by,
+            egress_denied_by,
             ..Default::default()
         })
     }

@@ -44,6 +44,17 @@ struct Args {
     /// Written with the listen address once the probe is attached and serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// The node's interface towards other nodes and the world; local pods' egress policy
+    /// is enforced there (after service translation).
+    #[arg(long)]
+    uplink_iface: Option<String>,
+    /// Directory of manifests (Namespaces, Pods with nodeName and podIPs,
+    /// NetworkPolicies), watched for changes. Without it no policy is enforced.
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// Policy mode of namespaces without a flows.dev/policy-mode annotation.
+    #[arg(long, default_value = "enforce", value_parser = ["enforce", "audit", "off"])]
+    default_policy_mode: String,
 }
 
 fn hostname() -> String {
@@ -78,6 +89,10 @@ async fn main() -> anyhow::Result<()> {
         iface_poll: Duration::from_secs_f64(args.iface_poll_secs),
         listen: args.listen,
         ready_file: args.ready_file,
+        uplink: args.uplink_iface,
+        manifests: args.manifests,
+        default_mode: flows_policy::compile::Mode::parse(&args.default_policy_mode)
+            .unwrap_or(flows_policy::compile::Mode::Enforce),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

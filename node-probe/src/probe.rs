@@ -16,11 +16,17 @@ use tokio::{
     sync::watch,
 };
 
+use flows_policy::{
+    Manifests,
+    compile::{IdentityAllocator, Mode, NodeView, SetTable, compile_datapath},
+};
+
 use crate::{
     datapath::{
-        CountersMap, Datapath, DatapathConfig, DatapathError, DatapathMaps, EventsMap, read_counters,
+        CountersMap, Datapath, DatapathConfig, DatapathError, DatapathMaps, EventsMap, PolicyMaps,
+        read_counters,
     },
-    decode::{Clock, Decoder, IfNames},
+    decode::{Clock, Decoder, IfNames, PolicySets},
     ifaces::{IfaceSelector, list_veths},
     ring::{Entry, FlowRing, RingError},
     server::ObserverService,
@@ -72,6 +78,13 @@ pub struct ProbeConfig {
     pub listen: SocketAddr,
     /// Written (with the listen address) once interfaces are attached and the server is up.
     pub ready_file: Option<PathBuf>,
+    /// The node's uplink (towards other nodes and the world): egress policy enforcement.
+    pub uplink: Option<String>,
+    /// Directory of Kubernetes manifests (Namespaces, Pods with nodeName and podIPs,
+    /// NetworkPolicies), read again whenever a file changes. None: no policy.
+    pub manifests: Option<PathBuf>,
+    /// Mode of namespaces without a `flows.dev/policy-mode` annotation.
+    pub default_mode: Mode,
 }
 
 fn netns_inode(path: &PathBuf) -> Result<u32, ProbeError> {
@@ -97,6 +110,8 @@ pub async fn run(
         netns: netns_path,
         kernel_drops: cfg.kernel_drops,
         drop_netns,
+        uplink: cfg.uplink.clone(),
+        tc_drop_reasons: (u32::MAX, u32::MAX),
     })?;
     let datapath = Arc::new(datapath);
     let ring = Arc::new(FlowRing::new(cfg.ring_capacity)?);
@@ -104,13 +119,32 @@ pub async fn run(
     let ifnames: IfNames = Arc::new(RwLock::new(HashMap::new()));
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let DatapathMaps { events, counters } = maps;
+    let DatapathMaps {
+        events,
+        counters,
+        policy,
+    } = maps;
+    let sets: PolicySets = Arc::new(RwLock::new(SetTable::new()));
     let decoder = Decoder::new(
         cfg.node_name.clone(),
         ifnames.clone(),
         datapath.drop_reasons.clone(),
         Clock::now(),
-    );
+    )
+    .with_policy_sets(sets.clone());
+    // Policy is in place before the probe says it is ready.
+    let mut programmer = PolicyProgrammer {
+        maps: policy,
+        sets,
+        alloc: IdentityAllocator::new(),
+        signature: Vec::new(),
+        node: cfg.node_name.clone(),
+        default_mode: cfg.default_mode,
+    };
+    if let Some(dir) = &cfg.manifests {
+        programmer.sync(dir);
+    }
+    let policy_task = tokio::spawn(watch_policy(programmer, cfg.manifests.clone(), stop_rx.clone()));
     let reader = tokio::spawn(read_events(
         events,
         decoder,
@@ -168,6 +202,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = reader.await;
     let _ = counter_task.await;
+    let _ = policy_task.await;
     let _ = watcher.await;
     // Last reference: joining the datapath thread detaches every program.
     match Arc::try_unwrap(datapath) {
@@ -325,6 +360,121 @@ async fn watch_interfaces(
     loop {
         tokio::select! {
             _ = tick.tick() => sync_interfaces(&datapath, &cfg, &ifnames).await,
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Reads the manifests, compiles this node's policy state and programs the maps.
+struct PolicyProgrammer {
+    maps: PolicyMaps,
+    sets: PolicySets,
+    alloc: IdentityAllocator,
+    /// (path, length, modification time) of every manifest last read.
+    signature: Vec<(PathBuf, u64, i64, i64)>,
+    node: String,
+    default_mode: Mode,
+}
+
+fn manifest_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            manifest_files(&p, out);
+        } else if p
+            .extension()
+            .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+        {
+            out.push(p);
+        }
+    }
+}
+
+impl PolicyProgrammer {
+    fn signature(dir: &std::path::Path) -> Vec<(PathBuf, u64, i64, i64)> {
+        let mut files = Vec::new();
+        manifest_files(dir, &mut files);
+        files
+            .into_iter()
+            .filter_map(|p| {
+                let m = std::fs::metadata(&p).ok()?;
+                Some((p, m.len(), m.mtime(), m.mtime_nsec()))
+            })
+            .collect()
+    }
+
+    /// Re-reads the manifests if any changed. Bad manifests are reported and the policy
+    /// already in force stays.
+    fn sync(&mut self, dir: &std::path::Path) {
+        let sig = Self::signature(dir);
+        if sig == self.signature {
+            return;
+        }
+        self.signature = sig.clone();
+        let mut texts = Vec::new();
+        for (p, ..) in &sig {
+            match std::fs::read_to_string(p) {
+                Ok(t) => texts.push((p.display().to_string(), t)),
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "reading manifest; policy unchanged");
+                    return;
+                }
+            }
+        }
+        let m = match Manifests::parse(texts.iter().map(|(n, t)| (n.as_str(), t.as_str()))) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "invalid manifests; policy unchanged");
+                return;
+            }
+        };
+        let engine = m.engine();
+        let node = self.node.clone();
+        let default_mode = self.default_mode;
+        let is_local = |p: &flows_policy::PodInfo| p.node.as_deref() == Some(node.as_str());
+        let mode_of = |ns: &str| m.modes.get(ns).copied().unwrap_or(default_mode);
+        let table = self.sets.read().map(|t| t.clone()).unwrap_or_default();
+        let state = compile_datapath(
+            &m.cluster,
+            &engine,
+            &NodeView {
+                is_local: &is_local,
+                mode_of: &mode_of,
+            },
+            &mut self.alloc,
+            table,
+        );
+        // Names first: events that reference the new sets may arrive right after.
+        if let Ok(mut t) = self.sets.write() {
+            *t = state.sets.clone();
+        }
+        let (policies, endpoints) = (m.policies.len(), state.endpoints.len());
+        match self.maps.apply(state) {
+            Ok(u) => tracing::info!(
+                policies,
+                endpoints,
+                written = u.written,
+                removed = u.removed,
+                revision = u.revision,
+                "policy updated"
+            ),
+            Err(e) => tracing::error!(error = %e, "programming the policy maps"),
+        }
+    }
+}
+
+async fn watch_policy(
+    mut programmer: PolicyProgrammer,
+    dir: Option<PathBuf>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(dir) = dir else { return };
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => programmer.sync(&dir),
             _ = stop.changed() => return,
         }
     }
