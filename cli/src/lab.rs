@@ -74,6 +74,13 @@ pub enum LabCommand {
         #[command(flatten)]
         dir: StateDir,
     },
+    /// NetworkPolicies and enforcement modes (watched by the lab's node-probes).
+    Policy {
+        #[command(subcommand)]
+        command: crate::labpolicy::LabPolicyCommand,
+        #[command(flatten)]
+        dir: StateDir,
+    },
     /// The lab's listener process (started by `up`).
     #[command(hide = true)]
     Agent {
@@ -91,6 +98,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             dir,
         } => up(paths, nodes, probes, &dir.state_dir),
         LabCommand::Down { dir } => down(&dir.state_dir),
+        LabCommand::Policy { command, dir } => crate::labpolicy::run(&dir.state_dir, command),
         LabCommand::Status { output, dir } => status(&dir.state_dir, output),
         LabCommand::Exec {
             target,

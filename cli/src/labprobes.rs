@@ -36,6 +36,9 @@ fn probe_binary() -> PathBuf {
 
 pub fn start(dir: &Path, state: &State) -> anyhow::Result<Vec<String>> {
     let bin = probe_binary();
+    // What the probes enforce: the lab's namespaces and pods, and applied policies.
+    crate::labpolicy::write_cluster(dir, state)?;
+    let manifests = flows_lab::manifests::dir(dir);
     let mut waiting = Vec::new();
     for node in &state.nodes {
         let ready = addr_file(dir, &node.name);
@@ -46,7 +49,9 @@ pub fn start(dir: &Path, state: &State) -> anyhow::Result<Vec<String>> {
         let mut cmd = Command::new(&bin);
         cmd.args(["--node-name", &node.name, "--netns", &node.netns])
             .args(["--iface-prefix", "fl", "--exclude-iface", "fl-uplink"])
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--uplink-iface", "fl-uplink"])
+            .arg("--manifests")
+            .arg(&manifests)
             .arg("--ready-file")
             .arg(&ready)
             .arg("--drop-netns")

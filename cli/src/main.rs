@@ -2,6 +2,7 @@
 
 mod lab;
 mod labindex;
+mod labpolicy;
 mod labprobes;
 mod observe;
 mod policy;

@@ -43,6 +43,10 @@ pub enum LabError {
     #[error("cannot lay out the lab: {message}")]
     Plan { message: String },
 
+    /// Encoding the lab's manifests failed.
+    #[error("writing the lab's manifests: {message}")]
+    Manifests { message: String },
+
     #[error("a lab is already up ({detail}); run `flows lab down` first")]
     AlreadyUp { detail: String },
 

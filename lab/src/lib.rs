@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod dns;
 pub mod drive;
+pub mod manifests;
 pub mod error;
 pub mod net;
 pub mod netns;

@@ -1,0 +1,156 @@
+//! `flows lab policy ...`: NetworkPolicies and enforcement modes for the lab.
+//!
+//! Policies live as files in `<state dir>/manifests/policies/`, next to the lab's own
+//! rendering of its namespaces and pods; the lab's node-probes watch that directory, as
+//! they would watch the API server on a cluster. Modes are namespace annotations.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, bail};
+use flows_lab::{manifests, state::State};
+use flows_policy::{Manifests, load};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum LabPolicyCommand {
+    /// Apply NetworkPolicy files (validated first: nothing is applied if any is invalid).
+    Apply {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Remove applied policy files (by file name), or all of them.
+    Delete {
+        names: Vec<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Set a namespace's policy mode: enforce (drop what policy denies), audit (report
+    /// it as AUDIT, drop nothing) or off.
+    Mode {
+        namespace: String,
+        #[arg(value_parser = ["enforce", "audit", "off"])]
+        mode: String,
+    },
+    /// List the applied policy files and the namespaces' modes.
+    List,
+}
+
+fn policies_dir(dir: &Path) -> PathBuf {
+    manifests::dir(dir).join("policies")
+}
+
+fn modes_file(dir: &Path) -> PathBuf {
+    dir.join("policy-modes.json")
+}
+
+pub fn modes(dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+    match std::fs::read_to_string(modes_file(dir)) {
+        Ok(t) => serde_json::from_str(&t).with_context(|| format!("{}", modes_file(dir).display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e).with_context(|| format!("{}", modes_file(dir).display())),
+    }
+}
+
+/// Renders the lab's namespaces and pods for the probes (with the current modes).
+pub fn write_cluster(dir: &Path, state: &State) -> anyhow::Result<()> {
+    manifests::write_cluster(dir, state, &modes(dir)?)?;
+    std::fs::create_dir_all(policies_dir(dir))?;
+    Ok(())
+}
+
+fn apply(dir: &Path, paths: &[PathBuf]) -> anyhow::Result<()> {
+    let files = crate::policy::manifest_files(paths)?;
+    if files.is_empty() {
+        bail!("no policy files in {paths:?}");
+    }
+    // Validate everything before copying anything.
+    let mut texts = Vec::new();
+    for f in &files {
+        let t = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        for obj in load::parse(&f.display().to_string(), &t)? {
+            if !matches!(obj.object, load::Object::NetworkPolicy(_)) {
+                bail!("{}: only NetworkPolicy objects can be applied here", obj.origin);
+            }
+        }
+        texts.push((f.clone(), t));
+    }
+    Manifests::parse(texts.iter().map(|(n, t)| (n.to_str().unwrap_or("?"), t.as_str())))?;
+    let pd = policies_dir(dir);
+    std::fs::create_dir_all(&pd)?;
+    for (f, t) in &texts {
+        let name = f
+            .file_name()
+            .with_context(|| format!("{} has no file name", f.display()))?;
+        let tmp = pd.join(format!(".{}.tmp", name.to_string_lossy()));
+        std::fs::write(&tmp, t)?;
+        std::fs::rename(&tmp, pd.join(name))?;
+        println!("applied {}", name.to_string_lossy());
+    }
+    Ok(())
+}
+
+fn delete(dir: &Path, names: &[String], all: bool) -> anyhow::Result<()> {
+    let pd = policies_dir(dir);
+    let targets: Vec<PathBuf> = if all {
+        std::fs::read_dir(&pd)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    } else {
+        if names.is_empty() {
+            bail!("name the policy files to delete, or use --all");
+        }
+        names.iter().map(|n| pd.join(n)).collect()
+    };
+    for t in targets {
+        std::fs::remove_file(&t).with_context(|| format!("removing {}", t.display()))?;
+        println!("deleted {}", t.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn mode(dir: &Path, namespace: &str, mode: &str) -> anyhow::Result<()> {
+    let state = State::load(dir)?;
+    if !state.namespaces.iter().any(|n| n.name == namespace) {
+        bail!("no namespace {namespace} in the lab");
+    }
+    let mut m = modes(dir)?;
+    m.insert(namespace.to_string(), mode.to_string());
+    let tmp = modes_file(dir).with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&m)?)?;
+    std::fs::rename(&tmp, modes_file(dir))?;
+    manifests::write_cluster(dir, &state, &m)?;
+    println!("namespace {namespace}: policy mode {mode}");
+    Ok(())
+}
+
+fn list(dir: &Path) -> anyhow::Result<()> {
+    let mut files: Vec<String> = std::fs::read_dir(policies_dir(dir))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    println!("POLICY FILES");
+    for f in &files {
+        println!("  {f}");
+    }
+    println!("MODES (default: enforce)");
+    for (ns, m) in modes(dir)? {
+        println!("  {ns}: {m}");
+    }
+    Ok(())
+}
+
+pub fn run(dir: &Path, cmd: LabPolicyCommand) -> anyhow::Result<()> {
+    match cmd {
+        LabPolicyCommand::Apply { paths } => apply(dir, &paths),
+        LabPolicyCommand::Delete { names, all } => delete(dir, &names, all),
+        LabPolicyCommand::Mode { namespace, mode: m } => mode(dir, &namespace, &m),
+        LabPolicyCommand::List => list(dir),
+    }
+}

@@ -1,0 +1,278 @@
+//! NetworkPolicy in the kernel, end to end: the seed cluster (lab/examples/seed) under
+//! the seed guide's policies (lab/examples/seed-policies), enforced by the node-probes.
+//! Every attempt between pods, on every declared port, IPv4 and IPv6, must succeed
+//! exactly when the policy evaluator allows it, and the flows must name the same
+//! policies. Then audit mode lets everything through as AUDIT, and policy changes made
+//! while traffic runs take effect without failing allowed connections. Needs root.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use common::{Probe, all_flows};
+use flows_lab::{
+    drive::{self, AttemptReport, DriveOptions, Outcome, Scenario},
+    manifests,
+    state::State,
+    testing::{LabGuard, skip_unless_root},
+};
+use flows_policy::{Endpoint, Manifests, Protocol};
+use flows_proto::{Flow, Verdict, layer4};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Every pod to every other pod on each declared TCP/UDP port, both families.
+fn matrix(state: &State, timeout_ms: u64) -> Scenario {
+    let mut text = String::from("connections:\n");
+    for a in &state.pods {
+        for b in &state.pods {
+            if a.namespace == b.namespace && a.name == b.name {
+                continue;
+            }
+            for p in &b.ports {
+                if p.protocol == "SCTP" {
+                    continue;
+                }
+                text.push_str(&format!(
+                    "  - {{ name: \"{}/{}>{}/{}:{}/{}\", from: {}/{}, to: {{ pod: {}/{} }}, protocol: {}, port: {}, family: both, timeout_ms: {timeout_ms} }}\n",
+                    a.namespace, a.name, b.namespace, b.name, p.port, p.protocol,
+                    a.namespace, a.name, b.namespace, b.name, p.protocol, p.port
+                ));
+            }
+        }
+    }
+    Scenario::parse("policy-matrix", &text).expect("matrix scenario")
+}
+
+fn manifests_for(state: &State, dir: &Path) -> Manifests {
+    let mut texts = Vec::new();
+    texts.push((
+        "cluster".to_string(),
+        manifests::cluster_yaml(state, &BTreeMap::new()).expect("cluster yaml"),
+    ));
+    for f in std::fs::read_dir(dir.join("policies")).expect("policies").flatten() {
+        texts.push((
+            f.path().display().to_string(),
+            std::fs::read_to_string(f.path()).expect("read"),
+        ));
+    }
+    Manifests::parse(texts.iter().map(|(n, t)| (n.as_str(), t.as_str()))).expect("manifests")
+}
+
+fn pod_of(state: &State, ip: IpAddr) -> Option<(String, String)> {
+    state
+        .pods
+        .iter()
+        .find(|p| IpAddr::V4(p.ipv4) == ip || IpAddr::V6(p.ipv6) == ip)
+        .map(|p| (p.namespace.clone(), p.name.clone()))
+}
+
+fn names(ps: &[flows_proto::Policy]) -> BTreeSet<String> {
+    ps.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect()
+}
+
+fn sport(f: &Flow) -> Option<u16> {
+    match f.l4.as_ref()?.protocol.as_ref()? {
+        layer4::Protocol::Tcp(t) => Some(t.source_port as u16),
+        layer4::Protocol::Udp(u) => Some(u.source_port as u16),
+        _ => None,
+    }
+}
+
+/// The policy-verdict flows of an attempt (the enforcement points it crossed).
+fn verdicts<'a>(flows: &'a [Flow], a: &AttemptReport) -> Vec<&'a Flow> {
+    flows
+        .iter()
+        .filter(|f| {
+            f.event_type == flows_proto::EventType::PolicyVerdict as i32
+                && !f.is_reply
+                && sport(f) == a.src_port
+                && f.ip.as_ref().is_some_and(|ip| {
+                    ip.source.parse::<IpAddr>().ok() == a.src_ip
+                        && ip.destination.parse::<IpAddr>().ok() == Some(a.dst_ip)
+                })
+        })
+        .collect()
+}
+
+fn set_modes(dir: &Path, state: &State, mode: &str) {
+    let modes: BTreeMap<String, String> = state
+        .namespaces
+        .iter()
+        .map(|n| (n.name.clone(), mode.to_string()))
+        .collect();
+    manifests::write_cluster(dir, state, &modes).expect("write cluster");
+}
+
+fn copy_policies(dir: &Path) {
+    let pd = dir.join("policies");
+    std::fs::create_dir_all(&pd).expect("policies dir");
+    for f in std::fs::read_dir(root().join("lab/examples/seed-policies")).expect("seed policies").flatten() {
+        std::fs::copy(f.path(), pd.join(f.file_name())).expect("copy");
+    }
+}
+
+#[test]
+fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
+    if skip_unless_root("the_kernel_enforces_exactly_what_the_evaluator_decides") {
+        return;
+    }
+    let lab = LabGuard::up(&[root().join("lab/examples/seed")], 2).expect("lab up");
+    let state = lab.state.clone();
+    let mdir = manifests::dir(&lab.dir);
+    set_modes(&lab.dir, &state, "enforce");
+    copy_policies(&mdir);
+    let extra = ["--manifests", mdir.to_str().expect("utf8"), "--uplink-iface", "fl-uplink"];
+    let probes: Vec<Probe> = ["node-1", "node-2"]
+        .iter()
+        .map(|n| Probe::start_with(&state, n, &lab.dir, &extra))
+        .collect();
+
+    // 1. Enforce: outcomes and flows match the evaluator, attempt by attempt.
+    let m = manifests_for(&state, &mdir);
+    let engine = m.engine();
+    let scenario = matrix(&state, 400);
+    let report = drive::run(&state, &scenario, &DriveOptions { concurrency: 8 }).expect("drive");
+    std::thread::sleep(Duration::from_millis(500));
+    let flows: Vec<Flow> = probes.iter().flat_map(|p| all_flows(&p.addr)).collect();
+    let (mut allowed, mut denied) = (0, 0);
+    for a in &report.attempts {
+        let (sns, spod) = pod_of(&state, a.src_ip.expect("src")).expect("src pod");
+        let (dns, dpod) = pod_of(&state, a.dst_ip).expect("dst pod");
+        let src = m.cluster.pod(&sns, &spod).expect("src in manifests");
+        let dst = m.cluster.pod(&dns, &dpod).expect("dst in manifests");
+        let proto = match a.protocol {
+            drive::Protocol::Tcp => Protocol::Tcp,
+            drive::Protocol::Udp => Protocol::Udp,
+            drive::Protocol::Icmp => unreachable!("no ICMP in the matrix"),
+        };
+        let d = engine.evaluate(
+            &m.cluster,
+            &Endpoint::Pod(src, a.src_ip),
+            &Endpoint::Pod(dst, Some(a.dst_ip)),
+            proto,
+            a.dst_port,
+        );
+        let expect = if d.allowed { Outcome::Success } else { Outcome::Failure };
+        assert_eq!(a.outcome, expect, "kernel vs evaluator for {a:?}: {d:?}");
+        let v = verdicts(&flows, a);
+        if d.allowed {
+            allowed += 1;
+            assert!(v.iter().all(|f| f.verdict == Verdict::Forwarded as i32), "{v:#?}");
+        } else {
+            denied += 1;
+            // Cross-node, the source's egress is decided at its node's uplink and the
+            // destination's ingress at its veth: one record each, one of them the denial.
+            let drops: Vec<&&Flow> = v.iter().filter(|f| f.verdict == Verdict::Dropped as i32).collect();
+            assert_eq!(drops.len(), 1, "one denial record for {a:?}: {v:#?}");
+            let f = drops[0];
+            assert_eq!(f.verdict, Verdict::Dropped as i32);
+            assert_eq!(f.drop_reason, "POLICY_DENIED");
+            // The record names the denying side(s) judged where it was dropped (the first
+            // enforcement point on the path drops it; a later one never sees it).
+            let set = |v: &[flows_policy::PolicyRef]| -> BTreeSet<String> {
+                v.iter().map(|p| p.to_string()).collect()
+            };
+            let (eg, ing) = (names(&f.egress_denied_by), names(&f.ingress_denied_by));
+            assert!(!eg.is_empty() || !ing.is_empty(), "no policy named for {a:?}: {f:#?}");
+            if !eg.is_empty() {
+                assert!(!d.egress.allowed, "egress named as denying for {a:?}");
+                assert_eq!(eg, set(&d.egress.isolated_by), "egress policies for {a:?}");
+            }
+            if !ing.is_empty() {
+                assert!(!d.ingress.allowed, "ingress named as denying for {a:?}");
+                assert_eq!(ing, set(&d.ingress.isolated_by), "ingress policies for {a:?}");
+            }
+        }
+        // Where a side was isolated and allowed, the flow names the allowing policies.
+        if d.allowed && !d.ingress.isolated_by.is_empty() {
+            let want: BTreeSet<String> = d.ingress.allowed_by.iter().map(|p| p.to_string()).collect();
+            assert!(
+                v.iter().any(|f| names(&f.ingress_allowed_by) == want),
+                "ingress allowed_by {want:?} for {a:?}: {v:#?}"
+            );
+        }
+    }
+    assert!(allowed > 10 && denied > 10, "a matrix with both outcomes ({allowed} allowed, {denied} denied)");
+
+    // 2. Audit: everything passes; what enforce denied is reported as AUDIT.
+    set_modes(&lab.dir, &state, "audit");
+    std::thread::sleep(Duration::from_millis(1500));
+    let report = drive::run(&state, &matrix(&state, 1000), &DriveOptions { concurrency: 8 }).expect("drive");
+    std::thread::sleep(Duration::from_millis(500));
+    let flows: Vec<Flow> = probes.iter().flat_map(|p| all_flows(&p.addr)).collect();
+    let mut audited = 0;
+    for a in &report.attempts {
+        assert_eq!(a.outcome, Outcome::Success, "audit mode drops nothing: {a:?}");
+        let (sns, spod) = pod_of(&state, a.src_ip.expect("src")).expect("src pod");
+        let (dns, dpod) = pod_of(&state, a.dst_ip).expect("dst pod");
+        let proto = if a.protocol == drive::Protocol::Tcp { Protocol::Tcp } else { Protocol::Udp };
+        let d = engine.evaluate(
+            &m.cluster,
+            &Endpoint::Pod(m.cluster.pod(&sns, &spod).expect("src"), a.src_ip),
+            &Endpoint::Pod(m.cluster.pod(&dns, &dpod).expect("dst"), Some(a.dst_ip)),
+            proto,
+            a.dst_port,
+        );
+        // Both denying sides report when the packet goes on: one AUDIT per denying side.
+        let audits = verdicts(&flows, a)
+            .iter()
+            .filter(|f| f.verdict == Verdict::Audit as i32)
+            .count();
+        let denying = usize::from(!d.egress.allowed) + usize::from(!d.ingress.allowed);
+        let same_node = state.pods.iter().find(|p| p.namespace == sns && p.name == spod).map(|p| &p.node)
+            == state.pods.iter().find(|p| p.namespace == dns && p.name == dpod).map(|p| &p.node);
+        let expected = if same_node { usize::from(denying > 0) } else { denying };
+        assert_eq!(audits, expected, "AUDIT records for {a:?}: {d:?}");
+        audited += usize::from(audits > 0);
+    }
+    assert_eq!(audited, denied, "every attempt enforce denied is audited now");
+
+    // 3. Live changes: while allowed traffic runs, an unrelated policy comes and goes
+    //    (no allowed attempt fails); then the allowing policy goes and the same traffic
+    //    is denied.
+    set_modes(&lab.dir, &state, "enforce");
+    std::thread::sleep(Duration::from_millis(1500));
+    let steady = Scenario::parse(
+        "steady",
+        "connections:\n  - { from: frontend/frontend, to: { pod: backend/backend }, protocol: TCP, port: 80, family: both, count: 300, rate: 100, timeout_ms: 1000 }\n",
+    )
+    .expect("scenario");
+    let st = state.clone();
+    let runner = std::thread::spawn(move || drive::run(&st, &steady, &DriveOptions::default()));
+    let unrelated = mdir.join("policies/50-unrelated.yaml");
+    for i in 0..4 {
+        std::thread::sleep(Duration::from_millis(400));
+        if i % 2 == 0 {
+            std::fs::write(
+                &unrelated,
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: { name: db-extra, namespace: db }\nspec:\n  podSelector: {}\n  ingress: [ { from: [ { podSelector: {} } ], ports: [ { port: 5432 } ] } ]\n",
+            )
+            .expect("write");
+        } else {
+            std::fs::remove_file(&unrelated).expect("remove");
+        }
+    }
+    let report = runner.join().expect("thread").expect("drive");
+    assert_eq!(report.failed, 0, "allowed connections failed during policy changes");
+
+    std::fs::remove_file(mdir.join("policies/10-allow-chain.yaml")).expect("remove allow");
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = Scenario::parse(
+        "after",
+        "connections:\n  - { from: frontend/frontend, to: { pod: backend/backend }, protocol: TCP, port: 80, family: both, count: 2, timeout_ms: 400 }\n",
+    )
+    .expect("scenario");
+    let report = drive::run(&state, &after, &DriveOptions::default()).expect("drive");
+    assert_eq!(report.succeeded, 0, "denied once the allowing policy is gone");
+
+    drop(probes);
+    lab.down().expect("lab down");
+}
