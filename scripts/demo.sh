@@ -17,3 +17,23 @@ echo "== flows seen by the node-probes (flows observe --all)"
 servers=$($flows lab status -o json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(" ".join("--server "+d["addr"] for d in s.get("probes", [])))')
 # shellcheck disable=SC2086
 $flows observe $servers --all --print-node-name
+
+echo
+echo "== the seed guide's NetworkPolicies, enforced (lab/examples/seed-policies)"
+$flows lab policy apply lab/examples/seed-policies
+sleep 2
+$flows lab drive lab/scenarios/seed-traffic-policies.yaml -o table
+echo
+echo "== denied by policy, with the policies that decided"
+$flows observe --last 400 -o json | python3 -c '
+import json, sys
+def name(e):
+    return e["namespace"] + "/" + e["pod_name"] if e.get("pod_name") else "world"
+for line in sys.stdin:
+    f = json.loads(line).get("flow")
+    if not f or f.get("drop_reason") != "POLICY_DENIED":
+        continue
+    pols = [p["namespace"] + "/" + p["name"] for p in f.get("egress_denied_by", []) + f.get("ingress_denied_by", [])]
+    print("%s: %s -> %s %s: DROPPED by %s" % (f["node_name"], name(f.get("source", {})),
+          name(f.get("destination", {})), f["ip"]["destination"], ", ".join(pols)))
+'

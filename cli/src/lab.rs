@@ -132,6 +132,7 @@ fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, dir: &Path) -> anyhow::Re
         ],
     };
     let mut state = flows_lab::up(&opts)?;
+    crate::labpolicy::reset(dir)?;
     if probes {
         // All or nothing: a lab whose probes did not start is taken down again.
         match crate::labprobes::start(dir, &state) {
@@ -155,6 +156,7 @@ fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, dir: &Path) -> anyhow::Re
 
 fn down(dir: &Path) -> anyhow::Result<()> {
     let report = flows_lab::down(dir)?;
+    crate::labpolicy::reset(dir)?;
     let t = &report.teardown;
     if report.stopped.is_empty()
         && t.netns_removed.is_empty()

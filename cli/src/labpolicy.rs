@@ -53,6 +53,22 @@ pub fn modes(dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
     }
 }
 
+/// Forgets applied policies and modes: a new lab starts without them, and `down`
+/// leaves nothing of them behind.
+pub fn reset(dir: &Path) -> anyhow::Result<()> {
+    let md = manifests::dir(dir);
+    match std::fs::remove_dir_all(&md) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", md.display())),
+    }
+    match std::fs::remove_file(modes_file(dir)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", modes_file(dir).display())),
+    }
+}
+
 /// Renders the lab's namespaces and pods for the probes (with the current modes).
 pub fn write_cluster(dir: &Path, state: &State) -> anyhow::Result<()> {
     manifests::write_cluster(dir, state, &modes(dir)?)?;
