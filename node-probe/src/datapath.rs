@@ -501,6 +501,7 @@ pub struct TestHarness {
     ebpf: Ebpf,
     events: EventsMap,
     counters: CountersMap,
+    policy: PolicyMaps,
 }
 
 impl TestHarness {
@@ -509,11 +510,16 @@ impl TestHarness {
         for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT, PROG_BENCH_NOP] {
             classifier(&mut ebpf, name)?.load().map_err(prog_err(name))?;
         }
-        let DatapathMaps { events, counters, .. } = take_maps(&mut ebpf)?;
+        let DatapathMaps {
+            events,
+            counters,
+            policy,
+        } = take_maps(&mut ebpf)?;
         Ok(TestHarness {
             ebpf,
             events,
             counters,
+            policy,
         })
     }
 
@@ -526,6 +532,17 @@ impl TestHarness {
             PROG_TO_ENDPOINT
         };
         Ok(self.run_program(name, packet, 1)?.0)
+    }
+
+    /// Programs the policy maps (as the probe does on a manifest change).
+    pub fn apply_policy(&mut self, state: DatapathState) -> Result<PolicyUpdate, DatapathError> {
+        self.policy.apply(state)
+    }
+
+    /// One packet through a program: (verdict, nanoseconds the kernel measured).
+    /// `program` is one of the `PROG_*` classifier names.
+    pub fn run_timed(&mut self, program: &'static str, packet: &[u8]) -> Result<(u32, f64), DatapathError> {
+        self.run_program(program, packet, 1)
     }
 
     /// (verdict, mean ns per run) of `repeat` runs of a program on one packet.

@@ -273,6 +273,67 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
     let report = drive::run(&state, &after, &DriveOptions::default()).expect("drive");
     assert_eq!(report.succeeded, 0, "denied once the allowing policy is gone");
 
+    // 4. An established flow (one UDP socket, one 5-tuple) keeps working across a change
+    //    that still allows it, and is cut by one that denies it.
+    copy_policies(&mdir);
+    std::thread::sleep(Duration::from_millis(1500));
+    let backend = state.pod("backend", "backend").expect("backend").clone();
+    let api = state
+        .pods
+        .iter()
+        .find(|p| p.namespace == "backend" && p.name.starts_with("api-"))
+        .expect("api pod")
+        .clone();
+    let flow = UdpFlow::open(&backend.netns, std::net::SocketAddr::new(IpAddr::V4(api.ipv4), 5353));
+    assert!(flow.echo(), "allowed: backend -> api, same namespace");
+    std::fs::write(
+        mdir.join("policies/50-unrelated.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: { name: db-extra, namespace: db }\nspec:\n  podSelector: {}\n  ingress: [ { from: [ { podSelector: {} } ] } ]\n",
+    )
+    .expect("write");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(flow.echo(), "an unrelated change leaves the established flow alone");
+    // Without the namespace policies, backend's egress is limited to db: the flow is cut.
+    std::fs::remove_file(mdir.join("policies/00-namespace-deny.yaml")).expect("remove");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!flow.echo(), "a change that denies the flow cuts it");
+
     drop(probes);
     lab.down().expect("lab down");
+}
+
+/// A UDP socket inside a pod's network namespace, connected to a peer: one 5-tuple for
+/// as long as it lives.
+struct UdpFlow {
+    sock: std::net::UdpSocket,
+}
+
+impl UdpFlow {
+    fn open(netns: &str, peer: std::net::SocketAddr) -> UdpFlow {
+        let path = PathBuf::from("/run/netns").join(netns);
+        let sock = std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            let f = std::fs::File::open(&path).expect("netns");
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            // The socket stays in this namespace after the thread is gone.
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+            s.connect(peer).expect("connect");
+            s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+            s
+        })
+        .join()
+        .expect("thread");
+        UdpFlow { sock }
+    }
+
+    /// Sends a datagram and says whether the echo came back.
+    fn echo(&self) -> bool {
+        let mut buf = [0u8; 64];
+        for _ in 0..2 {
+            if self.sock.send(b"ping").is_ok() && self.sock.recv(&mut buf).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
 }

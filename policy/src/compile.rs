@@ -202,6 +202,14 @@ impl SetTable {
     pub fn get(&self, id: u32) -> &[PolicyRef] {
         self.list.get(id as usize).map(|v| v.as_slice()).unwrap_or(&[])
     }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.len() <= 1
+    }
 }
 
 /// The ipBlocks of all policies, deduplicated, each as (cidr, excepts).

@@ -10,6 +10,7 @@ pub mod compile;
 pub mod eval;
 pub mod load;
 pub mod selector;
+pub mod synthetic;
 pub mod validate;
 
 use std::net::IpAddr;
