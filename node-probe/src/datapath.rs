@@ -715,4 +715,9 @@ impl PolicyMaps {
     pub fn current(&self) -> &DatapathState {
         &self.current
     }
+
+    /// The revision last written to the datapath.
+    pub fn revision(&self) -> u32 {
+        self.revision
+    }
 }

@@ -134,6 +134,7 @@ pub async fn run(
     .with_policy_sets(sets.clone());
     // Policy is in place before the probe says it is ready.
     let mut programmer = PolicyProgrammer {
+        stats: stats.clone(),
         maps: policy,
         sets,
         alloc: IdentityAllocator::new(),
@@ -367,6 +368,7 @@ async fn watch_interfaces(
 
 /// Reads the manifests, compiles this node's policy state and programs the maps.
 struct PolicyProgrammer {
+    stats: Arc<ProbeStats>,
     maps: PolicyMaps,
     sets: PolicySets,
     alloc: IdentityAllocator,
@@ -413,8 +415,13 @@ impl PolicyProgrammer {
             return;
         }
         self.signature = sig.clone();
+        self.read(&sig);
+        self.stats.policy_read(u64::from(self.maps.revision()));
+    }
+
+    fn read(&mut self, sig: &[(PathBuf, u64, i64, i64)]) {
         let mut texts = Vec::new();
-        for (p, ..) in &sig {
+        for (p, ..) in sig {
             match std::fs::read_to_string(p) {
                 Ok(t) => texts.push((p.display().to_string(), t)),
                 Err(e) => {

@@ -233,6 +233,8 @@ impl Observer for ObserverService {
             version: env!("CARGO_PKG_VERSION").to_string(),
             datapath_counters: snap.datapath.into_iter().collect(),
             node_name: self.node_name.clone(),
+            policy_reads: snap.policy_reads,
+            policy_revision: snap.policy_revision,
         }))
     }
 }

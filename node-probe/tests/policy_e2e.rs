@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Probe, all_flows};
+use common::{Probe, after_policy_change, all_flows, settle};
 use flows_lab::{
     drive::{self, AttemptReport, DriveOptions, Outcome, Scenario},
     manifests,
@@ -140,7 +140,7 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
     let engine = m.engine();
     let scenario = matrix(&state, 400);
     let report = drive::run(&state, &scenario, &DriveOptions { concurrency: 8 }).expect("drive");
-    std::thread::sleep(Duration::from_millis(500));
+    settle(&probes);
     let flows: Vec<Flow> = probes.iter().flat_map(|p| all_flows(&p.addr)).collect();
     let (mut allowed, mut denied) = (0, 0);
     for a in &report.attempts {
@@ -203,10 +203,9 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
     assert!(allowed > 10 && denied > 10, "a matrix with both outcomes ({allowed} allowed, {denied} denied)");
 
     // 2. Audit: everything passes; what enforce denied is reported as AUDIT.
-    set_modes(&lab.dir, &state, "audit");
-    std::thread::sleep(Duration::from_millis(1500));
+    after_policy_change(&probes, || set_modes(&lab.dir, &state, "audit"));
     let report = drive::run(&state, &matrix(&state, 1000), &DriveOptions { concurrency: 8 }).expect("drive");
-    std::thread::sleep(Duration::from_millis(500));
+    settle(&probes);
     let flows: Vec<Flow> = probes.iter().flat_map(|p| all_flows(&p.addr)).collect();
     let mut audited = 0;
     for a in &report.attempts {
@@ -238,8 +237,7 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
     // 3. Live changes: while allowed traffic runs, an unrelated policy comes and goes
     //    (no allowed attempt fails); then the allowing policy goes and the same traffic
     //    is denied.
-    set_modes(&lab.dir, &state, "enforce");
-    std::thread::sleep(Duration::from_millis(1500));
+    after_policy_change(&probes, || set_modes(&lab.dir, &state, "enforce"));
     let steady = Scenario::parse(
         "steady",
         "connections:\n  - { from: frontend/frontend, to: { pod: backend/backend }, protocol: TCP, port: 80, family: both, count: 300, rate: 100, timeout_ms: 1000 }\n",
@@ -248,23 +246,27 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
     let st = state.clone();
     let runner = std::thread::spawn(move || drive::run(&st, &steady, &DriveOptions::default()));
     let unrelated = mdir.join("policies/50-unrelated.yaml");
+    // Each change waits for the probes to take it in (about half a second), so the
+    // four changes spread over the traffic.
     for i in 0..4 {
-        std::thread::sleep(Duration::from_millis(400));
-        if i % 2 == 0 {
-            std::fs::write(
-                &unrelated,
-                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: { name: db-extra, namespace: db }\nspec:\n  podSelector: {}\n  ingress: [ { from: [ { podSelector: {} } ], ports: [ { port: 5432 } ] } ]\n",
-            )
-            .expect("write");
-        } else {
-            std::fs::remove_file(&unrelated).expect("remove");
-        }
+        after_policy_change(&probes, || {
+            if i % 2 == 0 {
+                std::fs::write(
+                    &unrelated,
+                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: { name: db-extra, namespace: db }\nspec:\n  podSelector: {}\n  ingress: [ { from: [ { podSelector: {} } ], ports: [ { port: 5432 } ] } ]\n",
+                )
+                .expect("write");
+            } else {
+                std::fs::remove_file(&unrelated).expect("remove");
+            }
+        });
     }
     let report = runner.join().expect("thread").expect("drive");
     assert_eq!(report.failed, 0, "allowed connections failed during policy changes");
 
-    std::fs::remove_file(mdir.join("policies/10-allow-chain.yaml")).expect("remove allow");
-    std::thread::sleep(Duration::from_millis(1500));
+    after_policy_change(&probes, || {
+        std::fs::remove_file(mdir.join("policies/10-allow-chain.yaml")).expect("remove allow")
+    });
     let after = Scenario::parse(
         "after",
         "connections:\n  - { from: frontend/frontend, to: { pod: backend/backend }, protocol: TCP, port: 80, family: both, count: 2, timeout_ms: 400 }\n",
@@ -275,8 +277,7 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
 
     // 4. An established flow (one UDP socket, one 5-tuple) keeps working across a change
     //    that still allows it, and is cut by one that denies it.
-    copy_policies(&mdir);
-    std::thread::sleep(Duration::from_millis(1500));
+    after_policy_change(&probes, || copy_policies(&mdir));
     let backend = state.pod("backend", "backend").expect("backend").clone();
     let api = state
         .pods
@@ -286,16 +287,18 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
         .clone();
     let flow = UdpFlow::open(&backend.netns, std::net::SocketAddr::new(IpAddr::V4(api.ipv4), 5353));
     assert!(flow.echo(), "allowed: backend -> api, same namespace");
-    std::fs::write(
-        mdir.join("policies/50-unrelated.yaml"),
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: { name: db-extra, namespace: db }\nspec:\n  podSelector: {}\n  ingress: [ { from: [ { podSelector: {} } ] } ]\n",
-    )
-    .expect("write");
-    std::thread::sleep(Duration::from_millis(1500));
+    after_policy_change(&probes, || {
+        std::fs::write(
+            mdir.join("policies/50-unrelated.yaml"),
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: { name: db-extra, namespace: db }\nspec:\n  podSelector: {}\n  ingress: [ { from: [ { podSelector: {} } ] } ]\n",
+        )
+        .expect("write")
+    });
     assert!(flow.echo(), "an unrelated change leaves the established flow alone");
     // Without the namespace policies, backend's egress is limited to db: the flow is cut.
-    std::fs::remove_file(mdir.join("policies/00-namespace-deny.yaml")).expect("remove");
-    std::thread::sleep(Duration::from_millis(1500));
+    after_policy_change(&probes, || {
+        std::fs::remove_file(mdir.join("policies/00-namespace-deny.yaml")).expect("remove")
+    });
     assert!(!flow.echo(), "a change that denies the flow cuts it");
 
     drop(probes);

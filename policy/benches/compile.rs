@@ -21,7 +21,7 @@ fn time<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 
 fn main() {
     let (namespaces, pods_per_ns, policies_per_ns, nodes) = (100, 100, 10, 100);
-    let ((mut cluster, policies), gen) =
+    let ((mut cluster, policies), generated) =
         time(|| synthetic::cluster(namespaces, pods_per_ns, policies_per_ns, nodes));
     let is_local = |p: &PodInfo| p.node.as_deref() == Some("node-0");
     let mode_of = |_: &str| Mode::Enforce;
@@ -39,7 +39,7 @@ fn main() {
         cluster.pods().len(),
         policies.len(),
         nodes,
-        gen.as_secs_f64() * 1e3
+        generated.as_secs_f64() * 1e3
     );
     println!(
         "compiled state for one node: {} ipcache entries, {} endpoints, {} policy entries, {} policy sets",

@@ -137,3 +137,31 @@ pub fn server_status(addr: &str) -> ServerStatusResponse {
             .into_inner()
     })
 }
+
+/// Runs `change`, then waits until every probe has read the changed manifests.
+pub fn after_policy_change(probes: &[Probe], change: impl FnOnce()) {
+    let before: Vec<u64> = probes.iter().map(|p| server_status(&p.addr).policy_reads).collect();
+    change();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for (p, b) in probes.iter().zip(before) {
+        while server_status(&p.addr).policy_reads <= b {
+            assert!(Instant::now() < deadline, "node-probe {} did not read the change", p.node);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Waits until the probes have taken in every event (their seen counts stop moving).
+pub fn settle(probes: &[Probe]) {
+    let seen = || -> u64 { probes.iter().map(|p| server_status(&p.addr).seen_flows).sum() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = seen();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = seen();
+        if now == last || Instant::now() > deadline {
+            return;
+        }
+        last = now;
+    }
+}
