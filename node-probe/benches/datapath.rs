@@ -105,21 +105,30 @@ fn policy_cost() -> Result<(), Box<dyn std::error::Error>> {
     let t = std::time::Instant::now();
     let update = h.apply_policy(state)?;
     let load = t.elapsed();
-    // Pod 0 is local (node-0); pod 1 is remote; pod 100 is local too.
-    let local = octets(synthetic::pod_ip(0));
-    let remote = octets(synthetic::pod_ip(1));
-    let neighbour = octets(synthetic::pod_ip(100));
+    // (see synthetic::cluster) ns-99/pod-1 (number 9901) is on node-0, app-1, http 8081:
+    // pol-1 admits tier=front pods of its namespace there. ns-99/pod-2 (front, remote)
+    // is allowed; ns-99/pod-3 (back, remote) is denied; ns-98/pod-2 (front, on node-0,
+    // another namespace) is denied with both sides decided here.
+    let dst = octets(synthetic::pod_ip(9901));
+    let allowed_src = octets(synthetic::pod_ip(9902));
+    let denied_src = octets(synthetic::pod_ip(9903));
+    let local_src = octets(synthetic::pod_ip(9802));
     let n: u16 = 20_000;
-    let (mut nop, mut remote_ns, mut local_ns) = (0.0, 0.0, 0.0);
-    let mut verdicts = [0usize; 3];
+    let (mut nop, mut allowed_ns, mut denied_ns, mut local_ns) = (0.0, 0.0, 0.0, 0.0);
+    let mut verdicts = [[0usize; 3]; 3];
     for i in 0..n {
-        let a = tcp_between(remote, local, 20_000 + i, 8080, 0x02);
-        let b = tcp_between(neighbour, local, 20_000 + i, 8080, 0x02);
+        let a = tcp_between(allowed_src, dst, 20_000 + i, 8081, 0x02);
+        let b = tcp_between(denied_src, dst, 20_000 + i, 8081, 0x02);
+        let c = tcp_between(local_src, dst, 20_000 + i, 8081, 0x02);
         nop += h.run_timed(PROG_BENCH_NOP, &a)?.1;
-        let (v, ns) = h.run_timed(PROG_TO_ENDPOINT, &a)?;
-        remote_ns += ns;
-        verdicts[(v as usize).min(2)] += 1;
-        local_ns += h.run_timed(PROG_TO_ENDPOINT, &b)?.1;
+        for (k, (pkt, total)) in [(&a, &mut allowed_ns), (&b, &mut denied_ns), (&c, &mut local_ns)]
+            .into_iter()
+            .enumerate()
+        {
+            let (v, ns) = h.run_timed(PROG_TO_ENDPOINT, pkt)?;
+            *total += ns;
+            verdicts[k][(v as usize).min(2)] += 1;
+        }
     }
     let n = n as f64;
     let _ = h.events();
@@ -129,15 +138,23 @@ fn policy_cost() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("  empty program, one per syscall:       {:>8.1} ns  (baseline)", nop / n);
     println!(
-        "  new connection from a remote pod:     {:>8.1} ns  = {:.2}x baseline (ingress decided)",
-        remote_ns / n,
-        remote_ns / nop
+        "  new connection, remote pod, allowed:  {:>8.1} ns  = {:.2}x baseline",
+        allowed_ns / n,
+        allowed_ns / nop
     );
     println!(
-        "  new connection from a same-node pod:  {:>8.1} ns  = {:.2}x baseline (ingress and egress decided)",
+        "  new connection, remote pod, denied:   {:>8.1} ns  = {:.2}x baseline",
+        denied_ns / n,
+        denied_ns / nop
+    );
+    println!(
+        "  new connection, same-node pod:        {:>8.1} ns  = {:.2}x baseline (both sides decided)",
         local_ns / n,
         local_ns / nop
     );
-    println!("  verdicts of the remote attempts: {} passed, {} dropped", verdicts[0], verdicts[2]);
+    println!(
+        "  verdicts (passed/dropped): allowed {}/{}, denied {}/{}, same-node {}/{}",
+        verdicts[0][0], verdicts[0][2], verdicts[1][0], verdicts[1][2], verdicts[2][0], verdicts[2][2]
+    );
     Ok(())
 }

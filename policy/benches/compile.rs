@@ -83,11 +83,20 @@ fn main() {
     // Evaluator throughput, against a baseline of looking both pods up by address.
     let pods = cluster.pods();
     let n = 1_000_000usize;
+    // Half the pairs within one namespace (where most rules apply), half across.
     let pick = |i: usize| &pods[(i * 7919) % pods.len()];
+    let peer = |i: usize| {
+        let a = (i * 7919) % pods.len();
+        if i % 2 == 0 {
+            &pods[((a / 100) * 100 + (i * 31) % 100) % pods.len()]
+        } else {
+            pick(i + 1)
+        }
+    };
     let (_, base) = time(|| {
         for i in 0..n {
             let a = pick(i);
-            let b = pick(i + 1);
+            let b = peer(i);
             black_box((cluster.pod_by_ip(a.ips[0]), cluster.pod_by_ip(b.ips[0])));
         }
     });
@@ -95,13 +104,14 @@ fn main() {
         let mut allowed = 0usize;
         for i in 0..n {
             let a = pick(i);
-            let b = pick(i + 1);
+            let b = peer(i);
+            let port = b.ports.first().map(|p| p.port).unwrap_or(8080);
             let d = engine.evaluate(
                 &cluster,
                 &Endpoint::Pod(a, None),
                 &Endpoint::Pod(b, None),
                 Protocol::Tcp,
-                8080,
+                port,
             );
             allowed += usize::from(black_box(d).allowed);
         }

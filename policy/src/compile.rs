@@ -83,11 +83,14 @@ pub struct Member<'a> {
     pub blocks: Vec<(Cidr, Vec<Cidr>)>,
 }
 
-/// Hands out identity numbers, stable for as long as a key stays in use.
+/// Hands out identity and endpoint numbers, stable for as long as their key stays in
+/// use, so that a change renumbers nothing else (and rewrites no unrelated entry).
 #[derive(Debug, Clone, Default)]
 pub struct IdentityAllocator {
     ids: HashMap<IdentityKey, u32>,
     next: u32,
+    endpoints: HashMap<(String, String), u32>,
+    next_endpoint: u32,
 }
 
 impl IdentityAllocator {
@@ -95,7 +98,20 @@ impl IdentityAllocator {
         IdentityAllocator {
             ids: HashMap::new(),
             next: IDENTITY_FIRST,
+            endpoints: HashMap::new(),
+            next_endpoint: 1,
         }
+    }
+
+    fn endpoint(&mut self, pod: &PodInfo) -> u32 {
+        let key = (pod.namespace.clone(), pod.name.clone());
+        if let Some(&id) = self.endpoints.get(&key) {
+            return id;
+        }
+        let id = self.next_endpoint;
+        self.next_endpoint += 1;
+        self.endpoints.insert(key, id);
+        id
     }
 
     fn get(&mut self, key: &IdentityKey) -> u32 {
@@ -114,8 +130,9 @@ impl IdentityAllocator {
     }
 
     /// Forgets keys not used by the latest compile (their numbers are not reused).
-    fn retain(&mut self, used: &BTreeSet<u32>) {
+    fn retain(&mut self, used: &BTreeSet<u32>, used_endpoints: &BTreeSet<u32>) {
         self.ids.retain(|_, id| used.contains(id));
+        self.endpoints.retain(|_, id| used_endpoints.contains(id));
     }
 }
 
@@ -381,12 +398,10 @@ pub fn compile_datapath(
 
     let mut endpoints = BTreeMap::new();
     let mut policy = BTreeMap::new();
-    let mut next_endpoint = 1u32;
     let mut local: Vec<&PodInfo> = cluster.pods().iter().filter(|p| (node.is_local)(p)).collect();
     local.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     for pod in local {
-        let endpoint = next_endpoint;
-        next_endpoint += 1;
+        let endpoint = alloc.endpoint(pod);
         let mut isolation = [None, None];
         for (di, dir) in [Direction::Ingress, Direction::Egress].into_iter().enumerate() {
             let selecting: Vec<&CompiledPolicy> = engine
@@ -457,7 +472,8 @@ pub fn compile_datapath(
         }
     }
     let used: BTreeSet<u32> = ipcache.values().copied().collect();
-    alloc.retain(&used);
+    let used_endpoints: BTreeSet<u32> = endpoints.values().map(|e: &EndpointEntry| e.endpoint).collect();
+    alloc.retain(&used, &used_endpoints);
     DatapathState {
         ipcache,
         endpoints,
@@ -522,6 +538,47 @@ mod tests {
         }
         assert_eq!(covered, 1001);
         assert_eq!(p.first().map(|x| x.0), Some(1000));
+    }
+
+    #[test]
+    fn adding_a_pod_rewrites_only_what_it_touches() {
+        let (mut cluster, policies) = crate::synthetic::cluster(20, 20, 10, 4);
+        let engine = Engine::new(policies);
+        let is_local = |p: &PodInfo| p.node.as_deref() == Some("node-0");
+        let mode_of = |_: &str| Mode::Enforce;
+        let view = NodeView {
+            is_local: &is_local,
+            mode_of: &mode_of,
+        };
+        let mut alloc = IdentityAllocator::new();
+        let before = compile_datapath(&cluster, &engine, &view, &mut alloc, SetTable::new());
+        // A pod that sorts before every other local pod: nothing may be renumbered.
+        cluster.add_pod(PodInfo {
+            namespace: "ns-0".into(),
+            name: "aaa".into(),
+            node: Some("node-0".into()),
+            labels: [("app".to_string(), "app-1".to_string())].into(),
+            ips: vec![crate::synthetic::pod_ip(100_000)],
+            ports: vec![],
+        });
+        let after = compile_datapath(&cluster, &engine, &view, &mut alloc, before.sets.clone());
+        let changed = after.policy.iter().filter(|(k, v)| before.policy.get(k) != Some(v)).count();
+        let removed = before.policy.keys().filter(|k| !after.policy.contains_key(k)).count();
+        let new_ep = after.endpoints.values().find(|e| e.pod.1 == "aaa").map(|e| e.endpoint);
+        let new_id = after.ipcache.get(&host(crate::synthetic::pod_ip(100_000))).copied();
+        assert!(changed > 0, "the new endpoint has entries");
+        // Written: the new endpoint's entries, and other endpoints' entries admitting the
+        // new pod's identity. Nothing else.
+        for (k, _) in after.policy.iter().filter(|(k, v)| before.policy.get(k) != Some(v)) {
+            assert!(
+                Some(k.endpoint) == new_ep || Some(k.identity) == new_id,
+                "unrelated entry rewritten: {k:?}"
+            );
+        }
+        assert_eq!(removed, 0);
+        for (ip, e) in &before.endpoints {
+            assert_eq!(after.endpoints.get(ip), Some(e), "endpoint {ip} unchanged");
+        }
     }
 
     #[test]

@@ -40,6 +40,9 @@ fn pod_peer(ns: Option<LabelSelector>, pod: Option<LabelSelector>) -> NetworkPol
     }
 }
 
+/// Pod `i` of namespace `n` is number `n * pods_per_ns + i`, on node `(n + i) % nodes`,
+/// labelled app-(i % 10) and tier front (even i) or back; its `http` port is 8080 + i % 3.
+///
 /// The address of pod number `idx` (IPv4) in the synthetic cluster.
 pub fn pod_ip(idx: usize) -> IpAddr {
     IpAddr::from([10, 200, (idx / 256) as u8, (idx % 256) as u8])
@@ -82,7 +85,8 @@ pub fn cluster(
             c.add_pod(PodInfo {
                 namespace: ns.clone(),
                 name: format!("pod-{i}"),
-                node: Some(format!("node-{}", idx % nodes.max(1))),
+                // Spread so each node gets pods of every app and tier.
+                node: Some(format!("node-{}", (n + i) % nodes.max(1))),
                 labels: [
                     ("app".to_string(), format!("app-{}", i % 10)),
                     ("tier".to_string(), if i % 2 == 0 { "front" } else { "back" }.to_string()),
@@ -115,9 +119,9 @@ pub fn cluster(
             };
             match k % 6 {
                 0 => {
-                    // Default deny for the namespace, both directions.
+                    // Default deny ingress for the namespace.
                     spec.pod_selector = Some(LabelSelector::default());
-                    spec.policy_types = Some(vec!["Ingress".into(), "Egress".into()]);
+                    spec.policy_types = Some(vec!["Ingress".into()]);
                 }
                 1 => {
                     spec.ingress = Some(vec![NetworkPolicyIngressRule {
