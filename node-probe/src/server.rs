@@ -13,6 +13,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use flows_flow::FilterSet;
+
 use crate::{
     ring::{Entry, FlowRing, Read},
     stats::ProbeStats,
@@ -56,14 +58,10 @@ impl Window {
     }
 }
 
-fn validate(req: &GetFlowsRequest) -> Result<Window, Status> {
-    if !req.allow_list.is_empty() || !req.deny_list.is_empty() {
-        // Filtering on the server comes with the filter crate; until then refuse rather
-        // than return unfiltered flows that the client believes are filtered.
-        return Err(Status::unimplemented(
-            "flow filters are not supported by this node-probe version",
-        ));
-    }
+fn validate(req: &GetFlowsRequest) -> Result<(Window, FilterSet), Status> {
+    // Built once per request; a bad filter is the client's error, named.
+    let filters = FilterSet::new(&req.allow_list, &req.deny_list)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     if req.first && req.follow {
         return Err(Status::invalid_argument(
             "`first` and `follow` cannot be combined",
@@ -83,11 +81,26 @@ fn validate(req: &GetFlowsRequest) -> Result<Window, Status> {
             return Err(Status::invalid_argument("timestamp nanos out of range"));
         }
     }
-    Ok(w)
+    Ok((w, filters))
+}
+
+/// Whether an entry goes to the client: flows by the filters, losses always (they are
+/// what makes a gap visible).
+fn wanted(e: &Entry, w: &Window, filters: &FilterSet) -> bool {
+    w.contains(e)
+        && match e {
+            Entry::Flow(f) => filters.matches(f),
+            Entry::Lost(..) => true,
+        }
 }
 
 /// The history part of a request: (entries to send, sequence to follow from).
-fn history(ring: &FlowRing, req: &GetFlowsRequest, w: Window) -> (Vec<Arc<Entry>>, u64) {
+fn history(
+    ring: &FlowRing,
+    req: &GetFlowsRequest,
+    w: Window,
+    filters: &FilterSet,
+) -> (Vec<Arc<Entry>>, u64) {
     let (oldest, next) = ring.bounds();
     let n = req.number as usize;
     let mut out = Vec::new();
@@ -95,7 +108,7 @@ fn history(ring: &FlowRing, req: &GetFlowsRequest, w: Window) -> (Vec<Arc<Entry>
         let mut seq = oldest;
         while seq < next && (n == 0 || count_flows(&out) < n) {
             if let Read::Entry(e) = ring.read(seq) {
-                if w.contains(&e) {
+                if wanted(&e, &w, filters) {
                     out.push(e);
                 }
             }
@@ -109,7 +122,7 @@ fn history(ring: &FlowRing, req: &GetFlowsRequest, w: Window) -> (Vec<Arc<Entry>
         while seq > oldest && (n == 0 || count_flows(&out) < n) {
             seq -= 1;
             match ring.read(seq) {
-                Read::Entry(e) if w.contains(&e) => out.push(e),
+                Read::Entry(e) if wanted(&e, &w, filters) => out.push(e),
                 Read::Lost { .. } => break,
                 _ => {}
             }
@@ -152,12 +165,12 @@ impl Observer for ObserverService {
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<Self::GetFlowsStream>, Status> {
         let req = request.into_inner();
-        let window = validate(&req)?;
+        let (window, filters) = validate(&req)?;
         let ring = self.ring.clone();
         let node = self.node_name.clone();
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
         let mut written = ring.subscribe();
-        let (past, mut cursor) = history(&ring, &req, window);
+        let (past, mut cursor) = history(&ring, &req, window, &filters);
         tokio::spawn(async move {
             for e in past {
                 if tx.send(Ok(response(&node, &e))).await.is_err() {
@@ -174,7 +187,8 @@ impl Observer for ObserverService {
                         if window.is_past(&e) {
                             return;
                         }
-                        if window.contains(&e) && tx.send(Ok(response(&node, &e))).await.is_err()
+                        if wanted(&e, &window, &filters)
+                            && tx.send(Ok(response(&node, &e))).await.is_err()
                         {
                             return;
                         }
@@ -278,29 +292,32 @@ mod tests {
             ..Default::default()
         };
         let w = Window::default();
-        assert_eq!(lens(&history(&r, &req(3, false, false), w).0), vec![9, 10, 11]);
-        assert_eq!(lens(&history(&r, &req(2, true, false), w).0), vec![4, 5]);
-        assert_eq!(history(&r, &req(0, false, false), w).0.len(), 8);
-        let (h, cursor) = history(&r, &req(0, false, true), w);
+        let f = FilterSet::default();
+        assert_eq!(lens(&history(&r, &req(3, false, false), w, &f).0), vec![9, 10, 11]);
+        assert_eq!(lens(&history(&r, &req(2, true, false), w, &f).0), vec![4, 5]);
+        assert_eq!(history(&r, &req(0, false, false), w, &f).0.len(), 8);
+        let (h, cursor) = history(&r, &req(0, false, true), w, &f);
         assert!(h.is_empty());
         assert_eq!(cursor, 12);
         let win = Window {
             since: Some((106, 0)),
             until: Some((109, 0)),
         };
-        assert_eq!(lens(&history(&r, &req(0, false, false), win).0), vec![6, 7, 8]);
+        assert_eq!(lens(&history(&r, &req(0, false, false), win, &f).0), vec![6, 7, 8]);
     }
 
     #[test]
     fn rejects_what_it_cannot_do() {
-        let with_filter = GetFlowsRequest {
-            allow_list: vec![Default::default()],
+        let bad_filter = GetFlowsRequest {
+            allow_list: vec![flows_proto::FlowFilter {
+                source_ip: vec!["not-an-ip".into()],
+                ..Default::default()
+            }],
             ..Default::default()
         };
-        assert_eq!(
-            validate(&with_filter).err().map(|s| s.code()),
-            Some(tonic::Code::Unimplemented)
-        );
+        let err = validate(&bad_filter).err().expect("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("source_ip"), "{}", err.message());
         let both = GetFlowsRequest {
             first: true,
             follow: true,
