@@ -1,5 +1,6 @@
 //! `flows`: the command line of flows. Thin: each subcommand calls into a library crate.
 
+mod filters;
 mod lab;
 mod labindex;
 mod labpolicy;

@@ -8,7 +8,11 @@ use flows_proto::{
     observer_client::ObserverClient,
 };
 
-use crate::{labindex::LabIndex, printer::{Format, Printer}};
+use crate::{
+    filters::FilterArgs,
+    labindex::LabIndex,
+    printer::{Format, Printer},
+};
 
 #[derive(clap::Args, Debug)]
 pub struct ObserveArgs {
@@ -46,6 +50,12 @@ pub struct ObserveArgs {
     /// Stop after this many seconds (for scripts; default: run until the stream ends).
     #[arg(long)]
     pub timeout: Option<f64>,
+    /// Read flows from a file of JSON lines (`-o json` output; "-" for standard input)
+    /// instead of a server, through the same filters and printer.
+    #[arg(long)]
+    pub input_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub filters: FilterArgs,
 }
 
 /// Parses `--since`/`--until`: "5m"-style durations before now, or RFC 3339.
@@ -79,18 +89,90 @@ pub fn request(args: &ObserveArgs) -> anyhow::Result<GetFlowsRequest> {
         _ if since.is_some() || until.is_some() => (0, false),
         _ => (20, false),
     };
+    let allow_list = args.filters.allow_list()?;
+    crate::filters::validate(&allow_list)?;
     Ok(GetFlowsRequest {
         number,
         first,
         follow: args.follow,
         since,
         until,
+        allow_list,
         ..Default::default()
     })
 }
 
+/// `--input-file`: the request applied to flows read from JSON lines.
+fn from_file(args: &ObserveArgs, req: &GetFlowsRequest, path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let filters = flows_flow::FilterSet::new(&req.allow_list, &req.deny_list)?;
+    let input: Box<dyn BufRead> = if path == std::path::Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+        ))
+    };
+    let key = |t: &Option<flows_proto::Timestamp>| t.map(|t| (t.seconds, t.nanos));
+    let mut flows = Vec::new();
+    let mut bad = 0usize;
+    for (i, line) in input.lines().enumerate() {
+        let line = line.with_context(|| format!("reading line {}", i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        // Accept `-o json` records ({"flow": {...}}) and bare flows.
+        let parsed = serde_json::from_str::<serde_json::Value>(&line)
+            .map_err(|e| e.to_string())
+            .and_then(|v| {
+                let f = v.get("flow").cloned().unwrap_or(v);
+                serde_json::from_value::<Flow>(f).map_err(|e| e.to_string())
+            });
+        match parsed {
+            Ok(f) => {
+                let t = key(&f.time);
+                let in_window = req.since.as_ref().is_none_or(|s| t >= Some((s.seconds, s.nanos)))
+                    && req.until.as_ref().is_none_or(|u| t < Some((u.seconds, u.nanos)));
+                if in_window && filters.matches(&f) {
+                    flows.push(f);
+                }
+            }
+            Err(e) => {
+                bad += 1;
+                eprintln!("{}:{}: not a flow: {e}", path.display(), i + 1);
+            }
+        }
+    }
+    let n = req.number as usize;
+    if n > 0 {
+        if req.first {
+            flows.truncate(n);
+        } else if flows.len() > n {
+            flows.drain(..flows.len() - n);
+        }
+    }
+    let mut printer = Printer::new(args.output, args.print_node_name);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for f in &flows {
+        printer.flow(&mut out, f)?;
+    }
+    if bad > 0 {
+        anyhow::bail!("{bad} line(s) of {} were not flows", path.display());
+    }
+    Ok(())
+}
+
 pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
     let req = request(&args)?;
+    if let Some(path) = &args.input_file {
+        let mut req = req;
+        // A file is history: without a count, all of it.
+        if args.last.is_none() && args.first.is_none() {
+            req.number = 0;
+        }
+        return from_file(&args, &req, path);
+    }
     let lab_dir = args
         .lab_state
         .clone()

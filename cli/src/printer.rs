@@ -101,6 +101,7 @@ fn point_name(f: &Flow) -> &'static str {
         Ok(ObservationPoint::FromEndpoint) => "from-endpoint",
         Ok(ObservationPoint::ToEndpoint) => "to-endpoint",
         Ok(ObservationPoint::KernelDrop) => "kernel-drop",
+        Ok(ObservationPoint::ToNetwork) => "to-network",
         _ => "unknown",
     }
 }

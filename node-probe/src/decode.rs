@@ -30,6 +30,9 @@ pub const POLICY_DENIED: &str = "POLICY_DENIED";
 /// Policy sets by id, shared with the policy programmer (ids are stable; the table grows).
 pub type PolicySets = Arc<RwLock<SetTable>>;
 
+/// Pods by address, from the manifests the probe watches (replaced whole on a change).
+pub type EndpointIndex = Arc<RwLock<Arc<HashMap<IpAddr, flows_proto::Endpoint>>>>;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("event is {len} bytes, expected {expected}")]
@@ -88,6 +91,7 @@ pub struct Decoder {
     node_name: String,
     ifnames: IfNames,
     sets: PolicySets,
+    endpoints: EndpointIndex,
     drop_reasons: HashMap<u32, String>,
     clock: Clock,
 }
@@ -103,6 +107,7 @@ impl Decoder {
             node_name,
             ifnames,
             sets: Arc::new(RwLock::new(SetTable::new())),
+            endpoints: Arc::new(RwLock::new(Arc::new(HashMap::new()))),
             drop_reasons,
             clock,
         }
@@ -111,6 +116,12 @@ impl Decoder {
     /// Names policy sets from this table (shared with the policy programmer).
     pub fn with_policy_sets(mut self, sets: PolicySets) -> Decoder {
         self.sets = sets;
+        self
+    }
+
+    /// Names endpoints from this index (shared with the manifest reader).
+    pub fn with_endpoints(mut self, endpoints: EndpointIndex) -> Decoder {
+        self.endpoints = endpoints;
         self
     }
 
@@ -256,7 +267,13 @@ impl Decoder {
                 egress_denied_by = self.policies(raw.egress_set);
             }
         }
+        let (source, destination) = match self.endpoints.read() {
+            Ok(ix) => (ix.get(&src).cloned(), ix.get(&dst).cloned()),
+            Err(_) => (None, None),
+        };
         Ok(Flow {
+            source,
+            destination,
             time: Some(self.clock.to_timestamp(raw.ts_ns)),
             uuid: uuid::Uuid::new_v4().to_string(),
             node_name: self.node_name.clone(),

@@ -26,7 +26,7 @@ use crate::{
         CountersMap, Datapath, DatapathConfig, DatapathError, DatapathMaps, EventsMap, PolicyMaps,
         read_counters,
     },
-    decode::{Clock, Decoder, IfNames, PolicySets},
+    decode::{Clock, Decoder, EndpointIndex, IfNames, PolicySets},
     ifaces::{IfaceSelector, list_veths},
     ring::{Entry, FlowRing, RingError},
     server::ObserverService,
@@ -125,16 +125,19 @@ pub async fn run(
         policy,
     } = maps;
     let sets: PolicySets = Arc::new(RwLock::new(SetTable::new()));
+    let endpoints: EndpointIndex = Arc::new(RwLock::new(Arc::new(HashMap::new())));
     let decoder = Decoder::new(
         cfg.node_name.clone(),
         ifnames.clone(),
         datapath.drop_reasons.clone(),
         Clock::now(),
     )
-    .with_policy_sets(sets.clone());
+    .with_policy_sets(sets.clone())
+    .with_endpoints(endpoints.clone());
     // Policy is in place before the probe says it is ready.
     let mut programmer = PolicyProgrammer {
         stats: stats.clone(),
+        endpoints,
         maps: policy,
         sets,
         alloc: IdentityAllocator::new(),
@@ -369,6 +372,7 @@ async fn watch_interfaces(
 /// Reads the manifests, compiles this node's policy state and programs the maps.
 struct PolicyProgrammer {
     stats: Arc<ProbeStats>,
+    endpoints: EndpointIndex,
     maps: PolicyMaps,
     sets: PolicySets,
     alloc: IdentityAllocator,
@@ -437,6 +441,24 @@ impl PolicyProgrammer {
                 return;
             }
         };
+        let index: HashMap<std::net::IpAddr, flows_proto::Endpoint> = m
+            .cluster
+            .pods()
+            .iter()
+            .flat_map(|p| {
+                let ep = flows_proto::Endpoint {
+                    namespace: p.namespace.clone(),
+                    pod_name: p.name.clone(),
+                    labels: p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                    node_name: p.node.clone().unwrap_or_default(),
+                    ..Default::default()
+                };
+                p.ips.iter().map(move |ip| (*ip, ep.clone()))
+            })
+            .collect();
+        if let Ok(mut e) = self.endpoints.write() {
+            *e = Arc::new(index);
+        }
         let engine = m.engine();
         let node = self.node.clone();
         let default_mode = self.default_mode;
