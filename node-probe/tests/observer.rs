@@ -136,3 +136,71 @@ async fn a_slow_follower_is_told_what_it_lost() {
     assert!(lost > 0, "the reader was overrun");
     assert_eq!(last, Some(n as u32 - 1), "the newest flow arrives");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_apply_on_the_server_to_history_and_follow() {
+    use flows_proto::{Endpoint, FlowFilter, Verdict};
+    let ring = Arc::new(FlowRing::new(64).expect("ring"));
+    let mk = |n: u32, ns: &str, verdict: Verdict| {
+        Entry::Flow(Flow {
+            packet_length: n,
+            verdict: verdict as i32,
+            source: Some(Endpoint {
+                namespace: ns.into(),
+                pod_name: format!("p{n}"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    };
+    for n in 0..10 {
+        let ns = if n % 2 == 0 { "frontend" } else { "backend" };
+        let v = if n % 3 == 0 { Verdict::Dropped } else { Verdict::Forwarded };
+        ring.push(mk(n, ns, v));
+    }
+    let mut c = serve(ring.clone()).await;
+    let allow = vec![FlowFilter {
+        verdict: vec![Verdict::Dropped as i32],
+        ..Default::default()
+    }];
+    let deny = vec![FlowFilter {
+        source_namespace: vec!["backend".into()],
+        ..Default::default()
+    }];
+    let req = GetFlowsRequest {
+        allow_list: allow.clone(),
+        deny_list: deny.clone(),
+        ..Default::default()
+    };
+    // Dropped (0, 3, 6, 9) minus backend (odd): 0 and 6.
+    assert_eq!(lengths(&mut c, req).await, vec![0, 6]);
+
+    let mut s = c
+        .get_flows(GetFlowsRequest {
+            follow: true,
+            allow_list: allow,
+            deny_list: deny,
+            ..Default::default()
+        })
+        .await
+        .expect("follow")
+        .into_inner();
+    for n in 10..20 {
+        let ns = if n % 2 == 0 { "frontend" } else { "backend" };
+        let v = if n % 3 == 0 { Verdict::Dropped } else { Verdict::Forwarded };
+        ring.push(mk(n, ns, v));
+    }
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(5), s.message())
+            .await
+            .expect("in time")
+            .expect("stream")
+            .expect("open");
+        if let Some(ResponseTypes::Flow(f)) = m.response_types {
+            got.push(f.packet_length);
+        }
+    }
+    // Dropped among 10..20: 12, 15, 18; backend (odd) denied: 12 and 18.
+    assert_eq!(got, vec![12, 18]);
+}
