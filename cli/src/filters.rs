@@ -190,9 +190,58 @@ impl FilterArgs {
     }
 }
 
+/// Splits `--not <flag> [value]` pairs out of an `observe` command line: they describe the
+/// deny list, the rest the allow list (as `hubble observe --not` does).
+pub fn split_not(args: Vec<std::ffi::OsString>) -> anyhow::Result<(Vec<std::ffi::OsString>, Vec<std::ffi::OsString>)> {
+    let is_observe = args.get(1).is_some_and(|a| a == "observe");
+    if !is_observe {
+        return Ok((args, Vec::new()));
+    }
+    let mut keep = Vec::new();
+    let mut deny = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        if a != "--not" {
+            keep.push(a);
+            continue;
+        }
+        let flag = it
+            .next()
+            .context("--not must be followed by a filter flag, e.g. --not --to-port 53")?;
+        let f = flag.to_string_lossy().to_string();
+        if !f.starts_with('-') {
+            bail!("--not must be followed by a filter flag, not {f:?}");
+        }
+        let takes_value = !(f.contains('=') || f == "-A" || f == "--all-namespaces");
+        deny.push(flag);
+        if takes_value {
+            deny.push(it.next().with_context(|| format!("--not {f}: missing value"))?);
+        }
+    }
+    Ok((keep, deny))
+}
+
+#[derive(clap::Parser, Debug)]
+#[command(name = "--not")]
+struct DenyOnly {
+    #[command(flatten)]
+    filters: FilterArgs,
+}
+
+/// The deny list from the flags that followed `--not`.
+pub fn deny_list(not: &[std::ffi::OsString]) -> anyhow::Result<Vec<FlowFilter>> {
+    if not.is_empty() {
+        return Ok(Vec::new());
+    }
+    use clap::Parser;
+    let d = DenyOnly::try_parse_from(std::iter::once(std::ffi::OsString::from("--not")).chain(not.iter().cloned()))
+        .map_err(|e| anyhow::anyhow!("after --not: {e}"))?;
+    d.filters.allow_list()
+}
+
 /// Checks the filters the way a server would, so mistakes are reported before connecting.
-pub fn validate(allow: &[FlowFilter]) -> anyhow::Result<flows_flow::FilterSet> {
-    flows_flow::FilterSet::new(allow, &[]).context("invalid filter")
+pub fn validate(allow: &[FlowFilter], deny: &[FlowFilter]) -> anyhow::Result<flows_flow::FilterSet> {
+    flows_flow::FilterSet::new(allow, deny).context("invalid filter")
 }
 
 #[cfg(test)]
@@ -223,5 +272,21 @@ mod tests {
         assert_eq!(one.allow_list().expect("valid").len(), 1);
         assert!(FilterArgs { verdict: vec!["maybe".into()], ..Default::default() }.allow_list().is_err());
         assert!(FilterArgs { tcp_flags: vec!["SYN,XYZ".into()], ..Default::default() }.allow_list().is_err());
+    }
+
+    #[test]
+    fn not_moves_the_next_flag_to_the_deny_list() {
+        let argv: Vec<std::ffi::OsString> = ["flows", "observe", "--verdict", "DROPPED", "--not", "--to-port", "53", "--not", "-A", "--not", "--pod=x"]
+            .iter()
+            .map(Into::into)
+            .collect();
+        let (keep, not) = split_not(argv).expect("split");
+        assert_eq!(keep.len(), 4);
+        assert_eq!(not.len(), 4);
+        let deny = deny_list(&not).expect("deny");
+        assert_eq!(deny.len(), 2, "direction-less --pod gives a from and a to filter");
+        assert!(deny.iter().all(|f| f.destination_port == vec!["53".to_string()]));
+        let bad: Vec<std::ffi::OsString> = ["flows", "observe", "--not"].iter().map(Into::into).collect();
+        assert!(split_not(bad).is_err());
     }
 }

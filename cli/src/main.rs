@@ -37,14 +37,20 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    // `--not` is positional (it negates the flag after it), which clap cannot express:
+    // split those pairs out first.
+    let (argv, not) = filters::split_not(std::env::args_os().collect())?;
+    let cli = Cli::parse_from(argv);
     match cli.command {
         Command::Lab(cmd) => lab::run(cmd),
         Command::Policy(cmd) => policy::run(cmd),
-        Command::Observe(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?
-            .block_on(observe::run(args)),
+        Command::Observe(mut args) => {
+            args.not = not;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(observe::run(args))
+        }
     }
 }

@@ -56,6 +56,10 @@ pub struct ObserveArgs {
     pub input_file: Option<PathBuf>,
     #[command(flatten)]
     pub filters: FilterArgs,
+    /// `--not <flag> [value]`: the flags that follow `--not` make the deny list (taken
+    /// out of the command line before parsing; see `filters::split_not`).
+    #[arg(skip)]
+    pub not: Vec<std::ffi::OsString>,
 }
 
 /// Parses `--since`/`--until`: "5m"-style durations before now, or RFC 3339.
@@ -90,7 +94,8 @@ pub fn request(args: &ObserveArgs) -> anyhow::Result<GetFlowsRequest> {
         _ => (20, false),
     };
     let allow_list = args.filters.allow_list()?;
-    crate::filters::validate(&allow_list)?;
+    let deny_list = crate::filters::deny_list(&args.not)?;
+    crate::filters::validate(&allow_list, &deny_list)?;
     Ok(GetFlowsRequest {
         number,
         first,
@@ -98,7 +103,7 @@ pub fn request(args: &ObserveArgs) -> anyhow::Result<GetFlowsRequest> {
         since,
         until,
         allow_list,
-        ..Default::default()
+        deny_list,
     })
 }
 
