@@ -8,6 +8,7 @@ pub mod btf;
 pub mod datapath;
 pub mod decode;
 pub mod ifaces;
+pub mod metrics;
 pub mod probe;
 pub mod ring;
 pub mod server;

@@ -52,6 +52,9 @@ struct Args {
     /// NetworkPolicies), watched for changes. Without it no policy is enforced.
     #[arg(long)]
     manifests: Option<PathBuf>,
+    /// Address of the Prometheus /metrics endpoint (e.g. 0.0.0.0:9965); off by default.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Policy mode of namespaces without a flows.dev/policy-mode annotation.
     #[arg(long, default_value = "enforce", value_parser = ["enforce", "audit", "off"])]
     default_policy_mode: String,
@@ -91,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         ready_file: args.ready_file,
         uplink: args.uplink_iface,
         manifests: args.manifests,
+        metrics_listen: args.metrics_listen,
         default_mode: flows_policy::compile::Mode::parse(&args.default_policy_mode)
             .unwrap_or(flows_policy::compile::Mode::Enforce),
     };

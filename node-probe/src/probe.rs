@@ -28,6 +28,7 @@ use crate::{
     },
     decode::{Clock, Decoder, EndpointIndex, IfNames, PolicySets},
     ifaces::{IfaceSelector, list_veths},
+    metrics::Metrics,
     ring::{Entry, FlowRing, RingError},
     server::ObserverService,
     stats::ProbeStats,
@@ -85,6 +86,8 @@ pub struct ProbeConfig {
     pub manifests: Option<PathBuf>,
     /// Mode of namespaces without a `flows.dev/policy-mode` annotation.
     pub default_mode: Mode,
+    /// Address of the Prometheus /metrics endpoint (None: not served).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn netns_inode(path: &PathBuf) -> Result<u32, ProbeError> {
@@ -116,6 +119,10 @@ pub async fn run(
     let datapath = Arc::new(datapath);
     let ring = Arc::new(FlowRing::new(cfg.ring_capacity)?);
     let stats = Arc::new(ProbeStats::default());
+    let metrics = Arc::new(Metrics::new());
+    let metrics_task = cfg
+        .metrics_listen
+        .map(|addr| tokio::spawn(crate::metrics::serve(addr, metrics.clone())));
     let ifnames: IfNames = Arc::new(RwLock::new(HashMap::new()));
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -154,12 +161,14 @@ pub async fn run(
         decoder,
         ring.clone(),
         stats.clone(),
+        metrics.clone(),
         stop_rx.clone(),
     ));
     let counter_task = tokio::spawn(poll_counters(
         counters,
         ring.clone(),
         stats.clone(),
+        metrics.clone(),
         stop_rx.clone(),
     ));
 
@@ -187,6 +196,7 @@ pub async fn run(
         stats: stats.clone(),
         node_name: cfg.node_name.clone(),
         started: Instant::now(),
+        metrics: metrics.clone(),
     };
     if let Some(path) = &cfg.ready_file {
         std::fs::write(path, local.to_string()).map_err(|source| ProbeError::ReadyFile {
@@ -207,6 +217,9 @@ pub async fn run(
     let _ = reader.await;
     let _ = counter_task.await;
     let _ = policy_task.await;
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = watcher.await;
     // Last reference: joining the datapath thread detaches every program.
     match Arc::try_unwrap(datapath) {
@@ -225,6 +238,7 @@ async fn read_events(
     mut decoder: Decoder,
     ring: Arc<FlowRing>,
     stats: Arc<ProbeStats>,
+    metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ProbeError> {
     // SAFETY: the RingBuf owns its map fd, which stays open and unchanged for as long as
@@ -246,11 +260,13 @@ async fn read_events(
                 while let Some(item) = rb.next() {
                     match decoder.decode_bytes(&item) {
                         Ok(flow) => {
+                            metrics.observe(&flow);
                             ring.push(Entry::Flow(flow));
                             n += 1;
                         }
                         Err(e) => {
                             stats.add_decode_error();
+                            metrics.lost(LostEventSource::DecoderQueue, 1);
                             tracing::warn!(error = %e, "undecodable datapath event");
                         }
                     }
@@ -267,6 +283,7 @@ async fn poll_counters(
     counters: CountersMap,
     ring: Arc<FlowRing>,
     stats: Arc<ProbeStats>,
+    metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut lost_reported = 0u64;
@@ -296,6 +313,7 @@ async fn poll_counters(
                 flows_proto::timestamp_now(),
             ));
             stats.add_lost_kernel(lost - lost_reported);
+            metrics.lost(LostEventSource::KernelRingBuffer, lost - lost_reported);
             lost_reported = lost;
         }
         let named: BTreeMap<String, u64> = counter::NAMES

@@ -29,6 +29,7 @@ pub struct ObserverService {
     pub stats: Arc<ProbeStats>,
     pub node_name: String,
     pub started: Instant,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn ts_key(t: &Timestamp) -> (i64, i32) {
@@ -168,6 +169,7 @@ impl Observer for ObserverService {
         let (window, filters) = validate(&req)?;
         let ring = self.ring.clone();
         let node = self.node_name.clone();
+        let metrics = self.metrics.clone();
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
         let mut written = ring.subscribe();
         let (past, mut cursor) = history(&ring, &req, window, &filters);
@@ -195,6 +197,7 @@ impl Observer for ObserverService {
                     }
                     Read::Lost { lost, resume } => {
                         cursor = resume;
+                        metrics.lost(LostEventSource::FlowRingBuffer, lost);
                         let ev = LostEvent {
                             source: LostEventSource::FlowRingBuffer as i32,
                             num_events_lost: lost,

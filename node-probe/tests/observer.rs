@@ -21,6 +21,7 @@ async fn serve(ring: Arc<FlowRing>) -> ObserverClient<Channel> {
         stats: Arc::new(ProbeStats::default()),
         node_name: "node-t".into(),
         started: Instant::now(),
+        metrics: Arc::new(flows_node_probe::metrics::Metrics::new()),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -130,9 +130,16 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
     set_modes(&lab.dir, &state, "enforce");
     copy_policies(&mdir);
     let extra = ["--manifests", mdir.to_str().expect("utf8"), "--uplink-iface", "fl-uplink"];
+    let metrics_addr = "127.0.0.1:19965";
     let probes: Vec<Probe> = ["node-1", "node-2"]
         .iter()
-        .map(|n| Probe::start_with(&state, n, &lab.dir, &extra))
+        .map(|n| {
+            let mut args = extra.to_vec();
+            if *n == "node-1" {
+                args.extend(["--metrics-listen", metrics_addr]);
+            }
+            Probe::start_with(&state, n, &lab.dir, &args)
+        })
         .collect();
 
     // 1. Enforce: outcomes and flows match the evaluator, attempt by attempt.
@@ -201,6 +208,20 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
         }
     }
     assert!(allowed > 10 && denied > 10, "a matrix with both outcomes ({allowed} allowed, {denied} denied)");
+
+    // The same decisions, counted for Prometheus (node-1's probe).
+    let text = scrape(metrics_addr);
+    let denied_on_node1 = flows
+        .iter()
+        .filter(|f| f.node_name == "node-1" && f.drop_reason == "POLICY_DENIED")
+        .count();
+    let counted: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("flows_drops_total{reason=\"POLICY_DENIED\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(counted as usize, denied_on_node1, "drops counted in /metrics:\n{text}");
+    assert!(text.contains("flows_policy_verdicts_total{direction=\"ingress\",action=\"denied\"}"), "{text}");
 
     // 2. Audit: everything passes; what enforce denied is reported as AUDIT.
     after_policy_change(&probes, || set_modes(&lab.dir, &state, "audit"));
@@ -303,6 +324,17 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
 
     drop(probes);
     lab.down().expect("lab down");
+}
+
+/// GET /metrics over plain HTTP/1.0.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: probe\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    assert!(out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"), "{out}");
+    out
 }
 
 /// A UDP socket inside a pod's network namespace, connected to a peer: one 5-tuple for

@@ -1,0 +1,221 @@
+//! Prometheus metrics of the node-probe, served as text on `--metrics-listen`.
+//!
+//! Label sets are bounded: verdicts and event types are enums, drop reasons are the
+//! kernel's enum names (plus POLICY_DENIED), protocols five, directions two, loss
+//! sources four. Nothing per pod or per address.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use flows_proto::{EventType, Flow, LostEventSource, Verdict, layer4};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    verdict: String,
+    event_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: String,
+    protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    direction: String,
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LostLabels {
+    source: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    flows: Family<FlowLabels, Counter>,
+    drops: Family<DropLabels, Counter>,
+    policy: Family<PolicyLabels, Counter>,
+    lost: Family<LostLabels, Counter>,
+}
+
+fn verdict_name(v: i32) -> &'static str {
+    match Verdict::try_from(v) {
+        Ok(Verdict::Forwarded) => "forwarded",
+        Ok(Verdict::Dropped) => "dropped",
+        Ok(Verdict::Audit) => "audit",
+        Ok(Verdict::Error) => "error",
+        _ => "unknown",
+    }
+}
+
+fn type_name(t: i32) -> &'static str {
+    match EventType::try_from(t) {
+        Ok(EventType::Trace) => "trace",
+        Ok(EventType::Drop) => "drop",
+        Ok(EventType::PolicyVerdict) => "policy-verdict",
+        _ => "unknown",
+    }
+}
+
+fn protocol_name(f: &Flow) -> &'static str {
+    match f.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
+        Some(layer4::Protocol::Tcp(_)) => "tcp",
+        Some(layer4::Protocol::Udp(_)) => "udp",
+        Some(layer4::Protocol::Sctp(_)) => "sctp",
+        Some(layer4::Protocol::Icmpv4(_)) => "icmpv4",
+        Some(layer4::Protocol::Icmpv6(_)) => "icmpv6",
+        None => "other",
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("flows");
+        let flows = Family::<FlowLabels, Counter>::default();
+        let drops = Family::<DropLabels, Counter>::default();
+        let policy = Family::<PolicyLabels, Counter>::default();
+        let lost = Family::<LostLabels, Counter>::default();
+        registry.register("flows_processed", "Flows processed, by verdict and event type", flows.clone());
+        registry.register("drops", "Dropped flows, by drop reason and protocol", drops.clone());
+        registry.register(
+            "policy_verdicts",
+            "Policy decisions, by direction and action (allowed, denied, audit)",
+            policy.clone(),
+        );
+        registry.register("lost_events", "Events lost, by where they were lost", lost.clone());
+        Metrics {
+            registry,
+            flows,
+            drops,
+            policy,
+            lost,
+        }
+    }
+
+    pub fn observe(&self, f: &Flow) {
+        self.flows
+            .get_or_create(&FlowLabels {
+                verdict: verdict_name(f.verdict).into(),
+                event_type: type_name(f.event_type).into(),
+            })
+            .inc();
+        if f.verdict == Verdict::Dropped as i32 {
+            self.drops
+                .get_or_create(&DropLabels {
+                    reason: f.drop_reason.clone(),
+                    protocol: protocol_name(f).into(),
+                })
+                .inc();
+        }
+        if f.event_type == EventType::PolicyVerdict as i32 {
+            let action = match Verdict::try_from(f.verdict) {
+                Ok(Verdict::Dropped) => "denied",
+                Ok(Verdict::Audit) => "audit",
+                _ => "allowed",
+            };
+            for (direction, decided) in [
+                ("ingress", !f.ingress_allowed_by.is_empty() || !f.ingress_denied_by.is_empty()),
+                ("egress", !f.egress_allowed_by.is_empty() || !f.egress_denied_by.is_empty()),
+            ] {
+                if decided {
+                    self.policy
+                        .get_or_create(&PolicyLabels {
+                            direction: direction.into(),
+                            action: action.into(),
+                        })
+                        .inc();
+                }
+            }
+        }
+    }
+
+    pub fn lost(&self, source: LostEventSource, n: u64) {
+        let name = match source {
+            LostEventSource::KernelRingBuffer => "kernel_ring_buffer",
+            LostEventSource::DecoderQueue => "decoder",
+            LostEventSource::FlowRingBuffer => "flow_ring_buffer",
+            LostEventSource::RelayQueue => "relay_queue",
+            LostEventSource::Unspecified => "unknown",
+        };
+        self.lost
+            .get_or_create(&LostLabels { source: name.into() })
+            .inc_by(n);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` until the listener fails; other paths get 404.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    use http_body_util::Full;
+    use hyper::{Response, body::Bytes, service::service_fn};
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics on /metrics");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let m = m.clone();
+                async move {
+                    let resp = if req.uri().path() == "/metrics" {
+                        Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .body(Full::new(Bytes::from(m.render())))
+                    } else {
+                        Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
+                    };
+                    Ok::<_, Infallible>(resp.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flows_proto::Policy;
+
+    #[test]
+    fn counts_with_bounded_labels() {
+        let m = Metrics::new();
+        m.observe(&Flow {
+            verdict: Verdict::Dropped as i32,
+            event_type: EventType::PolicyVerdict as i32,
+            drop_reason: "POLICY_DENIED".into(),
+            ingress_denied_by: vec![Policy::default()],
+            ..Default::default()
+        });
+        m.observe(&Flow {
+            verdict: Verdict::Forwarded as i32,
+            event_type: EventType::Trace as i32,
+            ..Default::default()
+        });
+        m.lost(LostEventSource::KernelRingBuffer, 3);
+        let t = m.render();
+        assert!(t.contains(r#"flows_flows_processed_total{verdict="dropped",event_type="policy-verdict"} 1"#), "{t}");
+        assert!(t.contains(r#"flows_drops_total{reason="POLICY_DENIED",protocol="other"} 1"#), "{t}");
+        assert!(t.contains(r#"flows_policy_verdicts_total{direction="ingress",action="denied"} 1"#), "{t}");
+        assert!(t.contains(r#"flows_lost_events_total{source="kernel_ring_buffer"} 3"#), "{t}");
+    }
+}
