@@ -197,6 +197,7 @@ pub async fn run(
         node_name: cfg.node_name.clone(),
         started: Instant::now(),
         metrics: metrics.clone(),
+        shutdown: stop_rx.clone(),
     };
     if let Some(path) = &cfg.ready_file {
         std::fs::write(path, local.to_string()).map_err(|source| ProbeError::ReadyFile {
@@ -205,11 +206,16 @@ pub async fn run(
         })?;
     }
     tracing::info!(node = %cfg.node_name, listen = %local, "node-probe ready");
+    // Followers' streams end with the stop signal, so the graceful shutdown completes.
+    let stop_all = stop_tx.clone();
     let served = tonic::transport::Server::builder()
         .add_service(ObserverServer::new(service))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
+            async move {
+                shutdown.await;
+                let _ = stop_all.send(true);
+            },
         )
         .await;
 

@@ -30,6 +30,9 @@ pub struct ObserverService {
     pub node_name: String,
     pub started: Instant,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Becomes true when the server shuts down: following streams end then, or the
+    /// server's graceful shutdown would wait for them forever.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 fn ts_key(t: &Timestamp) -> (i64, i32) {
@@ -115,8 +118,8 @@ fn history(
             }
             seq += 1;
         }
-    } else if n == 0 && req.follow {
-        // Only new flows.
+    } else if n == 0 && req.follow && req.since.is_none() {
+        // Only new flows. (With `since`, what the ring holds from then on comes first.)
     } else {
         // The last n (all when n == 0), collected backwards then put in order.
         let mut seq = next;
@@ -170,6 +173,7 @@ impl Observer for ObserverService {
         let ring = self.ring.clone();
         let node = self.node_name.clone();
         let metrics = self.metrics.clone();
+        let mut shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
         let mut written = ring.subscribe();
         let (past, mut cursor) = history(&ring, &req, window, &filters);
@@ -212,9 +216,13 @@ impl Observer for ObserverService {
                         }
                     }
                     Read::NotYet => {
+                        if *shutdown.borrow() {
+                            return;
+                        }
                         tokio::select! {
                             changed = written.changed() => if changed.is_err() { return },
                             _ = tx.closed() => return,
+                            _ = shutdown.changed() => return,
                         }
                     }
                 }
@@ -302,6 +310,13 @@ mod tests {
         let (h, cursor) = history(&r, &req(0, false, true), w, &f);
         assert!(h.is_empty());
         assert_eq!(cursor, 12);
+        // Follow with `since`: the ring's flows from then, then new ones.
+        let since_follow = GetFlowsRequest {
+            follow: true,
+            since: Some(Timestamp { seconds: 110, nanos: 0 }),
+            ..Default::default()
+        };
+        assert_eq!(lens(&history(&r, &since_follow, Window { since: Some((110, 0)), until: None }, &f).0), vec![10, 11]);
         let win = Window {
             since: Some((106, 0)),
             until: Some((109, 0)),

@@ -271,10 +271,35 @@ fn every_attempt_is_reported_once_per_observation_point() {
     }
     assert_eq!(drops.len(), report.attempts.len(), "{drops:#?}");
 
-    // 3. SIGTERM: clean exit, nothing left attached.
+    // 3. SIGTERM with a follower attached (as a relay would be): clean exit, nothing left
+    //    attached, and the follower's stream ends instead of holding the probe up.
+    let followers: Vec<_> = probes
+        .iter()
+        .map(|p| {
+            let addr = p.addr.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+                rt.block_on(async {
+                    let mut c = flows_proto::observer_client::ObserverClient::connect(format!("http://{addr}"))
+                        .await
+                        .expect("connect");
+                    let mut s = c
+                        .get_flows(flows_proto::GetFlowsRequest { follow: true, ..Default::default() })
+                        .await
+                        .expect("follow")
+                        .into_inner();
+                    while let Ok(Some(_)) = s.message().await {}
+                })
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
     for p in probes.iter_mut() {
         let st = p.signal(nix::sys::signal::Signal::SIGTERM);
         assert!(st.success(), "node-probe {} exit: {st}", p.node);
+    }
+    for f in followers {
+        f.join().expect("follower ended");
     }
     for pod in &state.pods {
         let node = state.node(&pod.node).expect("node");

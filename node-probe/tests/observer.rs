@@ -15,13 +15,16 @@ use flows_proto::{
 };
 use tonic::transport::Channel;
 
-async fn serve(ring: Arc<FlowRing>) -> ObserverClient<Channel> {
+/// A served ring; the server's streams end when the returned sender says so (or drops).
+async fn serve(ring: Arc<FlowRing>) -> (ObserverClient<Channel>, tokio::sync::watch::Sender<bool>) {
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
     let svc = ObserverService {
         ring,
         stats: Arc::new(ProbeStats::default()),
         node_name: "node-t".into(),
         started: Instant::now(),
         metrics: Arc::new(flows_node_probe::metrics::Metrics::new()),
+        shutdown,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -32,9 +35,10 @@ async fn serve(ring: Arc<FlowRing>) -> ObserverClient<Channel> {
             .add_service(ObserverServer::new(svc))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    ObserverClient::connect(format!("http://{addr}"))
+    let client = ObserverClient::connect(format!("http://{addr}"))
         .await
-        .expect("connect")
+        .expect("connect");
+    (client, stop)
 }
 
 fn flow(n: u32) -> Entry {
@@ -65,7 +69,7 @@ async fn history_requests() {
     for i in 0..12 {
         ring.push(flow(i));
     }
-    let mut c = serve(ring).await;
+    let (mut c, _stop) = serve(ring).await;
     let req = |number, first| GetFlowsRequest {
         number,
         first,
@@ -97,7 +101,7 @@ async fn history_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_follower_is_told_what_it_lost() {
     let ring = Arc::new(FlowRing::new(16).expect("ring"));
-    let mut c = serve(ring.clone()).await;
+    let (mut c, _stop) = serve(ring.clone()).await;
     let mut stream = c
         .get_flows(GetFlowsRequest {
             follow: true,
@@ -159,7 +163,7 @@ async fn filters_apply_on_the_server_to_history_and_follow() {
         let v = if n % 3 == 0 { Verdict::Dropped } else { Verdict::Forwarded };
         ring.push(mk(n, ns, v));
     }
-    let mut c = serve(ring.clone()).await;
+    let (mut c, _stop) = serve(ring.clone()).await;
     let allow = vec![FlowFilter {
         verdict: vec![Verdict::Dropped as i32],
         ..Default::default()

@@ -1,0 +1,146 @@
+//! Connections to the node-probes, kept up with backoff.
+//!
+//! Each peer has a task that connects, learns the node's name from ServerStatus, checks
+//! the connection every couple of seconds and reconnects with exponential backoff when
+//! it fails. Its state is published on a watch channel, which both the relay's requests
+//! and its status read.
+
+use std::{sync::Arc, time::Duration};
+
+use flows_proto::{ServerStatusRequest, observer_client::ObserverClient};
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, Clone)]
+pub enum PeerState {
+    Connecting,
+    Connected {
+        node: String,
+        client: ObserverClient<Channel>,
+    },
+    Unavailable {
+        error: String,
+    },
+}
+
+pub struct Peer {
+    /// As configured: `name=host:port` or `host:port`.
+    pub addr: String,
+    /// The name given in the configuration, if any (else learnt from ServerStatus).
+    pub configured_name: Option<String>,
+    pub state: watch::Receiver<PeerState>,
+}
+
+impl Peer {
+    /// The node's name: as configured, as it reported, or its address.
+    pub fn name(&self) -> String {
+        if let Some(n) = &self.configured_name {
+            return n.clone();
+        }
+        match &*self.state.borrow() {
+            PeerState::Connected { node, .. } => node.clone(),
+            _ => self.addr.clone(),
+        }
+    }
+
+    pub fn client(&self) -> Option<ObserverClient<Channel>> {
+        match &*self.state.borrow() {
+            PeerState::Connected { client, .. } => Some(client.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Parses `name=host:port` or `host:port`.
+pub fn parse_peer(s: &str) -> (Option<String>, String) {
+    match s.split_once('=') {
+        Some((n, a)) if !n.is_empty() => (Some(n.to_string()), a.to_string()),
+        _ => (None, s.to_string()),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Starts the connection task of one peer.
+pub fn spawn(spec: &str, backoff: Backoff) -> Arc<Peer> {
+    let (name, addr) = parse_peer(spec);
+    let (tx, rx) = watch::channel(PeerState::Connecting);
+    let url = if addr.contains("://") {
+        addr.clone()
+    } else {
+        format!("http://{addr}")
+    };
+    tokio::spawn(maintain(url, tx, backoff));
+    Arc::new(Peer {
+        addr,
+        configured_name: name,
+        state: rx,
+    })
+}
+
+async fn maintain(url: String, tx: watch::Sender<PeerState>, backoff: Backoff) {
+    let mut delay = backoff.initial;
+    loop {
+        let attempt = async {
+            let ep = Endpoint::from_shared(url.clone())
+                .map_err(|e| e.to_string())?
+                .connect_timeout(Duration::from_secs(2));
+            let channel = ep.connect().await.map_err(|e| e.to_string())?;
+            let mut client = ObserverClient::new(channel);
+            let st = client
+                .server_status(ServerStatusRequest {})
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            Ok::<_, String>((client, st.node_name))
+        };
+        match attempt.await {
+            Ok((mut client, node)) => {
+                tracing::info!(%url, %node, "node-probe connected");
+                delay = backoff.initial;
+                let _ = tx.send(PeerState::Connected {
+                    node,
+                    client: client.clone(),
+                });
+                // Health check: a failed status call means the probe is gone.
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if tx.is_closed() {
+                        return;
+                    }
+                    if let Err(e) = client.server_status(ServerStatusRequest {}).await {
+                        tracing::warn!(%url, error = %e, "node-probe unavailable");
+                        let _ = tx.send(PeerState::Unavailable {
+                            error: e.message().to_string(),
+                        });
+                        break;
+                    }
+                }
+            }
+            Err(error) => {
+                if !matches!(&*tx.borrow(), PeerState::Unavailable { .. }) {
+                    tracing::warn!(%url, %error, "node-probe unavailable");
+                }
+                let _ = tx.send(PeerState::Unavailable { error });
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(backoff.max);
+    }
+}

@@ -1,0 +1,293 @@
+//! The relay's Observer service: the node-probes' flows, merged in time order.
+
+use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Duration, time::Instant};
+
+use flows_flow::FilterSet;
+use flows_proto::{
+    GetFlowsRequest, GetFlowsResponse, LostCount, NodeState, NodeStatusEvent,
+    ServerStatusRequest, ServerStatusResponse, Timestamp, get_flows_response::ResponseTypes,
+    observer_server::Observer,
+};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    merge::{Nanos, SortWindow},
+    peers::{Peer, PeerState},
+};
+
+pub struct RelayService {
+    pub peers: Vec<Arc<Peer>>,
+    /// How long a flow waits for earlier flows from other nodes.
+    pub sort_window: Duration,
+    /// Flows held for sorting at most; beyond, the oldest go out at once.
+    pub sort_buffer: usize,
+    pub started: Instant,
+}
+
+fn nanos(t: &Option<Timestamp>) -> Nanos {
+    t.map(|t| t.seconds as Nanos * 1_000_000_000 + t.nanos as Nanos)
+        .unwrap_or(0)
+}
+
+fn now_nanos() -> Nanos {
+    nanos(&Some(flows_proto::timestamp_now()))
+}
+
+fn node_status(state: NodeState, nodes: Vec<String>, message: String) -> GetFlowsResponse {
+    GetFlowsResponse {
+        time: Some(flows_proto::timestamp_now()),
+        node_name: String::new(),
+        response_types: Some(ResponseTypes::NodeStatus(NodeStatusEvent {
+            state_change: state as i32,
+            node_names: nodes,
+            message,
+        })),
+    }
+}
+
+enum Merged {
+    Item(GetFlowsResponse),
+    Status(GetFlowsResponse),
+}
+
+/// Reads one peer's stream for a follow request. When the stream breaks it says so
+/// in-band, retries with backoff (the channel reconnects underneath), resumes from the
+/// last flow it passed on, and says when the node is back.
+async fn follow_peer(peer: Arc<Peer>, req: GetFlowsRequest, tx: mpsc::Sender<Merged>) {
+    let mut state = peer.state.clone();
+    let mut req = req;
+    let mut was_down = false;
+    let mut delay = Duration::from_millis(100);
+    let mut last: Option<Timestamp> = None;
+    loop {
+        let mut client = loop {
+            if let Some(c) = peer.client() {
+                break c;
+            }
+            if state.changed().await.is_err() {
+                return;
+            }
+        };
+        let opened = client.get_flows(req.clone()).await;
+        let why = match opened {
+            Ok(resp) => {
+                if was_down {
+                    was_down = false;
+                    let msg = format!("{} is back", peer.name());
+                    let ev = node_status(NodeState::Connected, vec![peer.name()], msg);
+                    if tx.send(Merged::Status(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                delay = Duration::from_millis(100);
+                let mut s = resp.into_inner();
+                loop {
+                    match s.message().await {
+                        Ok(Some(m)) => {
+                            if let Some(ResponseTypes::Flow(f)) = &m.response_types {
+                                last = f.time;
+                            }
+                            if tx.send(Merged::Item(m)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break "stream ended".to_string(),
+                        Err(e) => break e.message().to_string(),
+                    }
+                }
+            }
+            Err(e) => e.message().to_string(),
+        };
+        if tx.is_closed() {
+            return;
+        }
+        if !was_down {
+            was_down = true;
+            let ev = node_status(
+                NodeState::Unavailable,
+                vec![peer.name()],
+                format!("{}: {why}", peer.name()),
+            );
+            if tx.send(Merged::Status(ev)).await.is_err() {
+                return;
+            }
+        }
+        // When it is back: everything it still holds after the last flow passed on.
+        req.number = 0;
+        req.first = false;
+        if let Some(t) = last {
+            req.since = Some(Timestamp {
+                seconds: t.seconds,
+                nanos: t.nanos + 1,
+            });
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = tx.closed() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn unavailable(peers: &[Arc<Peer>]) -> Vec<String> {
+    peers
+        .iter()
+        .filter(|p| p.client().is_none())
+        .map(|p| p.name())
+        .collect()
+}
+
+#[tonic::async_trait]
+impl Observer for RelayService {
+    type GetFlowsStream =
+        Pin<Box<dyn Stream<Item = Result<GetFlowsResponse, Status>> + Send + 'static>>;
+
+    async fn get_flows(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<Self::GetFlowsStream>, Status> {
+        let req = request.into_inner();
+        FilterSet::new(&req.allow_list, &req.deny_list)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if req.first && req.follow {
+            return Err(Status::invalid_argument("`first` and `follow` cannot be combined"));
+        }
+        let (tx, rx) = mpsc::channel::<Result<GetFlowsResponse, Status>>(1024);
+        let peers = self.peers.clone();
+        let (window, buffer) = (self.sort_window, self.sort_buffer);
+        tokio::spawn(async move {
+            let down = unavailable(&peers);
+            if !down.is_empty() {
+                let msg = format!("unavailable: {}", down.join(", "));
+                if tx.send(Ok(node_status(NodeState::Unavailable, down, msg))).await.is_err() {
+                    return;
+                }
+            }
+            if !req.follow {
+                // History: every node's answer, then one order and one count.
+                let mut all = Vec::new();
+                let calls = peers.iter().filter_map(|p| p.client()).map(|mut c| {
+                    let r = req.clone();
+                    async move {
+                        let mut out = Vec::new();
+                        let mut s = c.get_flows(r).await?.into_inner();
+                        while let Some(m) = s.message().await? {
+                            out.push(m);
+                        }
+                        Ok::<_, Status>(out)
+                    }
+                });
+                for r in futures::future::join_all(calls).await {
+                    match r {
+                        Ok(v) => all.extend(v),
+                        Err(e) => all.push(node_status(
+                            NodeState::Error,
+                            vec![],
+                            format!("reading a node-probe: {}", e.message()),
+                        )),
+                    }
+                }
+                all.sort_by_key(|m| nanos(&m.time));
+                let n = req.number as usize;
+                let is_flow = |m: &GetFlowsResponse| matches!(m.response_types, Some(ResponseTypes::Flow(_)));
+                if n > 0 && all.iter().filter(|m| is_flow(m)).count() > n {
+                    let mut kept = 0;
+                    let keep: Vec<bool> = if req.first {
+                        all.iter().map(|m| !is_flow(m) || { kept += 1; kept <= n }).collect()
+                    } else {
+                        let mut v: Vec<bool> = all.iter().rev().map(|m| !is_flow(m) || { kept += 1; kept <= n }).collect();
+                        v.reverse();
+                        v
+                    };
+                    all = all.into_iter().zip(keep).filter(|(_, k)| *k).map(|(m, _)| m).collect();
+                }
+                for m in all {
+                    if tx.send(Ok(m)).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+            // Follow: every node's stream into one sort window.
+            let (mtx, mut mrx) = mpsc::channel::<Merged>(4096);
+            for p in &peers {
+                tokio::spawn(follow_peer(p.clone(), req.clone(), mtx.clone()));
+            }
+            drop(mtx);
+            let mut w: SortWindow<GetFlowsResponse> = SortWindow::new(window, buffer);
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                let out: Vec<GetFlowsResponse> = tokio::select! {
+                    m = mrx.recv() => match m {
+                        Some(Merged::Item(m)) if matches!(m.response_types, Some(ResponseTypes::Flow(_))) => {
+                            let at = nanos(&m.time);
+                            w.push(at, m)
+                        }
+                        // Losses and node changes are news: no reason to hold them.
+                        Some(Merged::Item(m)) | Some(Merged::Status(m)) => vec![m],
+                        None => w.drain(),
+                    },
+                    _ = tick.tick() => w.ready(now_nanos()),
+                    _ = tx.closed() => return,
+                };
+                for m in out {
+                    if tx.send(Ok(m)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn server_status(
+        &self,
+        _request: Request<ServerStatusRequest>,
+    ) -> Result<Response<ServerStatusResponse>, Status> {
+        let mut out = ServerStatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ns: self.started.elapsed().as_nanos() as u64,
+            node_name: "relay".into(),
+            ..Default::default()
+        };
+        let mut lost: BTreeMap<i32, u64> = BTreeMap::new();
+        let (mut connected, mut down) = (0u32, Vec::new());
+        for p in &self.peers {
+            let status = match p.client() {
+                Some(mut c) => c.server_status(ServerStatusRequest {}).await.ok(),
+                None => None,
+            };
+            match status {
+                Some(s) => {
+                    let s = s.into_inner();
+                    connected += 1;
+                    out.num_flows += s.num_flows;
+                    out.max_flows += s.max_flows;
+                    out.seen_flows += s.seen_flows;
+                    for l in s.lost {
+                        *lost.entry(l.source).or_default() += l.count;
+                    }
+                }
+                None => down.push(p.name()),
+            }
+        }
+        out.lost = lost
+            .into_iter()
+            .map(|(source, count)| LostCount { source, count })
+            .collect();
+        out.num_connected_nodes = Some(connected);
+        out.num_unavailable_nodes = Some(down.len() as u32);
+        out.unavailable_nodes = down;
+        Ok(Response::new(out))
+    }
+}
+
+/// True when every peer is connected (for readiness).
+pub fn all_connected(peers: &[Arc<Peer>]) -> bool {
+    peers
+        .iter()
+        .all(|p| matches!(&*p.state.borrow(), PeerState::Connected { .. }))
+}
