@@ -13,7 +13,7 @@ echo
 echo "== traffic: lab/scenarios/seed-traffic.yaml"
 $flows lab drive lab/scenarios/seed-traffic.yaml -o table
 echo
-echo "== flows seen by the node-probes (flows observe --all)"
+echo "== flows seen by the node-probes, merged by the relay (flows observe --all)"
 servers=$($flows lab status -o json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(" ".join("--server "+d["addr"] for d in s.get("probes", [])))')
 # shellcheck disable=SC2086
 $flows observe $servers --all --print-node-name

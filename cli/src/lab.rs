@@ -136,7 +136,18 @@ fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, dir: &Path) -> anyhow::Re
     if probes {
         // All or nothing: a lab whose probes did not start is taken down again.
         match crate::labprobes::start(dir, &state) {
-            Ok(addrs) => println!("node-probes serving on {}", addrs.join(", ")),
+            Ok(addrs) => {
+                println!("node-probes serving on {}", addrs.join(", "));
+                match crate::labprobes::start_relay(dir, &state, &addrs) {
+                    Ok(relay) => println!("relay serving on {relay}"),
+                    Err(e) => {
+                        if let Err(e2) = flows_lab::down(dir) {
+                            eprintln!("taking the lab down after the failure failed too: {e2}");
+                        }
+                        return Err(e.context("starting the relay (the lab was taken down)"));
+                    }
+                }
+            }
             Err(e) => {
                 if let Err(e2) = flows_lab::down(dir) {
                     eprintln!("taking the lab down after the failure failed too: {e2}");

@@ -20,22 +20,22 @@ fn addr_file(dir: &Path, node: &str) -> PathBuf {
     dir.join(format!("probe-{node}.addr"))
 }
 
-/// The node-probe binary: $FLOWS_NODE_PROBE, else next to this executable, else PATH.
-fn probe_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("FLOWS_NODE_PROBE") {
+/// A companion binary: $`env`, else next to this executable, else PATH.
+fn sibling(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     if let Ok(exe) = std::env::current_exe() {
-        let sibling = exe.with_file_name("flows-node-probe");
-        if sibling.exists() {
-            return sibling;
+        let s = exe.with_file_name(name);
+        if s.exists() {
+            return s;
         }
     }
-    PathBuf::from("flows-node-probe")
+    PathBuf::from(name)
 }
 
 pub fn start(dir: &Path, state: &State) -> anyhow::Result<Vec<String>> {
-    let bin = probe_binary();
+    let bin = sibling("flows-node-probe", "FLOWS_NODE_PROBE");
     // What the probes enforce: the lab's namespaces and pods, and applied policies.
     crate::labpolicy::write_cluster(dir, state)?;
     let manifests = flows_lab::manifests::dir(dir);
@@ -95,6 +95,55 @@ pub fn start(dir: &Path, state: &State) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(addrs)
+}
+
+/// Starts a relay over the lab's node-probes (`addrs`, in node order); returns its address.
+pub fn start_relay(dir: &Path, state: &State, addrs: &[String]) -> anyhow::Result<String> {
+    let bin = sibling("flows-relay", "FLOWS_RELAY");
+    let ready = dir.join("relay.addr");
+    let _ = std::fs::remove_file(&ready);
+    let log_path = dir.join("relay.log");
+    let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut cmd = Command::new(&bin);
+    for (node, addr) in state.nodes.iter().zip(addrs) {
+        cmd.arg("--peer").arg(format!("{}={addr}", node.name));
+    }
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("log file")?)
+        .stderr(log)
+        .process_group(0);
+    let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+    add_daemon(
+        dir,
+        Daemon {
+            role: "relay".into(),
+            node: None,
+            pid: child.id(),
+        },
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(a) = std::fs::read_to_string(&ready) {
+            if !a.is_empty() {
+                return Ok(a);
+            }
+        }
+        if Instant::now() > deadline {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("the relay did not start; its log ({}):\n{tail}", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The lab relay's address, if one runs.
+pub fn relay_address(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join("relay.addr"))
+        .ok()
+        .filter(|a| !a.is_empty())
 }
 
 /// Addresses of the lab's running node-probes.

@@ -188,6 +188,9 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
     };
     let servers = if !args.server.is_empty() {
         args.server.clone()
+    } else if let Some(relay) = crate::labprobes::relay_address(&lab_dir) {
+        // The lab's relay: every node, merged in time order.
+        vec![relay]
     } else {
         let lab = crate::labprobes::addresses(&lab_dir);
         if lab.is_empty() {

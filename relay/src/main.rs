@@ -22,6 +22,9 @@ struct Args {
     /// Flows held for sorting at most.
     #[arg(long, default_value_t = 10_000)]
     sort_buffer: usize,
+    /// Written with the listen address once the relay is serving.
+    #[arg(long)]
+    ready_file: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -46,16 +49,30 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    tracing::info!(listen = %args.listen, "relay serving");
-    tonic::transport::Server::builder()
-        .add_service(ObserverServer::new(svc))
-        .serve_with_shutdown(args.listen, async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        })
+    let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .context("serving")?;
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let local = listener.local_addr().context("listen address")?;
+    if let Some(path) = &args.ready_file {
+        std::fs::write(path, local.to_string())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    tracing::info!(listen = %local, "relay serving");
+    let served = tonic::transport::Server::builder()
+        .add_service(ObserverServer::new(svc))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            },
+        )
+        .await;
+    if let Some(path) = &args.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    served.context("serving")?;
     Ok(())
 }
