@@ -8,7 +8,9 @@ pub mod btf;
 pub mod datapath;
 pub mod decode;
 pub mod ifaces;
-pub mod metrics;
+
+/// Prometheus metrics (the `flows-metrics` crate, shared with the relay).
+pub use flows_metrics as metrics;
 pub mod probe;
 pub mod ring;
 pub mod server;

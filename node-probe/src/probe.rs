@@ -16,6 +16,7 @@ use tokio::{
     sync::watch,
 };
 
+use flows_metrics::Metrics;
 use flows_policy::{
     Manifests,
     compile::{IdentityAllocator, Mode, NodeView, SetTable, compile_datapath},
@@ -28,7 +29,6 @@ use crate::{
     },
     decode::{Clock, Decoder, EndpointIndex, IfNames, PolicySets},
     ifaces::{IfaceSelector, list_veths},
-    metrics::Metrics,
     ring::{Entry, FlowRing, RingError},
     server::ObserverService,
     stats::ProbeStats,
@@ -122,7 +122,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let metrics_task = cfg
         .metrics_listen
-        .map(|addr| tokio::spawn(crate::metrics::serve(addr, metrics.clone())));
+        .map(|addr| tokio::spawn(flows_metrics::serve(addr, metrics.clone())));
     let ifnames: IfNames = Arc::new(RwLock::new(HashMap::new()));
     let (stop_tx, stop_rx) = watch::channel(false);
 

@@ -29,7 +29,7 @@ pub struct ObserverService {
     pub stats: Arc<ProbeStats>,
     pub node_name: String,
     pub started: Instant,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<flows_metrics::Metrics>,
     /// Becomes true when the server shuts down: following streams end then, or the
     /// server's graceful shutdown would wait for them forever.
     pub shutdown: tokio::sync::watch::Receiver<bool>,

@@ -22,6 +22,9 @@ struct Args {
     /// Flows held for sorting at most.
     #[arg(long, default_value_t = 10_000)]
     sort_buffer: usize,
+    /// Address of the Prometheus /metrics endpoint (off by default).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Written with the listen address once the relay is serving.
     #[arg(long)]
     ready_file: Option<std::path::PathBuf>,
@@ -36,13 +39,28 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let peers = args
+    let peers: Vec<_> = args
         .peers
         .iter()
         .map(|p| peers::spawn(p, peers::Backoff::default()))
         .collect();
+    let metrics = std::sync::Arc::new(flows_metrics::Metrics::new());
+    if let Some(addr) = args.metrics_listen {
+        tokio::spawn(flows_metrics::serve(addr, metrics.clone()));
+        // Node states, refreshed for scrapes.
+        let (ps, m) = (peers.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let up = ps.iter().filter(|p| p.client().is_some()).count() as i64;
+                m.set_nodes(up, ps.len() as i64 - up);
+            }
+        });
+    }
     let svc = RelayService {
         peers,
+        metrics,
         sort_window: Duration::from_millis(args.sort_window_ms),
         sort_buffer: args.sort_buffer,
         started: Instant::now(),

@@ -20,6 +20,8 @@ use crate::{
 
 pub struct RelayService {
     pub peers: Vec<Arc<Peer>>,
+    /// Flows and losses forwarded to clients, node states.
+    pub metrics: Arc<flows_metrics::Metrics>,
     /// How long a flow waits for earlier flows from other nodes.
     pub sort_window: Duration,
     /// Flows held for sorting at most; beyond, the oldest go out at once.
@@ -157,7 +159,16 @@ impl Observer for RelayService {
         }
         let (tx, rx) = mpsc::channel::<Result<GetFlowsResponse, Status>>(1024);
         let peers = self.peers.clone();
+        let metrics = self.metrics.clone();
         let (window, buffer) = (self.sort_window, self.sort_buffer);
+        let count = move |m: &GetFlowsResponse| match &m.response_types {
+            Some(ResponseTypes::Flow(f)) => metrics.observe(f),
+            Some(ResponseTypes::LostEvents(l)) => metrics.lost(
+                flows_proto::LostEventSource::try_from(l.source).unwrap_or_default(),
+                l.num_events_lost,
+            ),
+            _ => {}
+        };
         tokio::spawn(async move {
             let down = unavailable(&peers);
             if !down.is_empty() {
@@ -205,6 +216,7 @@ impl Observer for RelayService {
                     all = all.into_iter().zip(keep).filter(|(_, k)| *k).map(|(m, _)| m).collect();
                 }
                 for m in all {
+                    count(&m);
                     if tx.send(Ok(m)).await.is_err() {
                         return;
                     }
@@ -234,6 +246,7 @@ impl Observer for RelayService {
                     _ = tx.closed() => return,
                 };
                 for m in out {
+                    count(&m);
                     if tx.send(Ok(m)).await.is_err() {
                         return;
                     }
@@ -278,6 +291,7 @@ impl Observer for RelayService {
             .into_iter()
             .map(|(source, count)| LostCount { source, count })
             .collect();
+        self.metrics.set_nodes(i64::from(connected), down.len() as i64);
         out.num_connected_nodes = Some(connected);
         out.num_unavailable_nodes = Some(down.len() as u32);
         out.unavailable_nodes = down;

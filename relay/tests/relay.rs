@@ -90,6 +90,11 @@ fn now_ns() -> i128 {
 }
 
 async fn relay(nodes: &[&Node]) -> ObserverClient<Channel> {
+    relay_with_metrics(nodes).await.0
+}
+
+async fn relay_with_metrics(nodes: &[&Node]) -> (ObserverClient<Channel>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
     let ps: Vec<_> = nodes
         .iter()
         .map(|n| {
@@ -104,6 +109,7 @@ async fn relay(nodes: &[&Node]) -> ObserverClient<Channel> {
         .collect();
     let svc = RelayService {
         peers: ps,
+        metrics: metrics.clone(),
         sort_window: Duration::from_millis(300),
         sort_buffer: 1000,
         started: Instant::now(),
@@ -125,7 +131,7 @@ async fn relay(nodes: &[&Node]) -> ObserverClient<Channel> {
         assert!(Instant::now() < deadline, "relay did not connect: {s:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    c
+    (c, metrics)
 }
 
 async fn next(s: &mut tonic::Streaming<flows_proto::GetFlowsResponse>) -> flows_proto::GetFlowsResponse {
@@ -158,7 +164,7 @@ async fn history_is_one_timeline() {
     }
     let mut n1 = Node::start("node-1", r1, "127.0.0.1:0").await;
     let mut n2 = Node::start("node-2", r2, "127.0.0.1:0").await;
-    let mut c = relay(&[&n1, &n2]).await;
+    let (mut c, metrics) = relay_with_metrics(&[&n1, &n2]).await;
     let req = |number, first| GetFlowsRequest {
         number,
         first,
@@ -169,6 +175,10 @@ async fn history_is_one_timeline() {
     assert_eq!(lengths(&mut c, req(2, true)).await, vec![1, 2]);
     let st = c.server_status(ServerStatusRequest {}).await.expect("status").into_inner();
     assert_eq!((st.num_flows, st.num_connected_nodes, st.num_unavailable_nodes), (6, Some(2), Some(0)));
+    // Forwarded flows (6 + 4 + 2) and node states, as Prometheus sees them.
+    let text = metrics.render();
+    assert!(text.contains(r#"flows_flows_processed_total{verdict="unknown",event_type="unknown"} 12"#), "{text}");
+    assert!(text.contains(r#"flows_nodes{state="connected"} 2"#), "{text}");
     n1.stop().await;
     n2.stop().await;
 }

@@ -1,4 +1,5 @@
-//! Prometheus metrics of the node-probe, served as text on `--metrics-listen`.
+//! Prometheus metrics of the node-probe and the relay, served as text on
+//! `--metrics-listen`.
 //!
 //! Label sets are bounded: verdicts and event types are enums, drop reasons are the
 //! kernel's enum names (plus POLICY_DENIED), protocols five, directions two, loss
@@ -9,7 +10,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 use flows_proto::{EventType, Flow, LostEventSource, Verdict, layer4};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -36,12 +37,18 @@ struct LostLabels {
     source: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    state: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     flows: Family<FlowLabels, Counter>,
     drops: Family<DropLabels, Counter>,
     policy: Family<PolicyLabels, Counter>,
     lost: Family<LostLabels, Counter>,
+    nodes: Family<NodeLabels, Gauge>,
 }
 
 fn verdict_name(v: i32) -> &'static str {
@@ -95,12 +102,15 @@ impl Metrics {
             policy.clone(),
         );
         registry.register("lost_events", "Events lost, by where they were lost", lost.clone());
+        let nodes = Family::<NodeLabels, Gauge>::default();
+        registry.register("nodes", "Node-probes by connection state (relay)", nodes.clone());
         Metrics {
             registry,
             flows,
             drops,
             policy,
             lost,
+            nodes,
         }
     }
 
@@ -152,6 +162,16 @@ impl Metrics {
         self.lost
             .get_or_create(&LostLabels { source: name.into() })
             .inc_by(n);
+    }
+
+    /// The relay's view of its node-probes.
+    pub fn set_nodes(&self, connected: i64, unavailable: i64) {
+        self.nodes
+            .get_or_create(&NodeLabels { state: "connected".into() })
+            .set(connected);
+        self.nodes
+            .get_or_create(&NodeLabels { state: "unavailable".into() })
+            .set(unavailable);
     }
 
     pub fn render(&self) -> String {
