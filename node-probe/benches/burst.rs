@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{Probe, server_status};
+use common::{Probe, server_status, settle};
 use flows_lab::{
     drive::{self, DriveOptions, Scenario},
     testing::{LabGuard, skip_unless_root},
@@ -55,13 +55,15 @@ fn main() {
     let t = Instant::now();
     let trial = drive::run(&lab.state, &scenario(2000), &opts).expect("drive");
     let rate = trial.attempts.len() as f64 / t.elapsed().as_secs_f64();
+    // The trial's last events may still be on their way: count from a quiet point.
+    settle(&probes);
     let before: u64 = probes.iter().map(|p| server_status(&p.addr).seen_flows).sum();
 
     let count = (rate * 10.0).max(1000.0) as u64;
     let t = Instant::now();
     let report = drive::run(&lab.state, &scenario(count), &opts).expect("drive");
     let secs = t.elapsed().as_secs_f64();
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    settle(&probes);
 
     let mut seen = 0;
     let mut lost = 0;
