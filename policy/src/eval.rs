@@ -237,6 +237,18 @@ fn compile_peers(peers: &Option<Vec<NetworkPolicyPeer>>) -> Option<Vec<Peer>> {
     )
 }
 
+/// Rules from (ports, peers) pairs: `from` for ingress rules, `to` for egress ones.
+fn compile_rules<'a>(
+    rules: impl Iterator<Item = (&'a Option<Vec<NetworkPolicyPort>>, &'a Option<Vec<NetworkPolicyPeer>>)>,
+) -> Vec<Rule> {
+    rules
+        .map(|(ports, peers)| Rule {
+            ports: compile_ports(ports),
+            peers: compile_peers(peers),
+        })
+        .collect()
+}
+
 impl CompiledPolicy {
     pub fn compile(np: &NetworkPolicy) -> CompiledPolicy {
         let spec = np.spec.clone().unwrap_or_default();
@@ -252,24 +264,10 @@ impl CompiledPolicy {
             }
         };
         let ingress = types.iter().any(|t| t == "Ingress").then(|| {
-            spec.ingress
-                .iter()
-                .flatten()
-                .map(|r| Rule {
-                    ports: compile_ports(&r.ports),
-                    peers: compile_peers(&r.from),
-                })
-                .collect()
+            compile_rules(spec.ingress.iter().flatten().map(|r| (&r.ports, &r.from)))
         });
         let egress = types.iter().any(|t| t == "Egress").then(|| {
-            spec.egress
-                .iter()
-                .flatten()
-                .map(|r| Rule {
-                    ports: compile_ports(&r.ports),
-                    peers: compile_peers(&r.to),
-                })
-                .collect()
+            compile_rules(spec.egress.iter().flatten().map(|r| (&r.ports, &r.to)))
         });
         CompiledPolicy {
             id: PolicyRef {
