@@ -169,6 +169,9 @@ pub const CT_F_NO_EVENT: u32 = 1 << 2;
 pub const CT_F_DENIED: u32 = 1 << 3;
 /// Policy was evaluated for the connection at this point (at `CtEntry::rev`).
 pub const CT_F_EVALUATED: u32 = 1 << 4;
+/// First seen mid-stream and allowed as the reply side of a connection the peer opened:
+/// it is decided again in that direction.
+pub const CT_F_AS_REPLY: u32 = 1 << 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

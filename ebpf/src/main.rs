@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TcContext},
 };
 use flows_common::{
-    AF_INET, AF_INET6, CT_F_CLOSING, CT_F_DENIED, CT_F_EVALUATED, CT_F_NO_EVENT, CT_F_REPLY_SEEN,
+    AF_INET, AF_INET6, CT_F_AS_REPLY, CT_F_CLOSING, CT_F_DENIED, CT_F_EVALUATED, CT_F_NO_EVENT, CT_F_REPLY_SEEN,
     CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, DropWatch, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED,
     EVENT_DROP, EVENT_F_REPLY, EVENT_FLOW, EndpointValue, FlowTuple, IDENTITY_ANY, IDENTITY_WORLD,
     KernelOffsets, MODE_ENFORCE, MODE_OFF, POINT_FROM_ENDPOINT, POINT_FROM_NETWORK,
@@ -364,19 +364,25 @@ fn side(ep: &EndpointValue, dir: u8, peer: u32, proto: u8, port: u16) -> (bool, 
 /// Decides a new connection: the destination's ingress when it is a local pod (and
 /// `ingress` is asked), the source's egress when it is a local pod.
 /// Kept out of line: its lookups need stack that the tracking path also needs.
+/// `reverse` decides the connection the other end would open (the tuple read backwards).
 #[inline(never)]
-fn decide(t: &FlowTuple, ingress: bool, v: &mut Verdict) {
+fn decide(t: &FlowTuple, ingress: bool, reverse: bool, v: &mut Verdict) {
+    let (src, dst, dport) = if reverse {
+        (&t.daddr, &t.saddr, t.sport)
+    } else {
+        (&t.saddr, &t.daddr, t.dport)
+    };
     let port = match t.proto {
-        PROTO_TCP | PROTO_UDP | PROTO_SCTP => t.dport,
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => dport,
         _ => 0,
     };
     let mut denied = false;
     let mut enforce = false;
     if ingress {
-        if let Some(ep) = unsafe { ENDPOINTS.get(&addr_key(&t.daddr, t.family)) } {
+        if let Some(ep) = unsafe { ENDPOINTS.get(&addr_key(dst, t.family)) } {
             if ep.mode != MODE_OFF {
                 let (evaluated, allowed, set) =
-                    side(ep, DIR_INGRESS, identity_of(&t.saddr, t.family), t.proto, port);
+                    side(ep, DIR_INGRESS, identity_of(src, t.family), t.proto, port);
                 if evaluated {
                     v.policy |= POLICY_INGRESS_EVALUATED;
                     v.ingress_set = set;
@@ -390,10 +396,10 @@ fn decide(t: &FlowTuple, ingress: bool, v: &mut Verdict) {
             }
         }
     }
-    if let Some(ep) = unsafe { ENDPOINTS.get(&addr_key(&t.saddr, t.family)) } {
+    if let Some(ep) = unsafe { ENDPOINTS.get(&addr_key(src, t.family)) } {
         if ep.mode != MODE_OFF {
             let (evaluated, allowed, set) =
-                side(ep, DIR_EGRESS, identity_of(&t.daddr, t.family), t.proto, port);
+                side(ep, DIR_EGRESS, identity_of(dst, t.family), t.proto, port);
             if evaluated {
                 v.policy |= POLICY_EGRESS_EVALUATED;
                 v.egress_set = set;
@@ -454,9 +460,12 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) -> i32 {
         // SAFETY: map value pointer valid until the program exits.
         let e = unsafe { &mut *e };
         let again = if tcp {
-            // A SYN after FIN/RST reuses the tuple for a new connection; any other SYN
-            // is a retransmission of the same attempt.
-            is_new_tcp_attempt(pkt.tcp_flags) && e.flags & CT_F_CLOSING != 0
+            // A SYN after FIN/RST reuses the tuple for a new connection; so does a SYN on
+            // an entry first seen mid-stream where policy is enforced (it must be decided
+            // as an attempt). Any other SYN is a retransmission of the same attempt.
+            is_new_tcp_attempt(pkt.tcp_flags)
+                && (e.flags & CT_F_CLOSING != 0
+                    || (e.flags & CT_F_NO_EVENT != 0 && enforcing(point)))
         } else {
             now.saturating_sub(e.last_seen_ns) > DATAGRAM_IDLE_NS
         };
@@ -470,7 +479,7 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) -> i32 {
                 // Policy changed since this connection was decided: decide it again.
                 count(counter::POLICY_REEVALUATED);
                 let mut v = NO_VERDICT;
-                decide(&pkt.tuple, point == POINT_TO_ENDPOINT, &mut v);
+                decide(&pkt.tuple, point == POINT_TO_ENDPOINT, e.flags & CT_F_AS_REPLY != 0, &mut v);
                 e.rev = rev;
                 let was_denied = e.flags & CT_F_DENIED != 0;
                 if v.drop {
@@ -500,7 +509,13 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) -> i32 {
         };
         if let Some(e) = CONNTRACK.get_ptr_mut(&rkey) {
             let e = unsafe { &mut *e };
-            let reopened = tcp && is_new_tcp_attempt(pkt.tcp_flags) && e.flags & CT_F_CLOSING != 0;
+            // A SYN from the peer after FIN/RST, or a datagram after the flow went idle,
+            // starts something new in the other direction.
+            let reopened = if tcp {
+                is_new_tcp_attempt(pkt.tcp_flags) && e.flags & CT_F_CLOSING != 0
+            } else {
+                now.saturating_sub(e.last_seen_ns) > DATAGRAM_IDLE_NS
+            };
             if !reopened {
                 if e.flags & CT_F_DENIED != 0 {
                     count(counter::POLICY_DENIED_PACKETS);
@@ -535,17 +550,14 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) -> i32 {
         rev,
     };
     if tcp && !is_new_tcp_attempt(pkt.tcp_flags) {
-        // Mid-stream packet of a connection older than this probe: track it so its
-        // replies are recognised, but it is not an attempt we saw start, and policy is
-        // not applied to it (it was allowed when it started).
-        entry.flags = CT_F_NO_EVENT;
-        let _ = CONNTRACK.insert(&key, &entry, 0);
-        return TC_ACT_OK;
+        // Mid-stream packet of a connection older than our tracking: not an attempt we
+        // saw start, but where policy is enforced it is decided all the same.
+        return midstream(ctx, point, pkt, &key, now);
     }
     let mut v = NO_VERDICT;
     if enforcing(point) {
         entry.flags |= CT_F_EVALUATED;
-        decide(&pkt.tuple, point == POINT_TO_ENDPOINT, &mut v);
+        decide(&pkt.tuple, point == POINT_TO_ENDPOINT, false, &mut v);
     }
     if v.drop {
         entry.flags |= CT_F_DENIED;
@@ -568,6 +580,53 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) -> i32 {
         }
         VERDICT_AUDIT => {
             count(counter::POLICY_AUDIT);
+            TC_ACT_OK
+        }
+        _ => TC_ACT_OK,
+    }
+}
+
+/// A TCP packet of a connection we did not see start. Tracked so its replies are
+/// recognised; at an enforcing point decided in its own direction, and, failing that, as
+/// the reply side of a connection the peer opened (allowed then: it is a reply).
+#[inline(always)]
+fn midstream(ctx: &TcContext, point: u8, pkt: &Packet, key: &CtKey, now: u64) -> i32 {
+    let mut entry = CtEntry {
+        created_ns: now,
+        last_seen_ns: now,
+        packets_orig: 1,
+        packets_reply: 0,
+        flags: CT_F_NO_EVENT,
+        rev: policy_rev(),
+    };
+    if !enforcing(point) {
+        let _ = CONNTRACK.insert(key, &entry, 0);
+        return TC_ACT_OK;
+    }
+    entry.flags |= CT_F_EVALUATED;
+    let mut v = NO_VERDICT;
+    decide(&pkt.tuple, point == POINT_TO_ENDPOINT, false, &mut v);
+    if v.verdict == VERDICT_DENIED || v.verdict == VERDICT_AUDIT {
+        let mut r = NO_VERDICT;
+        decide(&pkt.tuple, point == POINT_TO_ENDPOINT, true, &mut r);
+        if r.verdict != VERDICT_DENIED && r.verdict != VERDICT_AUDIT {
+            entry.flags |= CT_F_AS_REPLY;
+            v = NO_VERDICT;
+        }
+    }
+    if v.drop {
+        entry.flags |= CT_F_DENIED;
+    }
+    let _ = CONNTRACK.insert(key, &entry, 0);
+    match v.verdict {
+        VERDICT_DENIED => {
+            count(counter::POLICY_DENIED);
+            emit_flow(ctx, point, pkt, key.ifindex, now, 0, &v);
+            TC_ACT_SHOT
+        }
+        VERDICT_AUDIT => {
+            count(counter::POLICY_AUDIT);
+            emit_flow(ctx, point, pkt, key.ifindex, now, 0, &v);
             TC_ACT_OK
         }
         _ => TC_ACT_OK,

@@ -593,6 +593,12 @@ pub struct PolicyMaps {
     revision: u32,
 }
 
+/// A new policy revision: connections decided before it are decided again.
+fn bump(rev: &mut Array<MapData, u32>, revision: &mut u32) -> Result<(), DatapathError> {
+    *revision = revision.wrapping_add(1);
+    rev.set(0, *revision, 0).map_err(map_err("POLICY_REV"))
+}
+
 /// Counts of one update, for logs and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PolicyUpdate {
@@ -659,7 +665,9 @@ impl PolicyMaps {
     /// of what is no longer needed.
     pub fn apply(&mut self, next: DatapathState) -> Result<PolicyUpdate, DatapathError> {
         let mut u = PolicyUpdate::default();
-        let cur = std::mem::take(&mut self.current);
+        // `current` is replaced only once the maps hold `next`: after a failed write the
+        // next update still knows what is in the kernel and removes what is stale.
+        let cur = &self.current;
         for (k, set) in &next.policy {
             if cur.policy.get(k) != Some(set) {
                 self.policy
@@ -684,9 +692,8 @@ impl PolicyMaps {
                 u.written += 1;
             }
         }
-        if u.written > 0 || next.policy.len() != cur.policy.len() || next.endpoints.len() != cur.endpoints.len() {
-            self.revision = self.revision.wrapping_add(1);
-            self.rev.set(0, self.revision, 0).map_err(map_err("POLICY_REV"))?;
+        if u.written > 0 {
+            bump(&mut self.rev, &mut self.revision)?;
         }
         for ip in cur.endpoints.keys() {
             if !next.endpoints.contains_key(ip) {
@@ -705,6 +712,11 @@ impl PolicyMaps {
                 let _ = self.ipcache.remove(&cidr_key(c));
                 u.removed += 1;
             }
+        }
+        // Connections decided while removals were under way saw a mix of old and new:
+        // decide them again against the final state.
+        if u.removed > 0 {
+            bump(&mut self.rev, &mut self.revision)?;
         }
         u.revision = self.revision;
         self.current = next;

@@ -274,3 +274,67 @@ fn malformed_and_truncated_packets_pass_and_are_counted() {
     assert_eq!(c[counter::OTHER_PROTO as usize], 1);
     assert_eq!(c[counter::NEW_FLOWS as usize], 0);
 }
+
+/// A TCP packet of a connection we did not see start must not get around policy: it is
+/// decided (as its own attempt, or as the reply side of one the peer could open), and a
+/// SYN on its tuple afterwards is decided as a new attempt.
+#[test]
+fn mid_stream_packets_do_not_bypass_policy() {
+    use flows_policy::{
+        Cluster, Engine, Manifests, PodInfo,
+        compile::{IdentityAllocator, Mode, NodeView, SetTable, compile_datapath},
+    };
+    if !root() {
+        return;
+    }
+    let build = |policies: &str| {
+        let m = Manifests::parse([("p.yaml", policies)]).expect("policies");
+        let mut c = Cluster::new();
+        for (ns, name, ip) in [("a", "client", A4), ("b", "server", B4)] {
+            c.add_pod(PodInfo {
+                namespace: ns.into(),
+                name: name.into(),
+                node: Some("n".into()),
+                labels: Default::default(),
+                ips: vec![std::net::IpAddr::from(ip)],
+                ports: vec![],
+            });
+        }
+        let engine = Engine::new(m.policies);
+        compile_datapath(
+            &c,
+            &engine,
+            &NodeView {
+                is_local: &|_| true,
+                mode_of: &|_| Mode::Enforce,
+            },
+            &mut IdentityAllocator::new(),
+            SetTable::new(),
+        )
+    };
+    const DENY_B_INGRESS: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: b}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n";
+    const DENY_A_INGRESS: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: a}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n";
+
+    // b admits nothing; a admits everything. A bare ACK a -> b may be the reply side of
+    // a connection b opened (allowed), but a's SYN on that tuple is a new attempt: denied.
+    let mut h = TestHarness::new().expect("load");
+    h.apply_policy(build(DENY_B_INGRESS)).expect("policy");
+    let ack = v4(A4, B4, PROTO_TCP, &l4_tcp(40000, 80, TCP_ACK));
+    assert_eq!(h.run(false, &ack).expect("run"), TC_ACT_OK, "reply side of b -> a");
+    let syn = v4(A4, B4, PROTO_TCP, &l4_tcp(40000, 80, TCP_SYN));
+    assert_eq!(h.run(false, &syn).expect("run"), TC_ACT_SHOT, "the SYN is decided: denied");
+    assert_eq!(h.run(false, &syn).expect("run"), TC_ACT_SHOT, "and stays denied");
+
+    // Neither direction allowed: the mid-stream packet itself is dropped and reported.
+    let mut h = TestHarness::new().expect("load");
+    h.apply_policy(build(&format!("{DENY_B_INGRESS}---\n{DENY_A_INGRESS}"))).expect("policy");
+    let _ = h.events();
+    let ack = v4(A4, B4, PROTO_TCP, &l4_tcp(40001, 80, TCP_ACK));
+    assert_eq!(h.run(false, &ack).expect("run"), TC_ACT_SHOT);
+    let ev = h.events();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].verdict, flows_common::VERDICT_DENIED);
+    assert_eq!(h.run(false, &v4(A4, B4, PROTO_TCP, &l4_tcp(40001, 80, TCP_SYN))).expect("run"), TC_ACT_SHOT);
+}
+
+const TC_ACT_SHOT: u32 = 2;

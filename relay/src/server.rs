@@ -61,7 +61,8 @@ enum Merged {
 async fn follow_peer(peer: Arc<Peer>, req: GetFlowsRequest, tx: mpsc::Sender<Merged>) {
     let mut state = peer.state.clone();
     let mut req = req;
-    let mut was_down = false;
+    // Down when the request starts: it was announced then, so announce its return too.
+    let mut was_down = peer.client().is_none();
     let mut delay = Duration::from_millis(100);
     let mut last: Option<Timestamp> = None;
     loop {
@@ -121,9 +122,17 @@ async fn follow_peer(peer: Arc<Peer>, req: GetFlowsRequest, tx: mpsc::Sender<Mer
         req.number = 0;
         req.first = false;
         if let Some(t) = last {
-            req.since = Some(Timestamp {
-                seconds: t.seconds,
-                nanos: t.nanos + 1,
+            // One nanosecond after it, carried into the seconds when needed.
+            req.since = Some(if t.nanos >= 999_999_999 {
+                Timestamp {
+                    seconds: t.seconds + 1,
+                    nanos: 0,
+                }
+            } else {
+                Timestamp {
+                    seconds: t.seconds,
+                    nanos: t.nanos + 1,
+                }
             });
         }
         tokio::select! {
@@ -240,7 +249,16 @@ impl Observer for RelayService {
                         }
                         // Losses and node changes are news: no reason to hold them.
                         Some(Merged::Item(m)) | Some(Merged::Status(m)) => vec![m],
-                        None => w.drain(),
+                        None => {
+                            // Every node's reader has ended (none configured): finish.
+                            for m in w.drain() {
+                                count(&m);
+                                if tx.send(Ok(m)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            return;
+                        }
                     },
                     _ = tick.tick() => w.ready(now_nanos()),
                     _ = tx.closed() => return,
