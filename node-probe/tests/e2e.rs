@@ -273,10 +273,12 @@ fn every_attempt_is_reported_once_per_observation_point() {
 
     // 3. SIGTERM with a follower attached (as a relay would be): clean exit, nothing left
     //    attached, and the follower's stream ends instead of holding the probe up.
+    let (open_tx, open_rx) = std::sync::mpsc::channel::<()>();
     let followers: Vec<_> = probes
         .iter()
         .map(|p| {
             let addr = p.addr.clone();
+            let open = open_tx.clone();
             std::thread::spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
                 rt.block_on(async {
@@ -288,12 +290,18 @@ fn every_attempt_is_reported_once_per_observation_point() {
                         .await
                         .expect("follow")
                         .into_inner();
+                    // The server has accepted the follow request: its stream task runs.
+                    let _ = open.send(());
                     while let Ok(Some(_)) = s.message().await {}
                 })
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    for _ in &probes {
+        open_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("every follower's stream is open before SIGTERM");
+    }
     for p in probes.iter_mut() {
         let st = p.signal(nix::sys::signal::Signal::SIGTERM);
         assert!(st.success(), "node-probe {} exit: {st}", p.node);
