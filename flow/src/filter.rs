@@ -180,8 +180,15 @@ impl Check {
                 let l = labels_of(e);
                 any.iter().any(|s| s.matches(&l))
             }),
-            Check::Workload { source, any } => endpoint(f, *source)
-                .is_some_and(|e| e.workloads.iter().any(|w| any.iter().any(|n| *n == w.name))),
+            Check::Workload { source, any } => endpoint(f, *source).is_some_and(|e| {
+                e.workloads.iter().any(|w| {
+                    any.iter().any(|n| match n.split_once('/') {
+                        // `kind/name`, as `hubble observe --workload` takes it.
+                        Some((kind, name)) => name == w.name && kind.eq_ignore_ascii_case(&w.kind),
+                        None => *n == w.name,
+                    })
+                })
+            }),
             Check::Port { source, any } => port_of(f, *source)
                 .is_some_and(|p| any.iter().any(|(a, b)| (*a..=*b).contains(&p))),
             Check::Verdict(v) => v.contains(&f.verdict),

@@ -1,6 +1,8 @@
 //! Flow logic without I/O: [`filter::FilterSet`] (FlowFilter allow and deny lists, as
-//! Hubble defines them) and [`selector::LabelSelector`] (kubectl's selector syntax).
+//! Hubble defines them), [`selector::LabelSelector`] (kubectl's selector syntax) and
+//! [`enrich`] (annotation through getter traits, and what a node can filter before it).
 
+pub mod enrich;
 pub mod filter;
 pub mod selector;
 

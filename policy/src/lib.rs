@@ -131,7 +131,7 @@ impl Manifests {
                     load::Object::NetworkPolicy(np) => m.policies.push(compile(&obj.origin, &np)?),
                     load::Object::Pod(p) => pods.push(*p),
                     load::Object::Namespace(n) => namespaces.push(*n),
-                    load::Object::Other { kind } => m.ignored_kinds.push(kind),
+                    load::Object::Other { kind, .. } => m.ignored_kinds.push(kind),
                 }
             }
         }

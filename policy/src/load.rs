@@ -41,8 +41,13 @@ pub enum Object {
     NetworkPolicy(Box<NetworkPolicy>),
     Pod(Box<Pod>),
     Namespace(Box<Namespace>),
-    /// A kind this crate does not use (Service, Deployment...): kept so callers can say so.
-    Other { kind: String },
+    /// A kind this crate does not use (Service, Deployment...): kept whole, so that callers
+    /// can say so or type it themselves ([`typed`]).
+    Other {
+        kind: String,
+        api_version: String,
+        value: Box<serde_yaml::Value>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -64,7 +69,8 @@ fn name_of(v: &serde_yaml::Value) -> String {
     }
 }
 
-fn typed<T: for<'de> Deserialize<'de>>(
+/// Types one object, naming the field that does not fit.
+pub fn typed<T: for<'de> Deserialize<'de>>(
     v: serde_yaml::Value,
     origin: &Origin,
     kind: &str,
@@ -130,7 +136,11 @@ fn object(v: serde_yaml::Value, origin: &Origin, out: &mut Vec<Loaded>) -> Resul
             want_api("v1")?;
             Object::Namespace(Box::new(typed(v, origin, &kind)?))
         }
-        _ => Object::Other { kind },
+        _ => Object::Other {
+            kind,
+            api_version: api,
+            value: Box::new(v),
+        },
     };
     out.push(Loaded {
         origin: origin.clone(),
