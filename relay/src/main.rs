@@ -1,18 +1,52 @@
 //! flows-relay: thin binary over the `flows_relay` library.
 
-use std::{net::SocketAddr, time::Duration, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+    time::Instant,
+};
 
 use anyhow::Context;
 use clap::Parser;
 use flows_proto::observer_server::ObserverServer;
-use flows_relay::{peers, server::RelayService};
+use flows_k8s::{Cidr, ClusterIndex, manifests::ManifestSource, watch::SharedIndex};
+use flows_relay::{
+    peers::{self, PeerSet},
+    server::RelayService,
+};
 
 #[derive(Parser)]
 #[command(name = "flows-relay", version, about = "flows relay: every node-probe's flows, merged")]
 struct Args {
     /// A node-probe: `name=host:port` or `host:port` (repeatable, or comma-separated).
-    #[arg(long = "peer", required = true, value_delimiter = ',')]
+    #[arg(long = "peer", value_delimiter = ',', required_unless_present = "discover_namespace")]
     peers: Vec<String>,
+    /// Find the node-probes as the running pods of this namespace that match
+    /// --discover-selector (through the Kubernetes API), instead of --peer.
+    #[arg(long, conflicts_with = "peers")]
+    discover_namespace: Option<String>,
+    /// Label selector of the node-probe pods.
+    #[arg(long, default_value = "app.kubernetes.io/name=flows-node-probe")]
+    discover_selector: String,
+    /// Port of the node-probes' Observer API.
+    #[arg(long, default_value_t = 4245)]
+    discover_port: u16,
+    /// Annotate flows from the Kubernetes API (in-cluster service account, else
+    /// $KUBECONFIG or ~/.kube/config): pods, namespaces, services, nodes and owners.
+    #[arg(long)]
+    kubernetes: bool,
+    /// The Kubernetes API server at this URL, with no credentials (for `kubectl proxy`).
+    #[arg(long, value_name = "URL")]
+    kubernetes_api: Option<String>,
+    /// Annotate flows from the Kubernetes objects in these manifests (a file or a
+    /// directory; read again when they change), instead of the API.
+    #[arg(long, conflicts_with_all = ["kubernetes", "kubernetes_api"])]
+    manifests: Option<std::path::PathBuf>,
+    /// Addresses inside the cluster beyond the nodes' pod CIDRs (service and pod ranges);
+    /// other addresses that name no pod, service or node are marked as world.
+    #[arg(long, value_delimiter = ',')]
+    cluster_cidr: Vec<String>,
     /// Address of the relay's Observer API.
     #[arg(long, default_value = "127.0.0.1:4244")]
     listen: SocketAddr,
@@ -39,20 +73,79 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let peers: Vec<_> = args
-        .peers
+    let cidrs = args
+        .cluster_cidr
         .iter()
-        .map(|p| peers::spawn(p, peers::Backoff::default()))
-        .collect();
-    let metrics = std::sync::Arc::new(flows_metrics::Metrics::new());
+        .map(|c| Cidr::parse(c).with_context(|| format!("--cluster-cidr {c:?}: expected an address/length")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let kube = if let Some(url) = &args.kubernetes_api {
+        Some(flows_k8s::watch::client_for(url)?)
+    } else if args.kubernetes || args.discover_namespace.is_some() {
+        Some(flows_k8s::watch::client().await?)
+    } else {
+        None
+    };
+    let peers = PeerSet::fixed(&args.peers, peers::Backoff::default());
+    if let (Some(ns), Some(client)) = (&args.discover_namespace, &kube) {
+        let mut found = flows_k8s::discover::probes(client.clone(), ns, &args.discover_selector, args.discover_port);
+        let set = peers.clone();
+        tokio::spawn(async move {
+            loop {
+                let now = found.borrow_and_update().clone();
+                tracing::info!(probes = now.len(), "node-probes discovered");
+                set.set(&now);
+                if found.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let index = if let Some(path) = &args.manifests {
+        let mut source = ManifestSource::new(path.clone(), cidrs);
+        let first = source
+            .reload()
+            .with_context(|| format!("reading the manifests in {}", path.display()))?
+            .unwrap_or_default();
+        let index: SharedIndex = Arc::new(RwLock::new(first));
+        let shared = index.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                match source.reload() {
+                    Ok(Some(fresh)) => {
+                        tracing::info!(sizes = ?fresh.sizes(), "manifests read again");
+                        *shared.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+                    }
+                    Ok(None) => {}
+                    // Keep the index there is; say what is wrong with the new files.
+                    Err(e) => tracing::warn!(error = %e, "manifests not read again"),
+                }
+            }
+        });
+        Some(index)
+    } else if let (true, Some(client)) = (args.kubernetes || args.kubernetes_api.is_some(), &kube) {
+        let index: SharedIndex = Arc::new(RwLock::new(ClusterIndex::new(cidrs)));
+        let mut progress = flows_k8s::watch::start(client.clone(), index.clone());
+        tokio::spawn(async move {
+            if progress.wait_for(|p| p.synced()).await.is_ok() {
+                tracing::info!("Kubernetes index synced");
+            }
+        });
+        Some(index)
+    } else {
+        None
+    };
+    let metrics = Arc::new(flows_metrics::Metrics::new());
     if let Some(addr) = args.metrics_listen {
         tokio::spawn(flows_metrics::serve(addr, metrics.clone()));
         // Node states, refreshed for scrapes.
-        let (ps, m) = (peers.clone(), metrics.clone());
+        let (set, m) = (peers.clone(), metrics.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
+                let ps = set.snapshot();
                 let up = ps.iter().filter(|p| p.client().is_some()).count() as i64;
                 m.set_nodes(up, ps.len() as i64 - up);
             }
@@ -60,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let svc = RelayService {
         peers,
+        index,
         metrics,
         sort_window: Duration::from_millis(args.sort_window_ms),
         sort_buffer: args.sort_buffer,

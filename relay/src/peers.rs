@@ -5,7 +5,7 @@
 //! it fails. Its state is published on a watch channel, which both the relay's requests
 //! and its status read.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use flows_proto::{ServerStatusRequest, observer_client::ObserverClient};
 use tokio::sync::watch;
@@ -142,5 +142,60 @@ async fn maintain(url: String, tx: watch::Sender<PeerState>, backoff: Backoff) {
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(backoff.max);
+    }
+}
+
+/// The node-probes the relay reads, which may change (discovery) while it serves.
+pub struct PeerSet {
+    current: watch::Sender<Vec<Arc<Peer>>>,
+    backoff: Backoff,
+}
+
+impl PeerSet {
+    /// A fixed set, from `name=host:port` or `host:port` specs.
+    pub fn fixed(specs: &[String], backoff: Backoff) -> Arc<PeerSet> {
+        let peers = specs.iter().map(|s| spawn(s, backoff)).collect();
+        Arc::new(PeerSet {
+            current: watch::channel(peers).0,
+            backoff,
+        })
+    }
+
+    pub fn snapshot(&self) -> Vec<Arc<Peer>> {
+        self.current.borrow().clone()
+    }
+
+    /// Changes of the set: a receiver that sees the current set first.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<Arc<Peer>>> {
+        self.current.subscribe()
+    }
+
+    /// Makes the set `wanted` (node name → address): unchanged peers keep their
+    /// connection, new ones connect, removed ones are dropped (their readers end).
+    pub fn set(&self, wanted: &BTreeMap<String, String>) {
+        let backoff = self.backoff;
+        self.current.send_if_modified(|cur| {
+            let keep: Vec<Arc<Peer>> = cur
+                .iter()
+                .filter(|p| {
+                    p.configured_name
+                        .as_ref()
+                        .is_some_and(|n| wanted.get(n) == Some(&p.addr))
+                })
+                .cloned()
+                .collect();
+            let mut next = keep.clone();
+            for (name, addr) in wanted {
+                if !keep.iter().any(|p| p.configured_name.as_ref() == Some(name)) {
+                    next.push(spawn(&format!("{name}={addr}"), backoff));
+                }
+            }
+            let changed = next.len() != cur.len() || keep.len() != cur.len();
+            if changed {
+                next.sort_by(|a, b| a.configured_name.cmp(&b.configured_name));
+                *cur = next;
+            }
+            changed
+        });
     }
 }

@@ -1,8 +1,18 @@
 //! The relay's Observer service: the node-probes' flows, merged in time order.
 
-use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Duration, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+    time::Instant,
+};
 
-use flows_flow::FilterSet;
+use flows_flow::{
+    FilterSet,
+    enrich::{annotate, node_side},
+};
+use flows_k8s::watch::SharedIndex;
 use flows_proto::{
     GetFlowsRequest, GetFlowsResponse, LostCount, NodeState, NodeStatusEvent,
     ServerStatusRequest, ServerStatusResponse, Timestamp, get_flows_response::ResponseTypes,
@@ -15,11 +25,14 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     merge::{Nanos, SortWindow},
-    peers::{Peer, PeerState},
+    peers::{Peer, PeerSet, PeerState},
 };
 
 pub struct RelayService {
-    pub peers: Vec<Arc<Peer>>,
+    pub peers: Arc<PeerSet>,
+    /// Who each address belongs to (Kubernetes watchers or manifests); none: flows go
+    /// out as the nodes sent them.
+    pub index: Option<SharedIndex>,
     /// Flows and losses forwarded to clients, node states.
     pub metrics: Arc<flows_metrics::Metrics>,
     /// How long a flow waits for earlier flows from other nodes.
@@ -27,6 +40,42 @@ pub struct RelayService {
     /// Flows held for sorting at most; beyond, the oldest go out at once.
     pub sort_buffer: usize,
     pub started: Instant,
+}
+
+/// What every reader of one request shares: the full filter, applied after annotation.
+struct Pipeline {
+    index: Option<SharedIndex>,
+    filters: FilterSet,
+}
+
+impl Pipeline {
+    /// Annotates a flow and says whether the client wants it; other messages pass.
+    fn admit(&self, m: &mut GetFlowsResponse) -> bool {
+        let Some(ResponseTypes::Flow(f)) = &mut m.response_types else { return true };
+        if let Some(idx) = &self.index {
+            // A poisoned lock means a panic mid-update; the index is still usable.
+            let idx = idx.read().unwrap_or_else(|e| e.into_inner());
+            annotate(f, &*idx, &*idx);
+        }
+        self.filters.matches(f)
+    }
+}
+
+/// Flows the history part of a follow request already sent, which the live part must not
+/// send again: those named, and (after a `last N` cut) everything before the cut.
+#[derive(Default)]
+struct Sent {
+    uuids: HashSet<String>,
+    before: Nanos,
+}
+
+impl Sent {
+    fn skip(&self, m: &GetFlowsResponse) -> bool {
+        match &m.response_types {
+            Some(ResponseTypes::Flow(f)) => nanos(&f.time) < self.before || self.uuids.contains(&f.uuid),
+            _ => false,
+        }
+    }
 }
 
 fn nanos(t: &Option<Timestamp>) -> Nanos {
@@ -58,7 +107,13 @@ enum Merged {
 /// Reads one peer's stream for a follow request. When the stream breaks it says so
 /// in-band, retries with backoff (the channel reconnects underneath), resumes from the
 /// last flow it passed on, and says when the node is back.
-async fn follow_peer(peer: Arc<Peer>, req: GetFlowsRequest, tx: mpsc::Sender<Merged>) {
+async fn follow_peer(
+    peer: Arc<Peer>,
+    req: GetFlowsRequest,
+    pipeline: Arc<Pipeline>,
+    sent: Arc<Sent>,
+    tx: mpsc::Sender<Merged>,
+) {
     let mut state = peer.state.clone();
     let mut req = req;
     // Down when the request starts: it was announced then, so announce its return too.
@@ -89,9 +144,12 @@ async fn follow_peer(peer: Arc<Peer>, req: GetFlowsRequest, tx: mpsc::Sender<Mer
                 let mut s = resp.into_inner();
                 loop {
                     match s.message().await {
-                        Ok(Some(m)) => {
+                        Ok(Some(mut m)) => {
                             if let Some(ResponseTypes::Flow(f)) = &m.response_types {
                                 last = f.time;
+                            }
+                            if sent.skip(&m) || !pipeline.admit(&mut m) {
+                                continue;
                             }
                             if tx.send(Merged::Item(m)).await.is_err() {
                                 return;
@@ -151,6 +209,71 @@ fn unavailable(peers: &[Arc<Peer>]) -> Vec<String> {
         .collect()
 }
 
+/// Every connected node's answer to `req`, annotated and filtered, in time order, cut
+/// to `number` flows (the first or the last ones). Nodes that fail are reported in-band.
+async fn history(
+    peers: &[Arc<Peer>],
+    req: &GetFlowsRequest,
+    pipeline: &Pipeline,
+    number: u64,
+    first: bool,
+) -> Vec<GetFlowsResponse> {
+    let mut all = Vec::new();
+    let calls = peers.iter().filter_map(|p| p.client()).map(|mut c| {
+        let r = req.clone();
+        async move {
+            let mut out = Vec::new();
+            let mut s = c.get_flows(r).await?.into_inner();
+            while let Some(m) = s.message().await? {
+                out.push(m);
+            }
+            Ok::<_, Status>(out)
+        }
+    });
+    for r in futures::future::join_all(calls).await {
+        match r {
+            Ok(v) => all.extend(v.into_iter().filter_map(|mut m| pipeline.admit(&mut m).then_some(m))),
+            Err(e) => all.push(node_status(
+                NodeState::Error,
+                vec![],
+                format!("reading a node-probe: {}", e.message()),
+            )),
+        }
+    }
+    all.sort_by_key(|m| nanos(&m.time));
+    let n = number as usize;
+    let is_flow = |m: &GetFlowsResponse| matches!(m.response_types, Some(ResponseTypes::Flow(_)));
+    if n > 0 && all.iter().filter(|m| is_flow(m)).count() > n {
+        let mut kept = 0;
+        let mut keep = |m: &GetFlowsResponse| {
+            !is_flow(m) || {
+                kept += 1;
+                kept <= n
+            }
+        };
+        let marks: Vec<bool> = if first {
+            all.iter().map(&mut keep).collect()
+        } else {
+            let mut v: Vec<bool> = all.iter().rev().map(&mut keep).collect();
+            v.reverse();
+            v
+        };
+        all = all.into_iter().zip(marks).filter(|(_, k)| *k).map(|(m, _)| m).collect();
+    }
+    all
+}
+
+/// How far back the live part of a follow request reads again, for flows that were
+/// stamped before the history part was read but reached their node's ring after it.
+const LATE_ARRIVAL: Nanos = 2_000_000_000;
+
+fn timestamp(ns: Nanos) -> Timestamp {
+    Timestamp {
+        seconds: ns.div_euclid(1_000_000_000) as i64,
+        nanos: ns.rem_euclid(1_000_000_000) as i32,
+    }
+}
+
 #[tonic::async_trait]
 impl Observer for RelayService {
     type GetFlowsStream =
@@ -161,13 +284,26 @@ impl Observer for RelayService {
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<Self::GetFlowsStream>, Status> {
         let req = request.into_inner();
-        FilterSet::new(&req.allow_list, &req.deny_list)
+        let filters = FilterSet::new(&req.allow_list, &req.deny_list)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if req.first && req.follow {
             return Err(Status::invalid_argument("`first` and `follow` cannot be combined"));
         }
+        // What the nodes can filter themselves; the rest is filtered here, after
+        // annotation, and then counts can only be applied here.
+        let side = node_side(&req.allow_list, &req.deny_list);
+        let node_req = GetFlowsRequest {
+            allow_list: side.allow,
+            deny_list: side.deny,
+            number: if side.exact { req.number } else { 0 },
+            ..req.clone()
+        };
+        let pipeline = Arc::new(Pipeline {
+            index: self.index.clone(),
+            filters,
+        });
         let (tx, rx) = mpsc::channel::<Result<GetFlowsResponse, Status>>(1024);
-        let peers = self.peers.clone();
+        let peer_set = self.peers.clone();
         let metrics = self.metrics.clone();
         let (window, buffer) = (self.sort_window, self.sort_buffer);
         let count = move |m: &GetFlowsResponse| match &m.response_types {
@@ -179,6 +315,7 @@ impl Observer for RelayService {
             _ => {}
         };
         tokio::spawn(async move {
+            let peers = peer_set.snapshot();
             let down = unavailable(&peers);
             if !down.is_empty() {
                 let msg = format!("unavailable: {}", down.join(", "));
@@ -186,61 +323,95 @@ impl Observer for RelayService {
                     return;
                 }
             }
-            if !req.follow {
-                // History: every node's answer, then one order and one count.
-                let mut all = Vec::new();
-                let calls = peers.iter().filter_map(|p| p.client()).map(|mut c| {
-                    let r = req.clone();
-                    async move {
-                        let mut out = Vec::new();
-                        let mut s = c.get_flows(r).await?.into_inner();
-                        while let Some(m) = s.message().await? {
-                            out.push(m);
+            let t0 = now_nanos();
+            let mut sent = Sent::default();
+            let with_history = !req.follow || req.number > 0 || req.since.is_some();
+            if with_history {
+                let mut hreq = GetFlowsRequest {
+                    follow: false,
+                    ..node_req.clone()
+                };
+                if req.follow {
+                    hreq.until = Some(timestamp(t0));
+                }
+                let out = history(&peers, &hreq, &pipeline, req.number, req.first).await;
+                if req.follow {
+                    let flows = out.iter().filter_map(|m| match &m.response_types {
+                        Some(ResponseTypes::Flow(f)) => Some(f),
+                        _ => None,
+                    });
+                    for f in flows.clone() {
+                        // Only recent ones can come again.
+                        if nanos(&f.time) >= t0 - LATE_ARRIVAL {
+                            sent.uuids.insert(f.uuid.clone());
                         }
-                        Ok::<_, Status>(out)
                     }
-                });
-                for r in futures::future::join_all(calls).await {
-                    match r {
-                        Ok(v) => all.extend(v),
-                        Err(e) => all.push(node_status(
-                            NodeState::Error,
-                            vec![],
-                            format!("reading a node-probe: {}", e.message()),
-                        )),
+                    if req.number > 0 && flows.clone().count() as u64 >= req.number {
+                        sent.before = flows.map(|f| nanos(&f.time)).min().unwrap_or(0);
                     }
                 }
-                all.sort_by_key(|m| nanos(&m.time));
-                let n = req.number as usize;
-                let is_flow = |m: &GetFlowsResponse| matches!(m.response_types, Some(ResponseTypes::Flow(_)));
-                if n > 0 && all.iter().filter(|m| is_flow(m)).count() > n {
-                    let mut kept = 0;
-                    let keep: Vec<bool> = if req.first {
-                        all.iter().map(|m| !is_flow(m) || { kept += 1; kept <= n }).collect()
-                    } else {
-                        let mut v: Vec<bool> = all.iter().rev().map(|m| !is_flow(m) || { kept += 1; kept <= n }).collect();
-                        v.reverse();
-                        v
-                    };
-                    all = all.into_iter().zip(keep).filter(|(_, k)| *k).map(|(m, _)| m).collect();
-                }
-                for m in all {
+                for m in out {
                     count(&m);
                     if tx.send(Ok(m)).await.is_err() {
                         return;
                     }
                 }
-                return;
+                if !req.follow {
+                    return;
+                }
             }
-            // Follow: every node's stream into one sort window.
+            // Follow: every node's stream into one sort window, nodes joining and leaving.
+            let mut live = GetFlowsRequest {
+                follow: true,
+                number: 0,
+                first: false,
+                until: None,
+                ..node_req
+            };
+            if with_history {
+                let floor = nanos(&req.since).max(t0 - LATE_ARRIVAL);
+                live.since = Some(timestamp(floor));
+            }
+            let sent = Arc::new(sent);
             let (mtx, mut mrx) = mpsc::channel::<Merged>(4096);
-            for p in &peers {
-                tokio::spawn(follow_peer(p.clone(), req.clone(), mtx.clone()));
-            }
-            drop(mtx);
+            let mut readers: HashMap<usize, (String, tokio::task::AbortHandle)> = HashMap::new();
+            let mut set = peer_set.subscribe();
+            let mut first_set = true;
+            let mut refresh = true;
             let mut w: SortWindow<GetFlowsResponse> = SortWindow::new(window, buffer);
             let mut tick = tokio::time::interval(Duration::from_millis(50));
             loop {
+                if refresh {
+                    refresh = false;
+                    let current = set.borrow_and_update().clone();
+                    let ids: HashSet<usize> = current.iter().map(|p| Arc::as_ptr(p) as usize).collect();
+                    let gone: Vec<usize> = readers.keys().filter(|k| !ids.contains(k)).copied().collect();
+                    for k in gone {
+                        if let Some((name, h)) = readers.remove(&k) {
+                            h.abort();
+                            let ev = node_status(NodeState::Gone, vec![name.clone()], format!("{name} left"));
+                            if tx.send(Ok(ev)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    for p in current {
+                        let k = Arc::as_ptr(&p) as usize;
+                        if readers.contains_key(&k) {
+                            continue;
+                        }
+                        // A node that joins later is read from when it joins.
+                        let r = if first_set {
+                            live.clone()
+                        } else {
+                            GetFlowsRequest { since: None, ..live.clone() }
+                        };
+                        let name = p.name();
+                        let h = tokio::spawn(follow_peer(p, r, pipeline.clone(), sent.clone(), mtx.clone()));
+                        readers.insert(k, (name, h.abort_handle()));
+                    }
+                    first_set = false;
+                }
                 let out: Vec<GetFlowsResponse> = tokio::select! {
                     m = mrx.recv() => match m {
                         Some(Merged::Item(m)) if matches!(m.response_types, Some(ResponseTypes::Flow(_))) => {
@@ -249,23 +420,28 @@ impl Observer for RelayService {
                         }
                         // Losses and node changes are news: no reason to hold them.
                         Some(Merged::Item(m)) | Some(Merged::Status(m)) => vec![m],
-                        None => {
-                            // Every node's reader has ended (none configured): finish.
-                            for m in w.drain() {
-                                count(&m);
-                                if tx.send(Ok(m)).await.is_err() {
-                                    return;
-                                }
-                            }
-                            return;
-                        }
+                        // The relay holds a sender itself: the channel cannot end.
+                        None => return,
                     },
+                    r = set.changed() => {
+                        // The set's owner holds its sender as long as requests run.
+                        refresh = r.is_ok();
+                        Vec::new()
+                    }
                     _ = tick.tick() => w.ready(now_nanos()),
-                    _ = tx.closed() => return,
+                    _ = tx.closed() => {
+                        for (_, h) in readers.values() {
+                            h.abort();
+                        }
+                        return;
+                    }
                 };
                 for m in out {
                     count(&m);
                     if tx.send(Ok(m)).await.is_err() {
+                        for (_, h) in readers.values() {
+                            h.abort();
+                        }
                         return;
                     }
                 }
@@ -286,7 +462,7 @@ impl Observer for RelayService {
         };
         let mut lost: BTreeMap<i32, u64> = BTreeMap::new();
         let (mut connected, mut down) = (0u32, Vec::new());
-        for p in &self.peers {
+        for p in &self.peers.snapshot() {
             let status = match p.client() {
                 Some(mut c) => c.server_status(ServerStatusRequest {}).await.ok(),
                 None => None,

@@ -2,7 +2,11 @@
 //! time order with one count, a live merge that puts a late-arriving earlier flow first,
 //! and a node that goes away and comes back, reported in-band.
 
-use std::{sync::Arc, time::Duration, time::Instant};
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+    time::Instant,
+};
 
 use flows_node_probe::{
     metrics::Metrics,
@@ -11,11 +15,15 @@ use flows_node_probe::{
     stats::ProbeStats,
 };
 use flows_proto::{
-    Flow, GetFlowsRequest, NodeState, ServerStatusRequest, Timestamp,
+    Flow, FlowFilter, GetFlowsRequest, Ip, IpVersion, NodeState, Verdict, ServerStatusRequest, Timestamp,
     get_flows_response::ResponseTypes, observer_client::ObserverClient,
     observer_server::ObserverServer,
 };
-use flows_relay::{peers, server::RelayService};
+use flows_k8s::{ClusterIndex, manifests, watch::SharedIndex};
+use flows_relay::{
+    peers::{self, PeerSet},
+    server::RelayService,
+};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
@@ -94,21 +102,28 @@ async fn relay(nodes: &[&Node]) -> ObserverClient<Channel> {
 }
 
 async fn relay_with_metrics(nodes: &[&Node]) -> (ObserverClient<Channel>, Arc<Metrics>) {
+    let specs: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
+    let (c, m, _) = relay_with(&specs, None).await;
+    (c, m)
+}
+
+/// A relay over `specs` (`[name=]host:port`), annotating from `index` when given; it
+/// returns once every peer is connected.
+async fn relay_with(
+    specs: &[String],
+    index: Option<SharedIndex>,
+) -> (ObserverClient<Channel>, Arc<Metrics>, Arc<PeerSet>) {
     let metrics = Arc::new(Metrics::new());
-    let ps: Vec<_> = nodes
-        .iter()
-        .map(|n| {
-            peers::spawn(
-                &n.addr.to_string(),
-                peers::Backoff {
-                    initial: Duration::from_millis(50),
-                    max: Duration::from_millis(200),
-                },
-            )
-        })
-        .collect();
+    let set = PeerSet::fixed(
+        specs,
+        peers::Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(200),
+        },
+    );
     let svc = RelayService {
-        peers: ps,
+        peers: set.clone(),
+        index,
         metrics: metrics.clone(),
         sort_window: Duration::from_millis(300),
         sort_buffer: 1000,
@@ -125,13 +140,13 @@ async fn relay_with_metrics(nodes: &[&Node]) -> (ObserverClient<Channel>, Arc<Me
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let s = c.server_status(ServerStatusRequest {}).await.expect("status").into_inner();
-        if s.num_connected_nodes == Some(nodes.len() as u32) {
+        if s.num_connected_nodes == Some(specs.len() as u32) {
             break;
         }
         assert!(Instant::now() < deadline, "relay did not connect: {s:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    (c, metrics)
+    (c, metrics, set)
 }
 
 async fn next(s: &mut tonic::Streaming<flows_proto::GetFlowsResponse>) -> flows_proto::GetFlowsResponse {
@@ -246,4 +261,187 @@ async fn follow_merges_in_order_and_reports_nodes() {
     }
     n1.stop().await;
     n2b.stop().await;
+}
+
+fn flow_between(node: &str, at_ns: i128, n: u32, src: &str, dst: &str, verdict: Verdict) -> Entry {
+    let Entry::Flow(mut f) = flow(node, at_ns, n) else { unreachable!() };
+    f.uuid = format!("{node}-{n}");
+    f.verdict = verdict as i32;
+    f.ip = Some(Ip {
+        source: src.into(),
+        destination: dst.into(),
+        ip_version: IpVersion::Ipv4 as i32,
+    });
+    Entry::Flow(f)
+}
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: { name: node-1 }
+spec: { podCIDR: 10.244.1.0/24 }
+---
+apiVersion: v1
+kind: Node
+metadata: { name: node-2 }
+spec: { podCIDR: 10.244.2.0/24 }
+---
+apiVersion: apps/v1
+kind: ReplicaSet
+metadata: { name: api-6b7c, namespace: shop, ownerReferences: [ { apiVersion: apps/v1, kind: Deployment, name: api, uid: d, controller: true } ] }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: api-6b7c-aaaaa, namespace: shop, labels: { app: api }, ownerReferences: [ { apiVersion: apps/v1, kind: ReplicaSet, name: api-6b7c, uid: r, controller: true } ] }
+spec: { nodeName: node-1, containers: [ { name: c } ] }
+status: { phase: Running, podIP: 10.244.1.10 }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: db-0, namespace: data, labels: { app: db }, ownerReferences: [ { apiVersion: apps/v1, kind: StatefulSet, name: db, uid: s, controller: true } ] }
+spec: { nodeName: node-2, containers: [ { name: c } ] }
+status: { phase: Running, podIP: 10.244.2.20 }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: web, namespace: shop, labels: { app: web } }
+spec: { nodeName: node-2, containers: [ { name: c } ] }
+status: { phase: Running, podIP: 10.244.2.30 }
+"#;
+
+fn cluster_index() -> SharedIndex {
+    let mut idx = ClusterIndex::new(Vec::new());
+    for o in manifests::objects("cluster.yaml", CLUSTER).expect("cluster") {
+        idx.apply(o);
+    }
+    Arc::new(RwLock::new(idx))
+}
+
+async fn flows(c: &mut ObserverClient<Channel>, req: GetFlowsRequest) -> Vec<Flow> {
+    let mut s = c.get_flows(req).await.expect("GetFlows").into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.message().await.expect("stream") {
+        if let Some(ResponseTypes::Flow(f)) = m.response_types {
+            out.push(f);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotation_then_filters_then_counts() {
+    let (r1, r2) = (Arc::new(FlowRing::new(64).expect("ring")), Arc::new(FlowRing::new(64).expect("ring")));
+    let (api, db, web, world) = ("10.244.1.10", "10.244.2.20", "10.244.2.30", "203.0.113.7");
+    let s = 1_000_000_000;
+    r1.push(flow_between("node-1", s, 1, api, db, Verdict::Dropped));
+    r2.push(flow_between("node-2", 2 * s, 2, web, db, Verdict::Forwarded));
+    r1.push(flow_between("node-1", 3 * s, 3, api, world, Verdict::Forwarded));
+    r2.push(flow_between("node-2", 4 * s, 4, world, web, Verdict::Dropped));
+    r1.push(flow_between("node-1", 5 * s, 5, api, db, Verdict::Dropped));
+    r2.push(flow_between("node-2", 6 * s, 6, web, api, Verdict::Forwarded));
+    let mut n1 = Node::start("node-1", r1, "127.0.0.1:0").await;
+    let mut n2 = Node::start("node-2", r2, "127.0.0.1:0").await;
+    let specs = vec![format!("node-1={}", n1.addr), format!("node-2={}", n2.addr)];
+    let (mut c, _, _) = relay_with(&specs, Some(cluster_index())).await;
+
+    // Every flow carries both endpoints as the cluster knows them.
+    let all = flows(&mut c, GetFlowsRequest::default()).await;
+    assert_eq!(all.len(), 6);
+    let f = &all[0];
+    let (src, dst) = (f.source.clone().expect("source"), f.destination.clone().expect("destination"));
+    assert_eq!((src.namespace.as_str(), src.pod_name.as_str(), src.node_name.as_str()), ("shop", "api-6b7c-aaaaa", "node-1"));
+    let w: Vec<String> = src.workloads.iter().map(|w| format!("{}/{}", w.kind, w.name)).collect();
+    assert_eq!(w, ["ReplicaSet/api-6b7c", "Deployment/api"]);
+    assert_eq!((dst.pod_name.as_str(), dst.workloads[0].kind.as_str()), ("db-0", "StatefulSet"));
+    assert!(all[2].destination.as_ref().expect("world").is_world);
+
+    // A workload filter the nodes cannot apply, with a count: the count is of matching
+    // flows, across both nodes.
+    let by_workload = |w: &str, number| GetFlowsRequest {
+        number,
+        allow_list: vec![FlowFilter { source_workload: vec![w.into()], ..Default::default() }],
+        ..Default::default()
+    };
+    let got: Vec<u32> = flows(&mut c, by_workload("api", 2)).await.iter().map(|f| f.packet_length).collect();
+    assert_eq!(got, vec![3, 5], "the last two flows from Deployment api");
+    let got: Vec<u32> = flows(&mut c, by_workload("statefulset/db", 0)).await.iter().map(|f| f.packet_length).collect();
+    assert!(got.is_empty());
+    // Denied flows towards namespace data, minus those from the shop namespace's web pod;
+    // a deny on an annotation field is applied after annotation.
+    let req = GetFlowsRequest {
+        allow_list: vec![FlowFilter { verdict: vec![Verdict::Dropped as i32], ..Default::default() }],
+        deny_list: vec![FlowFilter { source_namespace: vec!["shop".into()], ..Default::default() }],
+        ..Default::default()
+    };
+    let got: Vec<u32> = flows(&mut c, req).await.iter().map(|f| f.packet_length).collect();
+    assert_eq!(got, vec![4], "only the world's dropped attempt");
+    n1.stop().await;
+    n2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_last_n_then_live_with_nodes_joining_and_leaving() {
+    let rings: Vec<Arc<FlowRing>> = (0..3).map(|_| Arc::new(FlowRing::new(64).expect("ring"))).collect();
+    let t = now_ns() - 5_000_000_000;
+    for i in 0..3u32 {
+        rings[0].push(flow_between("node-1", t + i as i128 * 1_000_000, 10 + i, "10.0.0.1", "10.0.0.2", Verdict::Forwarded));
+        rings[1].push(flow_between("node-2", t + i as i128 * 1_000_000 + 500_000, 20 + i, "10.0.0.1", "10.0.0.2", Verdict::Forwarded));
+    }
+    let mut n1 = Node::start("node-1", rings[0].clone(), "127.0.0.1:0").await;
+    let mut n2 = Node::start("node-2", rings[1].clone(), "127.0.0.1:0").await;
+    let mut n3 = Node::start("node-3", rings[2].clone(), "127.0.0.1:0").await;
+    let specs = vec![format!("node-1={}", n1.addr), format!("node-2={}", n2.addr)];
+    let (mut c, _, set) = relay_with(&specs, None).await;
+    let mut s = c
+        .get_flows(GetFlowsRequest { follow: true, number: 2, ..Default::default() })
+        .await
+        .expect("follow")
+        .into_inner();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        if let Some(ResponseTypes::Flow(f)) = next(&mut s).await.response_types {
+            got.push(f.packet_length);
+        }
+    }
+    assert_eq!(got, vec![12, 22], "the last two of the cluster, not two per node");
+    // Live flows follow, once each.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rings[0].push(flow_between("node-1", now_ns(), 13, "10.0.0.1", "10.0.0.2", Verdict::Forwarded));
+    loop {
+        if let Some(ResponseTypes::Flow(f)) = next(&mut s).await.response_types {
+            assert_eq!(f.packet_length, 13, "no history flow comes twice");
+            break;
+        }
+    }
+    // node-3 joins (as discovery would say), node-1 leaves.
+    let mut wanted: std::collections::BTreeMap<String, String> = [
+        ("node-2".to_string(), n2.addr.to_string()),
+        ("node-3".to_string(), n3.addr.to_string()),
+    ]
+    .into();
+    set.set(&wanted);
+    let gone = loop {
+        if let Some(ResponseTypes::NodeStatus(st)) = next(&mut s).await.response_types {
+            break st;
+        }
+    };
+    assert_eq!((gone.state_change, gone.node_names.clone()), (NodeState::Gone as i32, vec!["node-1".to_string()]));
+    // Give node-3's reader time to connect, then its flows come through.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        rings[2].push(flow_between("node-3", now_ns(), 30, "10.0.0.1", "10.0.0.2", Verdict::Forwarded));
+        let m = tokio::time::timeout(Duration::from_millis(500), s.message()).await;
+        if let Ok(Ok(Some(m))) = m {
+            if let Some(ResponseTypes::Flow(f)) = m.response_types {
+                assert_eq!(f.node_name, "node-3");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "node-3's flows never came");
+    }
+    wanted.clear();
+    set.set(&wanted);
+    n1.stop().await;
+    n2.stop().await;
+    n3.stop().await;
 }
