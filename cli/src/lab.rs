@@ -81,12 +81,28 @@ pub enum LabCommand {
         #[command(flatten)]
         dir: StateDir,
     },
+    /// Stop or start one node's node-probe (as a DaemonSet pod would be lost and
+    /// rescheduled); it comes back on the same address, so the relay finds it again.
+    Probe {
+        #[command(subcommand)]
+        action: ProbeAction,
+        #[command(flatten)]
+        dir: StateDir,
+    },
     /// The lab's listener process (started by `up`).
     #[command(hide = true)]
     Agent {
         #[arg(long)]
         state: PathBuf,
     },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ProbeAction {
+    /// Start the node's probe and wait until it serves.
+    Start { node: String },
+    /// Stop the node's probe (SIGTERM: it detaches and exits).
+    Stop { node: String },
 }
 
 pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
@@ -111,6 +127,18 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             concurrency,
             dir,
         } => drive(&dir.state_dir, &scenario, output, concurrency),
+        LabCommand::Probe { action, dir } => match action {
+            ProbeAction::Start { node } => {
+                let addr = crate::labprobes::start_one(&dir.state_dir, &node)?;
+                println!("node-probe of {node} serving on {addr}");
+                Ok(())
+            }
+            ProbeAction::Stop { node } => {
+                crate::labprobes::stop_one(&dir.state_dir, &node)?;
+                println!("node-probe of {node} stopped");
+                Ok(())
+            }
+        },
         LabCommand::Agent { state } => {
             let code = flows_lab::agent::main(&state);
             std::process::exit(code)

@@ -34,67 +34,152 @@ fn sibling(name: &str, env: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-pub fn start(dir: &Path, state: &State) -> anyhow::Result<Vec<String>> {
+/// The address a node's probe listens on: chosen once (a free loopback port), then kept,
+/// so that a restarted probe is found where the relay expects it.
+fn listen_address(dir: &Path, node: &str) -> anyhow::Result<String> {
+    let path = dir.join(format!("probe-{node}.listen"));
+    if let Ok(a) = std::fs::read_to_string(&path) {
+        if !a.trim().is_empty() {
+            return Ok(a.trim().to_string());
+        }
+    }
+    let sock = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    let addr = sock.local_addr().context("free port")?.to_string();
+    drop(sock);
+    std::fs::write(&path, &addr).with_context(|| format!("writing {}", path.display()))?;
+    Ok(addr)
+}
+
+/// Starts one node's probe, without waiting for it; returns its ready file and log.
+fn spawn_probe(dir: &Path, state: &State, node: &flows_lab::state::Node) -> anyhow::Result<(PathBuf, PathBuf)> {
     let bin = sibling("flows-node-probe", "FLOWS_NODE_PROBE");
+    let manifests = flows_lab::manifests::dir(dir);
+    let ready = addr_file(dir, &node.name);
+    let _ = std::fs::remove_file(&ready);
+    let listen = listen_address(dir, &node.name)?;
+    let log_path = dir.join(format!("probe-{}.log", node.name));
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--node-name", &node.name, "--netns", &node.netns])
+        .args(["--iface-prefix", "fl", "--exclude-iface", "fl-uplink"])
+        .args(["--listen", &listen, "--uplink-iface", "fl-uplink"])
+        .arg("--manifests")
+        .arg(&manifests)
+        .arg("--ready-file")
+        .arg(&ready)
+        .arg("--drop-netns")
+        .arg(Path::new("/run/netns").join(&node.netns));
+    for p in state.pods.iter().filter(|p| p.node == node.name) {
+        cmd.arg("--drop-netns").arg(Path::new("/run/netns").join(&p.netns));
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().context("log file")?)
+        .stderr(log)
+        // Its own session: the probe outlives this command, like a DaemonSet pod.
+        .process_group(0);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    add_daemon(
+        dir,
+        Daemon {
+            role: "node-probe".into(),
+            node: Some(node.name.clone()),
+            pid: child.id(),
+        },
+    )?;
+    Ok((ready, log_path))
+}
+
+fn wait_ready(node: &str, ready: &Path, log: &Path, deadline: Instant) -> anyhow::Result<String> {
+    loop {
+        if let Ok(a) = std::fs::read_to_string(ready) {
+            if !a.is_empty() {
+                return Ok(a);
+            }
+        }
+        if Instant::now() > deadline {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("node-probe for {node} did not start; its log ({}):\n{tail}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts a node-probe on every node and waits until all serve; returns their addresses.
+pub fn start(dir: &Path, state: &State) -> anyhow::Result<Vec<String>> {
     // What the probes enforce: the lab's namespaces and pods, and applied policies.
     crate::labpolicy::write_cluster(dir, state)?;
-    let manifests = flows_lab::manifests::dir(dir);
     let mut waiting = Vec::new();
     for node in &state.nodes {
-        let ready = addr_file(dir, &node.name);
-        let _ = std::fs::remove_file(&ready);
-        let log_path = dir.join(format!("probe-{}.log", node.name));
-        let log = File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-        let mut cmd = Command::new(&bin);
-        cmd.args(["--node-name", &node.name, "--netns", &node.netns])
-            .args(["--iface-prefix", "fl", "--exclude-iface", "fl-uplink"])
-            .args(["--listen", "127.0.0.1:0", "--uplink-iface", "fl-uplink"])
-            .arg("--manifests")
-            .arg(&manifests)
-            .arg("--ready-file")
-            .arg(&ready)
-            .arg("--drop-netns")
-            .arg(Path::new("/run/netns").join(&node.netns));
-        for p in state.pods.iter().filter(|p| p.node == node.name) {
-            cmd.arg("--drop-netns").arg(Path::new("/run/netns").join(&p.netns));
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().context("log file")?)
-            .stderr(log)
-            // Its own session: the probe outlives this command, like a DaemonSet pod.
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        add_daemon(
-            dir,
-            Daemon {
-                role: "node-probe".into(),
-                node: Some(node.name.clone()),
-                pid: child.id(),
-            },
-        )?;
-        waiting.push((node.name.clone(), ready, log_path));
+        let (ready, log) = spawn_probe(dir, state, node)?;
+        waiting.push((node.name.clone(), ready, log));
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut addrs = Vec::new();
-    for (node, ready, log) in waiting {
-        loop {
-            if let Ok(a) = std::fs::read_to_string(&ready) {
-                if !a.is_empty() {
-                    addrs.push(a);
-                    break;
-                }
-            }
-            if Instant::now() > deadline {
-                let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!("node-probe for {node} did not start; its log ({}):\n{tail}", log.display());
-            }
+    waiting
+        .iter()
+        .map(|(node, ready, log)| wait_ready(node, ready, log, deadline))
+        .collect()
+}
+
+/// Starts the probe of one node (after a stop or a crash) at its usual address.
+pub fn start_one(dir: &Path, node: &str) -> anyhow::Result<String> {
+    let state = State::load(dir).context("no lab is up")?;
+    let n = state
+        .node(node)
+        .with_context(|| format!("no node {node:?} in the lab"))?
+        .clone();
+    if state
+        .daemons
+        .iter()
+        .any(|d| d.role == "node-probe" && d.node.as_deref() == Some(node) && alive(d.pid))
+    {
+        bail!("the node-probe of {node} is already running");
+    }
+    for d in state.daemons.iter().filter(|d| d.role == "node-probe" && d.node.as_deref() == Some(node)) {
+        flows_lab::state::remove_daemon(dir, d.pid)?;
+    }
+    let (ready, log) = spawn_probe(dir, &state, &n)?;
+    wait_ready(node, &ready, &log, Instant::now() + Duration::from_secs(30))
+}
+
+/// Stops the probe of one node (SIGTERM: it detaches its programs and exits).
+pub fn stop_one(dir: &Path, node: &str) -> anyhow::Result<()> {
+    let state = State::load(dir).context("no lab is up")?;
+    let probes: Vec<_> = state
+        .daemons
+        .iter()
+        .filter(|d| d.role == "node-probe" && d.node.as_deref() == Some(node))
+        .collect();
+    if probes.is_empty() {
+        bail!("no node-probe runs on {node:?}");
+    }
+    for d in probes {
+        let pid = nix::unistd::Pid::from_raw(d.pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(d.pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
+        if alive(d.pid) {
+            bail!("the node-probe of {node} (pid {}) did not stop within 10 s", d.pid);
+        }
+        flows_lab::state::remove_daemon(dir, d.pid)?;
     }
-    Ok(addrs)
+    Ok(())
+}
+
+/// True while the process exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(s) => s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 /// Starts a relay over the lab's node-probes (`addrs`, in node order); returns its address.
@@ -108,6 +193,8 @@ pub fn start_relay(dir: &Path, state: &State, addrs: &[String]) -> anyhow::Resul
     for (node, addr) in state.nodes.iter().zip(addrs) {
         cmd.arg("--peer").arg(format!("{}={addr}", node.name));
     }
+    // Addresses are named from the lab's cluster manifests, read again as they change.
+    cmd.arg("--manifests").arg(flows_lab::manifests::dir(dir));
     cmd.args(["--listen", "127.0.0.1:0"])
         .arg("--ready-file")
         .arg(&ready)

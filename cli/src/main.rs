@@ -2,7 +2,6 @@
 
 mod filters;
 mod lab;
-mod labindex;
 mod labpolicy;
 mod labprobes;
 mod observe;

@@ -10,7 +10,6 @@ use flows_proto::{
 
 use crate::{
     filters::FilterArgs,
-    labindex::LabIndex,
     printer::{Format, Printer},
 };
 
@@ -182,21 +181,31 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         .lab_state
         .clone()
         .unwrap_or_else(flows_lab::state::default_dir);
-    let index = match &args.lab_state {
-        Some(dir) => Some(LabIndex::load(dir)?),
-        None => LabIndex::load(&lab_dir).ok(),
-    };
+    let relay = crate::labprobes::relay_address(&lab_dir);
     let servers = if !args.server.is_empty() {
         args.server.clone()
-    } else if let Some(relay) = crate::labprobes::relay_address(&lab_dir) {
-        // The lab's relay: every node, merged in time order.
-        vec![relay]
+    } else if let Some(relay) = &relay {
+        // The lab's relay: every node, merged in time order, with addresses named.
+        vec![relay.clone()]
     } else {
         let lab = crate::labprobes::addresses(&lab_dir);
         if lab.is_empty() {
             vec!["127.0.0.1:4245".to_string()]
         } else {
             lab
+        }
+    };
+    // Flows read from the lab's node-probes directly are named here, as the relay would.
+    let index = if servers.len() == 1 && relay.as_ref() == servers.first() {
+        None
+    } else {
+        let manifests = flows_lab::manifests::dir(&lab_dir);
+        match flows_k8s::manifests::read(&manifests, Vec::new()) {
+            Ok(ix) => Some(ix),
+            Err(e) if args.lab_state.is_some() => {
+                return Err(anyhow::Error::new(e).context("reading the lab's cluster manifests"));
+            }
+            Err(_) => None,
         }
     };
     // Several servers without --follow: gather, then print in time order (the relay
@@ -224,7 +233,7 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
             match item? {
                 ResponseTypes::Flow(mut f) => {
                     if let Some(ix) = &index {
-                        ix.annotate(&mut f);
+                        flows_flow::enrich::annotate(&mut f, ix, ix);
                     }
                     if sort {
                         held.push(f);

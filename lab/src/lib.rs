@@ -214,6 +214,16 @@ pub(crate) fn down_unlocked(dir: &Path) -> Result<DownReport, LabError> {
             Err(e) => return Err(LabError::io(dir.join(f), e)),
         }
     }
+    // Addresses the daemons announced or kept for a restart: stale once they are gone.
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let announced = name.starts_with("probe-") && (name.ends_with(".addr") || name.ends_with(".listen"));
+            if announced || name == "relay.addr" {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
     Ok(DownReport {
         stopped,
         teardown: teardown?,
