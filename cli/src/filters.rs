@@ -79,11 +79,12 @@ pub struct FilterArgs {
 
 fn verdict(s: &str) -> anyhow::Result<i32> {
     Ok(match s.to_ascii_uppercase().as_str() {
-        "FORWARDED" => Verdict::Forwarded,
-        "DROPPED" => Verdict::Dropped,
+        // The short forms are what people type (`--verdict drop`).
+        "FORWARDED" | "FORWARD" => Verdict::Forwarded,
+        "DROPPED" | "DROP" => Verdict::Dropped,
         "AUDIT" => Verdict::Audit,
         "ERROR" => Verdict::Error,
-        _ => bail!("--verdict {s:?}: expected FORWARDED, DROPPED, AUDIT or ERROR"),
+        _ => bail!("--verdict {s:?}: expected FORWARDED (forward), DROPPED (drop), AUDIT or ERROR"),
     } as i32)
 }
 

@@ -14,6 +14,7 @@ pub struct StateDir {
     #[arg(
         long = "state-dir",
         env = "FLOWS_LAB_DIR",
+        global = true,
         default_value = "/run/flows-lab"
     )]
     pub state_dir: PathBuf,
