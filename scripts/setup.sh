@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent machine set-up for flows: apt packages, the pinned nightly with rust-src,
-# bpf-linker linked against that nightly's libLLVM, and the tracefs/bpffs mounts.
+# bpf-linker linked against that nightly's libLLVM, chDB's libchdb.so, and the
+# tracefs/bpffs mounts.
 # Safe to run again: every step checks before it acts.
 set -euo pipefail
 
@@ -59,7 +60,22 @@ fi
 # aya-build looks bpf-linker up on PATH.
 ln -sf "$TOOLS/bin/bpf-linker" /usr/local/bin/bpf-linker
 
-# 4. Kernel filesystems the probe needs.
+# 4. ClickHouse's engine as a library (chDB, from npm): the embedded store, and the
+#    ClickHouse server the store tests run (Debian's ClickHouse is from 2018).
+CHDB_VERSION="26.7.3-stable.1"
+chdb_dir="$TOOLS/chdb"
+if [ "$(cat "$chdb_dir/VERSION" 2>/dev/null)" != "$CHDB_VERSION" ] || [ ! -s "$chdb_dir/libchdb.so" ]; then
+  command -v npm >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; apt-get install -y -qq --no-install-recommends npm >/dev/null; }
+  log "fetching @chdb/lib-linux-x64-gnu@$CHDB_VERSION (about 180 MB)"
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent "@chdb/lib-linux-x64-gnu@$CHDB_VERSION" >/dev/null && tar xzf ./*.tgz)
+  mkdir -p "$chdb_dir"
+  mv "$tmp/package/libchdb.so" "$chdb_dir/libchdb.so.part" && mv "$chdb_dir/libchdb.so.part" "$chdb_dir/libchdb.so"
+  echo "$CHDB_VERSION" > "$chdb_dir/VERSION"
+  rm -rf "$tmp"
+fi
+
+# 5. Kernel filesystems the probe needs.
 mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
 mkdir -p /sys/fs/bpf
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf

@@ -193,8 +193,10 @@ pub fn start_relay(dir: &Path, state: &State, addrs: &[String]) -> anyhow::Resul
     for (node, addr) in state.nodes.iter().zip(addrs) {
         cmd.arg("--peer").arg(format!("{}={addr}", node.name));
     }
-    // Addresses are named from the lab's cluster manifests, read again as they change.
+    // Addresses are named from the lab's cluster manifests, read again as they change;
+    // every flow is kept in the embedded store, in the state directory.
     cmd.arg("--manifests").arg(flows_lab::manifests::dir(dir));
+    cmd.arg("--store").arg(format!("embedded:{}", dir.join("store").display()));
     cmd.args(["--listen", "127.0.0.1:0"])
         .arg("--ready-file")
         .arg(&ready)

@@ -1,5 +1,6 @@
 //! `flows`: the command line of flows. Thin: each subcommand calls into a library crate.
 
+mod audit;
 mod filters;
 mod lab;
 mod labpolicy;
@@ -24,6 +25,9 @@ enum Command {
     Lab(lab::LabCommand),
     /// Print flows from a node-probe or the relay.
     Observe(observe::ObserveArgs),
+    /// Denied connection attempts over a time range, grouped by workload pair and port
+    /// (from the relay's store).
+    Audit(audit::AuditArgs),
     /// NetworkPolicy tools: offline evaluation.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -43,6 +47,14 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Lab(cmd) => lab::run(cmd),
         Command::Policy(cmd) => policy::run(cmd),
+        Command::Audit(mut args) => {
+            args.not = not;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(audit::run(args))
+        }
         Command::Observe(mut args) => {
             args.not = not;
             tokio::runtime::Builder::new_multi_thread()

@@ -9,8 +9,9 @@ pub struct SelectorError {
     pub reason: String,
 }
 
+/// One requirement of a selector (all must hold).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Req {
+pub enum Req {
     Eq(String, String),
     NotEq(String, String),
     In(String, Vec<String>),
@@ -63,6 +64,11 @@ fn set_values(s: &str) -> Option<Vec<String>> {
 }
 
 impl LabelSelector {
+    /// The requirements, for translating the selector elsewhere (SQL).
+    pub fn requirements(&self) -> &[Req] {
+        &self.reqs
+    }
+
     pub fn parse(s: &str) -> Result<LabelSelector, SelectorError> {
         let err = |reason: &str| SelectorError {
             selector: s.to_string(),

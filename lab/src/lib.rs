@@ -222,6 +222,10 @@ pub(crate) fn down_unlocked(dir: &Path) -> Result<DownReport, LabError> {
             if announced || name == "relay.addr" {
                 let _ = fs::remove_file(e.path());
             }
+            // The relay's embedded store: the lab's history goes with the lab.
+            if name == "store" && e.path().is_dir() {
+                let _ = fs::remove_dir_all(e.path());
+            }
         }
     }
     Ok(DownReport {

@@ -42,6 +42,11 @@ struct NodeLabels {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     flows: Family<FlowLabels, Counter>,
@@ -49,6 +54,8 @@ pub struct Metrics {
     policy: Family<PolicyLabels, Counter>,
     lost: Family<LostLabels, Counter>,
     nodes: Family<NodeLabels, Gauge>,
+    store_rows: Family<ResultLabels, Counter>,
+    store_batches: Family<ResultLabels, Counter>,
 }
 
 fn verdict_name(v: i32) -> &'static str {
@@ -104,6 +111,14 @@ impl Metrics {
         registry.register("lost_events", "Events lost, by where they were lost", lost.clone());
         let nodes = Family::<NodeLabels, Gauge>::default();
         registry.register("nodes", "Node-probes by connection state (relay)", nodes.clone());
+        let store_rows = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "store_rows",
+            "Flows for the store, by result (written, lost_buffer_full, lost_shutdown) (relay)",
+            store_rows.clone(),
+        );
+        let store_batches = Family::<ResultLabels, Counter>::default();
+        registry.register("store_batches", "Store inserts, by result (ok, failed) (relay)", store_batches.clone());
         Metrics {
             registry,
             flows,
@@ -111,6 +126,8 @@ impl Metrics {
             policy,
             lost,
             nodes,
+            store_rows,
+            store_batches,
         }
     }
 
@@ -172,6 +189,19 @@ impl Metrics {
         self.nodes
             .get_or_create(&NodeLabels { state: "unavailable".into() })
             .set(unavailable);
+    }
+
+    /// Rows for the store: `written`, `lost_buffer_full` or `lost_shutdown`.
+    pub fn store_rows(&self, result: &'static str, n: u64) {
+        self.store_rows
+            .get_or_create(&ResultLabels { result: result.into() })
+            .inc_by(n);
+    }
+
+    pub fn store_batch(&self, ok: bool) {
+        self.store_batches
+            .get_or_create(&ResultLabels { result: if ok { "ok" } else { "failed" }.into() })
+            .inc();
     }
 
     pub fn render(&self) -> String {

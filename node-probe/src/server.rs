@@ -260,6 +260,7 @@ impl Observer for ObserverService {
             node_name: self.node_name.clone(),
             policy_reads: snap.policy_reads,
             policy_revision: snap.policy_revision,
+            store: None,
         }))
     }
 }

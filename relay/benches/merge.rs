@@ -156,6 +156,8 @@ async fn run(peers: usize, index: Option<SharedIndex>) {
         sort_window: Duration::from_millis(300),
         sort_buffer: 10_000,
         started: Instant::now(),
+        store: None,
+        sink: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let raddr = listener.local_addr().expect("addr");

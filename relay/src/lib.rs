@@ -2,9 +2,11 @@
 //!
 //! [`peers`] keeps a connection to every node-probe (backoff, health checks); [`merge`]
 //! orders flows from several nodes with a bounded sort window; [`server`] serves the same
-//! Observer API as a node-probe, so every client works against either. Annotation from
-//! the Kubernetes API and the store come next (issues 4 and 5).
+//! Observer API as a node-probe, so every client works against either, annotated from
+//! the cluster index (`flows-k8s`); [`sink`] writes every flow to the store
+//! (`flows-store`), which also answers history and audit requests.
 
 pub mod merge;
 pub mod peers;
 pub mod server;
+pub mod sink;

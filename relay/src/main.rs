@@ -11,10 +11,13 @@ use anyhow::Context;
 use clap::Parser;
 use flows_proto::observer_server::ObserverServer;
 use flows_k8s::{Cidr, ClusterIndex, manifests::ManifestSource, watch::SharedIndex};
+use flows_proto::history_server::HistoryServer;
 use flows_relay::{
     peers::{self, PeerSet},
-    server::RelayService,
+    server::{HistoryService, RelayService},
+    sink::{SinkConfig, SinkStats, WhenFull},
 };
+use flows_store::{Retention, Store, StoreConfig};
 
 #[derive(Parser)]
 #[command(name = "flows-relay", version, about = "flows relay: every node-probe's flows, merged")]
@@ -59,6 +62,44 @@ struct Args {
     /// Address of the Prometheus /metrics endpoint (off by default).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Keep every flow in a store: `embedded:DIR` (ClickHouse's engine in this process,
+    /// data in DIR) or the URL of a ClickHouse server (`http://host:8123`).
+    #[arg(long, value_name = "embedded:DIR|URL")]
+    store: Option<String>,
+    /// The store's database.
+    #[arg(long, default_value = "flows")]
+    store_database: String,
+    /// ClickHouse user (server only).
+    #[arg(long, env = "FLOWS_STORE_USER")]
+    store_user: Option<String>,
+    /// ClickHouse password (server only; from the environment, so it stays out of `ps`).
+    #[arg(long, env = "FLOWS_STORE_PASSWORD", hide_env_values = true)]
+    store_password: Option<String>,
+    /// libchdb.so for the embedded store.
+    #[arg(long, env = "FLOWS_CHDB_LIB")]
+    chdb_lib: Option<std::path::PathBuf>,
+    /// Days of raw flows kept.
+    #[arg(long, default_value_t = 7)]
+    retention_raw_days: u32,
+    /// Days of per-minute rollups kept.
+    #[arg(long, default_value_t = 30)]
+    retention_minute_days: u32,
+    /// Days of per-hour rollups kept.
+    #[arg(long, default_value_t = 365)]
+    retention_hour_days: u32,
+    /// Rows per insert at most.
+    #[arg(long, default_value_t = 20_000)]
+    store_batch_rows: usize,
+    /// An insert is made at least this often while flows arrive (milliseconds).
+    #[arg(long, default_value_t = 1000)]
+    store_flush_ms: u64,
+    /// Rows waiting for the store at most.
+    #[arg(long, default_value_t = 200_000)]
+    store_buffer_rows: usize,
+    /// When that buffer is full: wait (the nodes' rings absorb it, and report what they
+    /// overrun), or drop the newest flow and count it.
+    #[arg(long, value_enum, default_value = "block")]
+    store_when_full: WhenFull,
     /// Written with the listen address once the relay is serving.
     #[arg(long)]
     ready_file: Option<std::path::PathBuf>,
@@ -151,13 +192,66 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    let svc = RelayService {
+    let store = match &args.store {
+        None => None,
+        Some(spec) => {
+            let config = if let Some(dir) = spec.strip_prefix("embedded:") {
+                StoreConfig::Embedded {
+                    path: dir.into(),
+                    library: args.chdb_lib.clone().unwrap_or_else(flows_store::chdb::default_library),
+                }
+            } else if spec.starts_with("http://") || spec.starts_with("https://") {
+                StoreConfig::Server {
+                    url: spec.clone(),
+                    user: args.store_user.clone(),
+                    password: args.store_password.clone(),
+                }
+            } else {
+                anyhow::bail!("--store {spec:?}: expected embedded:DIR or http(s)://host:port");
+            };
+            let retention = Retention {
+                raw_days: args.retention_raw_days,
+                minute_days: args.retention_minute_days,
+                hour_days: args.retention_hour_days,
+            };
+            let s = Store::open(&config, &args.store_database, retention)
+                .await
+                .context("opening the store")?;
+            tracing::info!(embedded = s.is_embedded(), database = %args.store_database, "store open");
+            Some(Arc::new(s))
+        }
+    };
+    let sink_stats = store.as_ref().map(|_| Arc::new(SinkStats::default()));
+    let svc = Arc::new(RelayService {
         peers,
         index,
-        metrics,
+        metrics: metrics.clone(),
         sort_window: Duration::from_millis(args.sort_window_ms),
         sort_buffer: args.sort_buffer,
         started: Instant::now(),
+        store: store.clone(),
+        sink: sink_stats.clone(),
+    });
+    let (stop_sink, sink_stop) = tokio::sync::watch::channel(false);
+    let sink = match (&store, &sink_stats) {
+        (Some(store), Some(stats)) => {
+            let config = SinkConfig {
+                batch_rows: args.store_batch_rows.max(1),
+                flush: Duration::from_millis(args.store_flush_ms),
+                buffer_rows: args.store_buffer_rows.max(1),
+                when_full: args.store_when_full,
+                ..Default::default()
+            };
+            Some(tokio::spawn(flows_relay::sink::run(
+                svc.clone(),
+                store.clone(),
+                config,
+                stats.clone(),
+                metrics.clone(),
+                sink_stop,
+            )))
+        }
+        _ => None,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -170,8 +264,10 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     tracing::info!(listen = %local, "relay serving");
+    let history = store.clone().map(|store| HistoryServer::new(HistoryService { store }));
     let served = tonic::transport::Server::builder()
-        .add_service(ObserverServer::new(svc))
+        .add_service(ObserverServer::from_arc(svc))
+        .add_optional_service(history)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async move {
@@ -184,6 +280,11 @@ async fn main() -> anyhow::Result<()> {
         .await;
     if let Some(path) = &args.ready_file {
         let _ = std::fs::remove_file(path);
+    }
+    // What the store writer holds is written (or counted lost) before exit.
+    let _ = stop_sink.send(true);
+    if let Some(s) = sink {
+        let _ = s.await;
     }
     served.context("serving")?;
     Ok(())

@@ -13,6 +13,7 @@ use flows_flow::{
     enrich::{annotate, node_side},
 };
 use flows_k8s::watch::SharedIndex;
+use flows_store::Store;
 use flows_proto::{
     GetFlowsRequest, GetFlowsResponse, LostCount, NodeState, NodeStatusEvent,
     ServerStatusRequest, ServerStatusResponse, Timestamp, get_flows_response::ResponseTypes,
@@ -40,6 +41,11 @@ pub struct RelayService {
     /// Flows held for sorting at most; beyond, the oldest go out at once.
     pub sort_buffer: usize,
     pub started: Instant,
+    /// Flow history: read for requests reaching further back than the nodes' rings, and
+    /// the audit; written by [`crate::sink`].
+    pub store: Option<Arc<Store>>,
+    /// The store writer's counts, for ServerStatus.
+    pub sink: Option<Arc<crate::sink::SinkStats>>,
 }
 
 /// What every reader of one request shares: the full filter, applied after annotation.
@@ -241,6 +247,12 @@ async fn history(
         }
     }
     all.sort_by_key(|m| nanos(&m.time));
+    limit(all, number, first)
+}
+
+/// Keeps the first or last `number` flows (0: all) of a time-ordered list, and every
+/// message that is not a flow.
+fn limit(mut all: Vec<GetFlowsResponse>, number: u64, first: bool) -> Vec<GetFlowsResponse> {
     let n = number as usize;
     let is_flow = |m: &GetFlowsResponse| matches!(m.response_types, Some(ResponseTypes::Flow(_)));
     if n > 0 && all.iter().filter(|m| is_flow(m)).count() > n {
@@ -263,6 +275,64 @@ async fn history(
     all
 }
 
+/// Adds the store's flows for the same request to what the nodes answered: the store
+/// reaches further back than the nodes' rings. Flows both hold are sent once.
+async fn with_stored(
+    store: &Store,
+    mut out: Vec<GetFlowsResponse>,
+    req: &GetFlowsRequest,
+    until: Option<Timestamp>,
+) -> Vec<GetFlowsResponse> {
+    let ns = |t: &Option<Timestamp>| t.map(|t| t.seconds.saturating_mul(1_000_000_000).saturating_add(i64::from(t.nanos)));
+    let cond = match flows_store::sql::condition(&req.allow_list, &req.deny_list) {
+        Ok(c) => format!("{c} AND {}", flows_store::sql::time_range(ns(&req.since), ns(&until))),
+        Err(e) => {
+            out.push(node_status(NodeState::Error, vec!["store".into()], e.to_string()));
+            return out;
+        }
+    };
+    match store.flows(&cond, req.number, !req.first).await {
+        Ok(stored) => {
+            let seen: HashSet<String> = out
+                .iter()
+                .filter_map(|m| match &m.response_types {
+                    Some(ResponseTypes::Flow(f)) => Some(f.uuid.clone()),
+                    _ => None,
+                })
+                .collect();
+            let fresh: Vec<_> = stored.into_iter().filter(|f| !seen.contains(&f.uuid)).collect();
+            if !fresh.is_empty() {
+                let first = fresh.first().and_then(|f| f.time);
+                let msg = format!(
+                    "{} flows from the store ({}), which reaches further back than the nodes' rings",
+                    fresh.len(),
+                    if store.is_embedded() { "embedded" } else { "clickhouse" },
+                );
+                out.push(GetFlowsResponse {
+                    time: first,
+                    node_name: String::new(),
+                    response_types: Some(ResponseTypes::NodeStatus(NodeStatusEvent {
+                        state_change: NodeState::Connected as i32,
+                        node_names: vec!["store".into()],
+                        message: msg,
+                    })),
+                });
+                out.extend(fresh.into_iter().map(|f| GetFlowsResponse {
+                    time: f.time,
+                    node_name: f.node_name.clone(),
+                    response_types: Some(ResponseTypes::Flow(f)),
+                }));
+                out.sort_by_key(|m| nanos(&m.time));
+            }
+            limit(out, req.number, req.first)
+        }
+        Err(e) => {
+            out.push(node_status(NodeState::Error, vec!["store".into()], format!("reading the store: {e}")));
+            out
+        }
+    }
+}
+
 /// How far back the live part of a follow request reads again, for flows that were
 /// stamped before the history part was read but reached their node's ring after it.
 const LATE_ARRIVAL: Nanos = 2_000_000_000;
@@ -274,16 +344,10 @@ fn timestamp(ns: Nanos) -> Timestamp {
     }
 }
 
-#[tonic::async_trait]
-impl Observer for RelayService {
-    type GetFlowsStream =
-        Pin<Box<dyn Stream<Item = Result<GetFlowsResponse, Status>> + Send + 'static>>;
-
-    async fn get_flows(
-        &self,
-        request: Request<GetFlowsRequest>,
-    ) -> Result<Response<Self::GetFlowsStream>, Status> {
-        let req = request.into_inner();
+impl RelayService {
+    /// The merged, annotated and filtered answer to `req`, as the Observer API streams it
+    /// (clients, and the relay's own store writer).
+    pub fn stream(&self, req: GetFlowsRequest) -> Result<mpsc::Receiver<Result<GetFlowsResponse, Status>>, Status> {
         let filters = FilterSet::new(&req.allow_list, &req.deny_list)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if req.first && req.follow {
@@ -304,6 +368,7 @@ impl Observer for RelayService {
         });
         let (tx, rx) = mpsc::channel::<Result<GetFlowsResponse, Status>>(1024);
         let peer_set = self.peers.clone();
+        let store = self.store.clone();
         let metrics = self.metrics.clone();
         let (window, buffer) = (self.sort_window, self.sort_buffer);
         let count = move |m: &GetFlowsResponse| match &m.response_types {
@@ -334,7 +399,10 @@ impl Observer for RelayService {
                 if req.follow {
                     hreq.until = Some(timestamp(t0));
                 }
-                let out = history(&peers, &hreq, &pipeline, req.number, req.first).await;
+                let mut out = history(&peers, &hreq, &pipeline, req.number, req.first).await;
+                if let Some(store) = &store {
+                    out = with_stored(store, out, &req, hreq.until).await;
+                }
                 if req.follow {
                     let flows = out.iter().filter_map(|m| match &m.response_types {
                         Some(ResponseTypes::Flow(f)) => Some(f),
@@ -447,6 +515,20 @@ impl Observer for RelayService {
                 }
             }
         });
+        Ok(rx)
+    }
+}
+
+#[tonic::async_trait]
+impl Observer for RelayService {
+    type GetFlowsStream =
+        Pin<Box<dyn Stream<Item = Result<GetFlowsResponse, Status>> + Send + 'static>>;
+
+    async fn get_flows(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<Self::GetFlowsStream>, Status> {
+        let rx = self.stream(request.into_inner())?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -486,6 +568,16 @@ impl Observer for RelayService {
             .map(|(source, count)| LostCount { source, count })
             .collect();
         self.metrics.set_nodes(i64::from(connected), down.len() as i64);
+        if let (Some(store), Some(sink)) = (&self.store, &self.sink) {
+            use std::sync::atomic::Ordering::Relaxed;
+            out.store = Some(flows_proto::StoreStatus {
+                backend: if store.is_embedded() { "embedded" } else { "clickhouse" }.into(),
+                rows_written: sink.written.load(Relaxed),
+                rows_lost: sink.lost.load(Relaxed),
+                rows_buffered: sink.buffered.load(Relaxed),
+                last_error: sink.last_error(),
+            });
+        }
         out.num_connected_nodes = Some(connected);
         out.num_unavailable_nodes = Some(down.len() as u32);
         out.unavailable_nodes = down;
@@ -498,4 +590,72 @@ pub fn all_connected(peers: &[Arc<Peer>]) -> bool {
     peers
         .iter()
         .all(|p| matches!(&*p.state.borrow(), PeerState::Connected { .. }))
+}
+
+fn timestamp_of(ns: i64) -> Timestamp {
+    Timestamp {
+        seconds: ns.div_euclid(1_000_000_000),
+        nanos: ns.rem_euclid(1_000_000_000) as i32,
+    }
+}
+
+fn ns_of(t: &Option<Timestamp>) -> Option<i64> {
+    t.map(|t| t.seconds.saturating_mul(1_000_000_000).saturating_add(i64::from(t.nanos)))
+}
+
+/// The History API: the audit, from the relay's store.
+pub struct HistoryService {
+    pub store: Arc<Store>,
+}
+
+#[tonic::async_trait]
+impl flows_proto::history_server::History for HistoryService {
+    async fn audit(
+        &self,
+        request: Request<flows_proto::AuditRequest>,
+    ) -> Result<Response<flows_proto::AuditResponse>, Status> {
+        let r = request.into_inner();
+        let q = flows_store::AuditQuery {
+            since: ns_of(&r.since),
+            until: ns_of(&r.until),
+            verdicts: r.verdict,
+            allow: r.allow_list,
+            deny: r.deny_list,
+            top: r.top,
+        };
+        let rows = self.store.audit(&q).await.map_err(|e| match e {
+            flows_store::StoreError::Filter { .. } => Status::invalid_argument(e.to_string()),
+            e => Status::unavailable(e.to_string()),
+        })?;
+        let verdict = |v: &str| match v {
+            "FORWARDED" => flows_proto::Verdict::Forwarded,
+            "DROPPED" => flows_proto::Verdict::Dropped,
+            "AUDIT" => flows_proto::Verdict::Audit,
+            "ERROR" => flows_proto::Verdict::Error,
+            _ => flows_proto::Verdict::Unspecified,
+        } as i32;
+        let groups = rows
+            .into_iter()
+            .map(|a| flows_proto::AuditGroup {
+                verdict: verdict(&a.verdict),
+                source_namespace: a.src_namespace,
+                source_workload: a.src_workload,
+                source_workload_kind: a.src_workload_kind,
+                destination_namespace: a.dst_namespace,
+                destination_workload: a.dst_workload,
+                destination_workload_kind: a.dst_workload_kind,
+                destination_port: u32::from(a.dst_port),
+                protocol: a.protocol,
+                flows: a.flows,
+                first_seen: Some(timestamp_of(a.first_seen)),
+                last_seen: Some(timestamp_of(a.last_seen)),
+                drop_reasons: a.drop_reasons,
+                policies: a.policies,
+            })
+            .collect();
+        Ok(Response::new(flows_proto::AuditResponse {
+            groups,
+            backend: if self.store.is_embedded() { "embedded" } else { "clickhouse" }.into(),
+        }))
+    }
 }

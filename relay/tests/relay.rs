@@ -128,6 +128,8 @@ async fn relay_with(
         sort_window: Duration::from_millis(300),
         sort_buffer: 1000,
         started: Instant::now(),
+        store: None,
+        sink: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

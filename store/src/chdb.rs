@@ -1,0 +1,230 @@
+//! ClickHouse's engine in this process: `libchdb.so` (chDB's C API), loaded at run time.
+//!
+//! chDB allows one connection per process, and a connection is driven from one thread
+//! here: the engine thread owns it and runs queries sent over a channel, so async callers
+//! never block a runtime worker on a query.
+
+use std::{
+    ffi::{CStr, CString, c_char, c_int},
+    path::{Path, PathBuf},
+    sync::mpsc,
+};
+
+use crate::StoreError;
+
+/// `chdb_connection` is an opaque pointer; `chdb_connect` hands out a pointer to one.
+type Conn = *mut std::ffi::c_void;
+type Res = *mut std::ffi::c_void;
+
+struct Api {
+    _lib: libloading::Library,
+    connect: unsafe extern "C" fn(c_int, *mut *mut c_char) -> *mut Conn,
+    close: unsafe extern "C" fn(*mut Conn),
+    query_n: unsafe extern "C" fn(Conn, *const c_char, usize, *const c_char, usize) -> Res,
+    destroy: unsafe extern "C" fn(Res),
+    buffer: unsafe extern "C" fn(Res) -> *mut c_char,
+    length: unsafe extern "C" fn(Res) -> usize,
+    error: unsafe extern "C" fn(Res) -> *const c_char,
+}
+
+/// The library stays loaded for the life of the process: ClickHouse registers
+/// thread-local destructors that must still find its code when threads exit.
+static API: std::sync::OnceLock<Api> = std::sync::OnceLock::new();
+static LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl Api {
+    fn get(path: &Path) -> Result<&'static Api, StoreError> {
+        let _one = LOADING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = API.get() {
+            return Ok(a);
+        }
+        let a = Api::load(path)?;
+        Ok(API.get_or_init(|| a))
+    }
+
+    fn load(path: &Path) -> Result<Api, StoreError> {
+        let err = |e: libloading::Error| StoreError::Engine {
+            message: format!(
+                "loading {}: {e} (scripts/setup.sh installs it; --chdb-lib or FLOWS_CHDB_LIB point elsewhere)",
+                path.display()
+            ),
+        };
+        // SAFETY: loading chDB runs its initialisers, which set up ClickHouse's globals
+        // and nothing else; the symbols are typed as chdb.h declares them.
+        unsafe {
+            let lib = libloading::Library::new(path).map_err(err)?;
+            let connect = *lib.get(b"chdb_connect\0").map_err(err)?;
+            let close = *lib.get(b"chdb_close_conn\0").map_err(err)?;
+            let query_n = *lib.get(b"chdb_query_n\0").map_err(err)?;
+            let destroy = *lib.get(b"chdb_destroy_query_result\0").map_err(err)?;
+            let buffer = *lib.get(b"chdb_result_buffer\0").map_err(err)?;
+            let length = *lib.get(b"chdb_result_length\0").map_err(err)?;
+            let error = *lib.get(b"chdb_result_error\0").map_err(err)?;
+            Ok(Api {
+                _lib: lib,
+                connect,
+                close,
+                query_n,
+                destroy,
+                buffer,
+                length,
+                error,
+            })
+        }
+    }
+}
+
+/// Where `libchdb.so` is: `FLOWS_CHDB_LIB`, else where the set-up script puts it.
+pub fn default_library() -> PathBuf {
+    std::env::var_os("FLOWS_CHDB_LIB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/flows-tools/chdb/libchdb.so"))
+}
+
+struct Job {
+    query: Vec<u8>,
+    format: String,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, StoreError>>,
+}
+
+struct Inner {
+    jobs: Option<mpsc::SyncSender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The thread closes the connection when the queue closes; wait for that, so the
+        // engine is shut down before anything else (process exit included) runs.
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A handle on the engine thread. Dropping the last handle closes the connection.
+#[derive(Clone)]
+pub struct Engine {
+    inner: std::sync::Arc<Inner>,
+}
+
+impl Engine {
+    /// Opens (creating if needed) the database directory `path` with the library at `lib`.
+    pub fn open(lib: &Path, path: &Path) -> Result<Engine, StoreError> {
+        std::fs::create_dir_all(path).map_err(|e| StoreError::Engine {
+            message: format!("creating {}: {e}", path.display()),
+        })?;
+        let api = Api::get(lib)?;
+        let args = [
+            "flows".to_string(),
+            format!("--path={}", path.display()),
+        ];
+        let (jobs, rx) = mpsc::sync_channel::<Job>(64);
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StoreError>>();
+        let thread = std::thread::Builder::new()
+            .name("chdb".into())
+            .spawn(move || {
+                let cargs: Vec<CString> = args
+                    .iter()
+                    .filter_map(|a| CString::new(a.as_str()).ok())
+                    .collect();
+                let mut argv: Vec<*mut c_char> = cargs.iter().map(|a| a.as_ptr() as *mut c_char).collect();
+                // SAFETY: argv points at NUL-terminated strings that outlive the call.
+                let conn = unsafe { (api.connect)(argv.len() as c_int, argv.as_mut_ptr()) };
+                // SAFETY: a non-null result points at a connection handle.
+                if conn.is_null() || unsafe { (*conn).is_null() } {
+                    let _ = ready_tx.send(Err(StoreError::Engine {
+                        message: "chdb_connect failed (is another process using the same directory?)".into(),
+                    }));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                for job in rx {
+                    // SAFETY: the connection is open; the buffers live through the call.
+                    let out = unsafe { run(&api, *conn, &job.query, &job.format) };
+                    let _ = job.reply.send(out);
+                }
+                // SAFETY: closing the connection this thread opened, once.
+                unsafe { (api.close)(conn) };
+            })
+            .map_err(|e| StoreError::Engine {
+                message: format!("starting the engine thread: {e}"),
+            })?;
+        ready_rx.recv().map_err(|_| StoreError::Engine {
+            message: "the engine thread ended while opening".into(),
+        })??;
+        Ok(Engine {
+            inner: std::sync::Arc::new(Inner {
+                jobs: Some(jobs),
+                thread: Some(thread),
+            }),
+        })
+    }
+
+    /// Runs one statement; returns its output in `format`.
+    pub async fn query(&self, query: Vec<u8>, format: &str) -> Result<Vec<u8>, StoreError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job = Job {
+            query,
+            format: format.to_string(),
+            reply,
+        };
+        let jobs = self.inner.jobs.clone().ok_or_else(|| StoreError::Engine {
+            message: "the engine is closed".into(),
+        })?;
+        // The channel is bounded: waiting for room is blocking work.
+        tokio::task::spawn_blocking(move || jobs.send(job))
+            .await
+            .map_err(|e| StoreError::Engine { message: e.to_string() })?
+            .map_err(|_| StoreError::Engine {
+                message: "the engine thread has stopped".into(),
+            })?;
+        rx.await.map_err(|_| StoreError::Engine {
+            message: "the engine thread dropped a query".into(),
+        })?
+    }
+}
+
+/// SAFETY: `conn` must be an open connection of `api`.
+unsafe fn run(api: &Api, conn: Conn, query: &[u8], format: &str) -> Result<Vec<u8>, StoreError> {
+    // SAFETY: pointers and lengths describe live buffers; the result is destroyed once.
+    unsafe {
+        let res = (api.query_n)(
+            conn,
+            query.as_ptr() as *const c_char,
+            query.len(),
+            format.as_ptr() as *const c_char,
+            format.len(),
+        );
+        if res.is_null() {
+            return Err(StoreError::Engine {
+                message: "chdb_query_n returned nothing".into(),
+            });
+        }
+        let err = (api.error)(res);
+        let out = if !err.is_null() {
+            let message = CStr::from_ptr(err).to_string_lossy().into_owned();
+            Err(StoreError::Query {
+                message,
+                query: preview(query),
+            })
+        } else {
+            let buf = (api.buffer)(res);
+            let len = (api.length)(res);
+            Ok(if buf.is_null() || len == 0 {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts(buf as *const u8, len).to_vec()
+            })
+        };
+        (api.destroy)(res);
+        out
+    }
+}
+
+/// The start of a statement, for error messages (inserts carry binary data after it).
+pub(crate) fn preview(query: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&query[..query.len().min(200)]);
+    text.chars().take_while(|c| !c.is_control() || *c == '\n' || *c == ' ').collect()
+}

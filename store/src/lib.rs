@@ -1,0 +1,305 @@
+//! Flow history in ClickHouse: one schema, one SQL dialect, two backends.
+//!
+//! - **Embedded** (the default for one machine): ClickHouse's engine in this process
+//!   through chDB ([`chdb`]), with its data in a directory.
+//! - **Server**: any ClickHouse server or cluster, over HTTP with RowBinary through the
+//!   `clickhouse` crate, schema validation on.
+//!
+//! [`Store`] creates and migrates the schema ([`schema`]), inserts [`row::FlowRow`]s, and
+//! answers the audit ([`audit`]) and history queries with the same SQL on both. This is
+//! the only crate that talks to ClickHouse.
+
+pub mod audit;
+pub mod chdb;
+pub mod row;
+pub mod schema;
+pub mod sql;
+
+use std::path::PathBuf;
+
+pub use audit::{AuditQuery, AuditRow};
+pub use row::FlowRow;
+pub use schema::Retention;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("ClickHouse engine: {message}")]
+    Engine { message: String },
+    #[error("ClickHouse server at {url}: {message}")]
+    Server { url: String, message: String },
+    #[error("query failed: {message} (query: {query})")]
+    Query { message: String, query: String },
+    #[error("unexpected answer from ClickHouse: {message}")]
+    Decode { message: String },
+    #[error("invalid filter for the store: {message}")]
+    Filter { message: String },
+}
+
+/// Where the flows are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreConfig {
+    /// chDB in this process, data in `path`.
+    Embedded { path: PathBuf, library: PathBuf },
+    /// A ClickHouse server: `url` like `http://127.0.0.1:8123`.
+    Server {
+        url: String,
+        user: Option<String>,
+        password: Option<String>,
+    },
+}
+
+enum Backend {
+    Embedded(chdb::Engine),
+    Server { client: clickhouse::Client, url: String },
+}
+
+pub struct Store {
+    backend: Backend,
+    db: String,
+}
+
+/// Tables' sizes on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskUsage {
+    pub rows: u64,
+    pub bytes_on_disk: u64,
+    pub bytes_uncompressed: u64,
+}
+
+impl Store {
+    /// Connects (or opens the engine) and brings the schema up to date.
+    pub async fn open(config: &StoreConfig, db: &str, retention: Retention) -> Result<Store, StoreError> {
+        if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(StoreError::Engine {
+                message: format!("database name {db:?}: letters, digits and _ only"),
+            });
+        }
+        let backend = match config {
+            StoreConfig::Embedded { path, library } => {
+                Backend::Embedded(chdb::Engine::open(library, path)?)
+            }
+            StoreConfig::Server { url, user, password } => {
+                let mut client = clickhouse::Client::default().with_url(url.clone()).with_validation(true);
+                if let Some(u) = user {
+                    client = client.with_user(u.clone());
+                }
+                if let Some(p) = password {
+                    client = client.with_password(p.clone());
+                }
+                Backend::Server {
+                    client,
+                    url: url.clone(),
+                }
+            }
+        };
+        let store = Store {
+            backend,
+            db: db.to_string(),
+        };
+        store.migrate(retention).await?;
+        Ok(store)
+    }
+
+    pub fn database(&self) -> &str {
+        &self.db
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        matches!(self.backend, Backend::Embedded(_))
+    }
+
+    fn server_err(url: &str, e: clickhouse::error::Error) -> StoreError {
+        StoreError::Server {
+            url: url.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Runs a statement that returns nothing.
+    pub async fn execute(&self, sql: &str) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Embedded(e) => e.query(sql.as_bytes().to_vec(), "TabSeparated").await.map(|_| ()),
+            Backend::Server { client, url } => client
+                .query(sql)
+                .execute()
+                .await
+                .map_err(|e| Store::server_err(url, e)),
+        }
+    }
+
+    /// Runs a query and returns its output in `format`.
+    pub async fn fetch(&self, sql: &str, format: &str) -> Result<Vec<u8>, StoreError> {
+        match &self.backend {
+            Backend::Embedded(e) => e.query(sql.as_bytes().to_vec(), format).await,
+            Backend::Server { client, url } => {
+                let mut cursor = client
+                    .query(sql)
+                    .fetch_bytes(format)
+                    .map_err(|e| Store::server_err(url, e))?;
+                let bytes = cursor.collect().await.map_err(|e| Store::server_err(url, e))?;
+                Ok(bytes.to_vec())
+            }
+        }
+    }
+
+    /// Rows as JSON objects (JSONEachRow).
+    pub async fn select_json(&self, sql: &str) -> Result<Vec<serde_json::Value>, StoreError> {
+        let out = self.fetch(sql, "JSONEachRow").await?;
+        out.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                serde_json::from_slice(l).map_err(|e| StoreError::Decode {
+                    message: format!("{e}: {}", String::from_utf8_lossy(&l[..l.len().min(200)])),
+                })
+            })
+            .collect()
+    }
+
+    async fn migrate(&self, retention: Retention) -> Result<(), StoreError> {
+        for s in schema::bootstrap(&self.db) {
+            self.execute(&s).await?;
+        }
+        let applied = self
+            .select_json(&format!("SELECT max(version) AS v FROM {}.schema_migrations", self.db))
+            .await?;
+        let current = applied
+            .first()
+            .and_then(|r| r["v"].as_u64())
+            .unwrap_or(0);
+        for (version, statements) in schema::migrations(&self.db) {
+            if u64::from(version) <= current {
+                continue;
+            }
+            for s in statements {
+                self.execute(&s).await?;
+            }
+            self.execute(&format!(
+                "INSERT INTO {}.schema_migrations (version) VALUES ({version})",
+                self.db
+            ))
+            .await?;
+            tracing::info!(version, db = %self.db, "store schema migrated");
+        }
+        for (table, days, statement) in schema::retention(&self.db, retention) {
+            let current = self
+                .select_json(&format!(
+                    "SELECT create_table_query AS q FROM system.tables WHERE database = '{}' AND name = '{table}'",
+                    self.db
+                ))
+                .await?;
+            let q = current.first().and_then(|r| r["q"].as_str()).unwrap_or_default();
+            if !q.contains(&format!("toIntervalDay({days})")) {
+                self.execute(&statement).await?;
+                tracing::info!(table, days, "store retention set");
+            }
+        }
+        Ok(())
+    }
+
+    /// The schema version in force.
+    pub async fn schema_version(&self) -> Result<u32, StoreError> {
+        let r = self
+            .select_json(&format!("SELECT max(version) AS v FROM {}.schema_migrations", self.db))
+            .await?;
+        Ok(r.first().and_then(|r| r["v"].as_u64()).unwrap_or(0) as u32)
+    }
+
+    /// Inserts one batch; all of it or, on error, none of it (one INSERT).
+    pub async fn insert(&self, rows: &[FlowRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Embedded(e) => {
+                let mut q = format!("INSERT INTO {}.flows FORMAT RowBinary\n", self.db).into_bytes();
+                q.reserve(rows.len() * 256);
+                for r in rows {
+                    r.encode(&mut q);
+                }
+                e.query(q, "TabSeparated").await.map(|_| ())
+            }
+            Backend::Server { client, url } => {
+                // The client names the table as one identifier: the database is set
+                // on the request instead.
+                let mut ins = client
+                    .clone()
+                    .with_database(self.db.clone())
+                    .insert::<FlowRow>("flows")
+                    .await
+                    .map_err(|e| Store::server_err(url, e))?;
+                for r in rows {
+                    ins.write(r).await.map_err(|e| Store::server_err(url, e))?;
+                }
+                ins.end().await.map_err(|e| Store::server_err(url, e))
+            }
+        }
+    }
+
+    /// Flows matching `where_sql` (see [`sql`]), oldest first, at most `limit` (0: all);
+    /// with `newest`, the last `limit` ones (still returned oldest first).
+    pub async fn flows(&self, where_sql: &str, limit: u64, newest: bool) -> Result<Vec<flows_proto::Flow>, StoreError> {
+        let order = if newest { "DESC" } else { "ASC" };
+        let lim = if limit > 0 { format!(" LIMIT {limit}") } else { String::new() };
+        let q = format!(
+            "SELECT * FROM {}.flows WHERE {where_sql} ORDER BY time {order}{lim}",
+            self.db
+        );
+        let bytes = self.fetch(&q, "RowBinary").await?;
+        let mut rest = bytes.as_slice();
+        let mut out = Vec::new();
+        while !rest.is_empty() {
+            out.push(FlowRow::decode(&mut rest)?.to_flow());
+        }
+        if newest {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    /// The newest flow's time (nanoseconds), if any: where ingest resumes after a restart.
+    pub async fn last_time(&self) -> Result<Option<i64>, StoreError> {
+        let r = self
+            .select_json(&format!(
+                "SELECT toUnixTimestamp64Nano(max(time)) AS t, count() AS n FROM {}.flows",
+                self.db
+            ))
+            .await?;
+        let row = r.first();
+        let n = row.and_then(|r| json_u64(&r["n"])).unwrap_or(0);
+        Ok(if n == 0 {
+            None
+        } else {
+            row.and_then(|r| json_u64(&r["t"])).map(|t| t as i64)
+        })
+    }
+
+    /// Active parts of the raw table: rows and bytes, compressed and not.
+    pub async fn disk_usage(&self) -> Result<DiskUsage, StoreError> {
+        let r = self
+            .select_json(&format!(
+                "SELECT sum(rows) AS rows, sum(bytes_on_disk) AS disk, sum(data_uncompressed_bytes) AS raw \
+                 FROM system.parts WHERE database = '{}' AND table = 'flows' AND active",
+                self.db
+            ))
+            .await?;
+        let row = r.first().cloned().unwrap_or_default();
+        Ok(DiskUsage {
+            rows: json_u64(&row["rows"]).unwrap_or(0),
+            bytes_on_disk: json_u64(&row["disk"]).unwrap_or(0),
+            bytes_uncompressed: json_u64(&row["raw"]).unwrap_or(0),
+        })
+    }
+
+    /// Forces pending merges and TTL deletions now (tests, and after a retention change).
+    pub async fn optimize(&self) -> Result<(), StoreError> {
+        for t in ["flows", "flows_1m", "flows_1h"] {
+            self.execute(&format!("OPTIMIZE TABLE {}.{t} FINAL", self.db)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// ClickHouse's JSON output quotes 64-bit integers.
+pub(crate) fn json_u64(v: &serde_json::Value) -> Option<u64> {
+    v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+}

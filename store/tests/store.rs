@@ -1,0 +1,276 @@
+//! One suite, two real engines: chDB in this process, and a ClickHouse server process on
+//! loopback (from the same library). Schema and migrations, insert and read back, the
+//! audit with filters, retention with rollups, and a restart that loses nothing.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant, SystemTime},
+};
+
+use flows_proto::{
+    Endpoint, EventType, Flow, FlowFilter, Ip, IpVersion, Layer4, Policy, Tcp, TcpFlags, Timestamp, Verdict,
+    Workload, layer4,
+};
+use flows_store::{AuditQuery, FlowRow, Retention, Store, StoreConfig, sql};
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn ep(ns: &str, pod: &str, deploy: Option<&str>, app: &str) -> Endpoint {
+    Endpoint {
+        namespace: ns.into(),
+        pod_name: pod.into(),
+        labels: vec![format!("app={app}")],
+        workloads: deploy
+            .map(|d| vec![Workload { name: d.into(), kind: "Deployment".into() }])
+            .unwrap_or_default(),
+        node_name: "node-1".into(),
+        ..Default::default()
+    }
+}
+
+fn flow(at: i64, n: u32, src: Endpoint, dst: Option<Endpoint>, dst_ip: &str, port: u32, verdict: Verdict, reply: bool) -> Flow {
+    let denied = verdict == Verdict::Dropped;
+    Flow {
+        time: Some(Timestamp { seconds: at.div_euclid(1_000_000_000), nanos: at.rem_euclid(1_000_000_000) as i32 }),
+        uuid: format!("f-{n}"),
+        node_name: "node-1".into(),
+        verdict: verdict as i32,
+        drop_reason: if denied { "POLICY_DENIED".into() } else { String::new() },
+        event_type: if denied { EventType::PolicyVerdict } else { EventType::Trace } as i32,
+        ip: Some(Ip { source: format!("10.244.1.{}", n % 200 + 2), destination: dst_ip.into(), ip_version: IpVersion::Ipv4 as i32 }),
+        l4: Some(Layer4 {
+            protocol: Some(layer4::Protocol::Tcp(Tcp {
+                source_port: 40_000 + n,
+                destination_port: port,
+                flags: Some(TcpFlags { syn: true, ..Default::default() }),
+            })),
+        }),
+        source: Some(src),
+        destination: dst,
+        is_reply: reply,
+        ingress_denied_by: if denied {
+            vec![Policy { name: "default-deny".into(), namespace: "data".into(), kind: "NetworkPolicy".into(), labels: Vec::new() }]
+        } else {
+            Vec::new()
+        },
+        packet_length: 60,
+        ..Default::default()
+    }
+}
+
+/// The flows of the suite: 5 denied api → db, 2 denied world → web, 10 allowed web → api,
+/// 3 replies, one denied flow from 3 days ago, and one from 10 days ago (past the raw
+/// retention of 7 days: the raw table never keeps it, the rollups do).
+fn recorded(t: i64) -> Vec<Flow> {
+    let api = || ep("shop", "api-6b7c-aaaaa", Some("api"), "api");
+    let web = || ep("shop", "web-1", None, "web");
+    let db = || ep("data", "db-0", None, "db");
+    let world = || Endpoint { is_world: true, labels: vec!["reserved:world".into()], ..Default::default() };
+    let mut v = Vec::new();
+    for i in 0..5 {
+        v.push(flow(t + i * 1_000_000, i as u32, api(), Some(db()), "10.244.2.9", 5432, Verdict::Dropped, false));
+    }
+    for i in 0..2 {
+        let mut f = flow(t + (10 + i) * 1_000_000, 10 + i as u32, world(), Some(web()), "10.244.1.77", 80, Verdict::Dropped, false);
+        f.ip = Some(Ip { source: "203.0.113.7".into(), destination: "10.244.1.77".into(), ip_version: IpVersion::Ipv4 as i32 });
+        v.push(f);
+    }
+    for i in 0..10 {
+        v.push(flow(t + (20 + i) * 1_000_000, 20 + i as u32, web(), Some(api()), "10.244.1.10", 8080, Verdict::Forwarded, false));
+    }
+    for i in 0..3 {
+        v.push(flow(t + (40 + i) * 1_000_000, 40 + i as u32, api(), Some(web()), "10.244.1.77", 41_000, Verdict::Forwarded, true));
+    }
+    v.push(flow(t - 3 * 86_400_000_000_000, 98, api(), Some(db()), "10.244.2.9", 5432, Verdict::Dropped, false));
+    v.push(flow(t - 10 * 86_400_000_000_000, 99, api(), Some(db()), "10.244.2.9", 5432, Verdict::Dropped, false));
+    v
+}
+
+async fn count(store: &Store, table: &str, cond: &str) -> u64 {
+    let r = store
+        .select_json(&format!(
+            "SELECT {} AS s FROM {}.{table} WHERE {cond}",
+            if table.starts_with("flows_") { "sum(flows)" } else { "count()" },
+            store.database()
+        ))
+        .await
+        .expect("count");
+    let v = &r[0]["s"];
+    v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).unwrap_or(0)
+}
+
+async fn suite(store: &Store, what: &str) {
+    assert_eq!(store.schema_version().await.expect("version"), 1, "{what}");
+    let tables = store
+        .select_json(&format!("SELECT name FROM system.tables WHERE database = '{}' ORDER BY name", store.database()))
+        .await
+        .expect("tables");
+    let names: Vec<&str> = tables.iter().filter_map(|t| t["name"].as_str()).collect();
+    assert_eq!(names, ["flows", "flows_1h", "flows_1h_mv", "flows_1m", "flows_1m_mv", "schema_migrations"], "{what}");
+
+    let t = now_ns() - 60_000_000_000;
+    let flows = recorded(t);
+    let rows: Vec<FlowRow> = flows.iter().map(FlowRow::from_flow).collect();
+    store.insert(&rows[..10]).await.expect("first batch");
+    store.insert(&rows[10..]).await.expect("second batch");
+    // Already past its retention: not kept (the rollups still count it).
+    assert_eq!(count(store, "flows", "1").await, flows.len() as u64 - 1, "{what}");
+    assert_eq!(store.last_time().await.expect("last"), Some(t + 42 * 1_000_000), "{what}");
+
+    // Read back: what was stored is what comes out, in time order.
+    let back = store.flows("1", 0, false).await.expect("flows");
+    let mut want: Vec<Flow> = rows.iter().filter(|r| r.uuid != "f-99").map(FlowRow::to_flow).collect();
+    want.sort_by_key(|f| f.time.map(|t| (t.seconds, t.nanos)));
+    assert_eq!(back, want, "{what}");
+    let last2 = store.flows("1", 2, true).await.expect("last two");
+    assert_eq!(last2.iter().map(|f| f.uuid.as_str()).collect::<Vec<_>>(), ["f-41", "f-42"], "{what}");
+    // History filters as `flows observe` takes them.
+    let cond = sql::condition(
+        &[FlowFilter { source_workload: vec!["deployment/api".into()], destination_port: vec!["5000-6000".into()], ..Default::default() }],
+        &[FlowFilter { source_ip: vec!["10.244.1.0/30".into()], ..Default::default() }],
+    )
+    .expect("condition");
+    let got = store.flows(&format!("{cond} AND {}", sql::time_range(Some(t - 1), None)), 0, false).await.expect("filtered");
+    // f-0..f-4 come from 10.244.1.2-6; the deny list removes .2 and .3.
+    assert_eq!(got.iter().map(|f| f.uuid.as_str()).collect::<Vec<_>>(), ["f-2", "f-3", "f-4"], "{what}");
+
+    // The audit: denied attempts in the last hour, grouped.
+    let q = AuditQuery { since: Some(now_ns() - 3_600_000_000_000), ..Default::default() };
+    let audit = store.audit(&q).await.expect("audit");
+    assert_eq!(audit.len(), 2, "{what}: {audit:?}");
+    let a = &audit[0];
+    assert_eq!(
+        (a.src_workload.as_str(), a.dst_namespace.as_str(), a.dst_workload.as_str(), a.dst_port, a.protocol.as_str(), a.flows),
+        ("api", "data", "db-0", 5432, "TCP", 5),
+        "{what}"
+    );
+    assert_eq!((a.first_seen, a.last_seen), (t, t + 4_000_000), "{what}");
+    assert_eq!(a.policies, ["NetworkPolicy:data/default-deny"], "{what}");
+    assert_eq!(a.drop_reasons, ["POLICY_DENIED"], "{what}");
+    assert_eq!((audit[1].src_workload_kind.as_str(), audit[1].src_workload.as_str(), audit[1].flows), ("world", "203.0.113.7", 2), "{what}");
+    let only_world = AuditQuery {
+        allow: vec![FlowFilter { destination_label: vec!["app in (web)".into()], ..Default::default() }],
+        top: 1,
+        ..q.clone()
+    };
+    let w = store.audit(&only_world).await.expect("audit filtered");
+    assert_eq!(w.len(), 1, "{what}");
+    assert_eq!(w[0].dst_workload, "web-1", "{what}");
+    // Over the whole raw history, the 3-day-old denial counts too.
+    let all = store.audit(&AuditQuery::default()).await.expect("audit all");
+    assert_eq!(all.iter().map(|r| r.flows).sum::<u64>(), 8, "{what}");
+
+    // Rollups: attempts without replies, per minute and hour, the expired one included.
+    assert_eq!(count(store, "flows_1m", "1").await, 19, "{what}");
+    assert_eq!(count(store, "flows_1h", "verdict = 'DROPPED'").await, 9, "{what}");
+
+    let usage = store.disk_usage().await.expect("usage");
+    assert_eq!(usage.rows, flows.len() as u64 - 1, "{what}");
+    assert!(usage.bytes_on_disk > 0, "{what}");
+}
+
+/// Reopened with 2 days of raw retention: the 3-day-old flow goes, the rollups keep it.
+async fn shorter_retention(config: &StoreConfig, what: &str) {
+    let r = Retention { raw_days: 2, ..Retention::default() };
+    let store = Store::open(config, "flows", r).await.expect("reopen with 2 days");
+    store.optimize().await.expect("optimize");
+    assert_eq!(count(&store, "flows", "1").await, recorded(0).len() as u64 - 2, "{what}");
+    assert_eq!(count(&store, "flows", "uuid = 'f-98'").await, 0, "{what}");
+    assert_eq!(count(&store, "flows_1m", "verdict = 'DROPPED'").await, 9, "{what}: kept 30 days");
+    assert_eq!(count(&store, "flows_1h", "verdict = 'DROPPED'").await, 9, "{what}: kept a year");
+}
+
+fn library() -> PathBuf {
+    let lib = flows_store::chdb::default_library();
+    assert!(lib.exists(), "{} is missing: run scripts/setup.sh", lib.display());
+    lib
+}
+
+fn temp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("flows-store-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_engine() {
+    let dir = temp("embedded");
+    let config = StoreConfig::Embedded { path: dir.clone(), library: library() };
+    let store = Store::open(&config, "flows", Retention::default()).await.expect("open");
+    assert!(store.is_embedded());
+    suite(&store, "embedded").await;
+    // Restart: everything written is there, and migrations do not run again.
+    drop(store);
+    let store = Store::open(&config, "flows", Retention::default()).await.expect("reopen");
+    assert_eq!(count(&store, "flows", "1").await, recorded(0).len() as u64 - 1);
+    assert_eq!(count(&store, "schema_migrations", "1").await, 1, "migration 1 applied once");
+    drop(store);
+    shorter_retention(&config, "embedded").await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(path: &Path, port: u16) -> Server {
+        let child = Command::new(env!("CARGO_BIN_EXE_flows-clickhouse-server"))
+            .args(["--path", &path.display().to_string(), "--http-port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the server");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the ClickHouse server did not listen");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Server { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_server() {
+    let _ = library();
+    let dir = temp("server");
+    let port = free_port();
+    let server = Server::start(&dir, port);
+    let config = StoreConfig::Server { url: server.url(), user: None, password: None };
+    let store = Store::open(&config, "flows", Retention::default()).await.expect("open");
+    let version = store.select_json("SELECT version() AS v").await.expect("version");
+    let v = version[0]["v"].as_str().unwrap_or_default().to_string();
+    assert!(v.starts_with("26."), "a current ClickHouse: {v}");
+    suite(&store, "server").await;
+    // The server restarts on the same data: nothing is lost.
+    drop(server);
+    let server = Server::start(&dir, port);
+    let store = Store::open(&config, "flows", Retention::default()).await.expect("reopen");
+    assert_eq!(count(&store, "flows", "1").await, recorded(0).len() as u64 - 1);
+    shorter_retention(&config, "server").await;
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
