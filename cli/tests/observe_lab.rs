@@ -1,5 +1,6 @@
 //! `flows observe` through the relay in a two-node lab with the seed policies enforced,
-//! as a user runs it: exactly the denied attempts, both endpoints named; a new attempt
+//! as a user runs it: exactly the denied attempts, both endpoints named; `flows audit`
+//! from the relay's store groups the same attempts; a new attempt
 //! shown promptly by `--follow`; a node-probe killed and restarted while the client
 //! follows, with neither the relay nor the client restarted.
 
@@ -207,6 +208,35 @@ fn denied_attempts_through_the_relay_and_a_probe_lost_and_back() {
     let to_api = lines(&out);
     assert!(!to_api.is_empty(), "frontend's denied attempts at the api Deployment");
     assert!(to_api.iter().all(|l| l["flow"]["destination"]["workloads"].as_array().is_some_and(|w| w.iter().any(|w| w["name"] == "api"))));
+
+    // The audit from the relay's store: the same denied attempts, grouped by workload
+    // pair and port, counted.
+    let mut want: std::collections::BTreeMap<(String, u64, String), u64> = Default::default();
+    for a in report.attempts.iter().filter(|a| a.outcome == Outcome::Failure) {
+        let ns = a.from.split('/').next().unwrap_or_default().to_string();
+        *want.entry((ns, u64::from(a.dst_port), a.protocol.to_string())).or_default() += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = ok(&dir, &["audit", "--since", &since, "-o", "json"]);
+        let groups = lines(&out);
+        let num = |v: &Value| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).unwrap_or(0);
+        let mut got: std::collections::BTreeMap<(String, u64, String), u64> = Default::default();
+        for g in &groups {
+            let key = (
+                g["source_namespace"].as_str().unwrap_or_default().to_string(),
+                num(&g["destination_port"]),
+                g["protocol"].as_str().unwrap_or_default().to_string(),
+            );
+            *got.entry(key).or_default() += num(&g["flows"]);
+            assert!(g["policies"].as_array().is_some_and(|p| !p.is_empty()), "denied by named policies: {g}");
+        }
+        if got == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "audit {got:?}, driver {want:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // 2. --follow shows a new attempt promptly.
     let mut child = Command::new(env!("CARGO_BIN_EXE_flows"))

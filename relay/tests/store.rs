@@ -1,0 +1,247 @@
+//! The relay's store writer against real engines: a ClickHouse server that goes away for
+//! 30 seconds while flows keep arriving, and a relay restart on the embedded store;
+//! every flow ends up stored exactly once, and nothing is counted lost.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use flows_node_probe::{
+    metrics::Metrics,
+    ring::{Entry, FlowRing},
+    server::ObserverService,
+    stats::ProbeStats,
+};
+use flows_proto::{Flow, Ip, IpVersion, ServerStatusRequest, observer_server::ObserverServer};
+use flows_relay::{
+    peers::{Backoff, PeerSet},
+    server::RelayService,
+    sink::{self, SinkConfig, SinkStats, WhenFull},
+};
+use flows_store::{Retention, Store, StoreConfig};
+use tokio::sync::watch;
+
+async fn node(ring: Arc<FlowRing>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (keep, shutdown) = watch::channel(false);
+    let svc = ObserverService {
+        ring,
+        stats: Arc::new(ProbeStats::default()),
+        node_name: "node-1".into(),
+        started: Instant::now(),
+        metrics: Arc::new(Metrics::new()),
+        shutdown,
+    };
+    tokio::spawn(async move {
+        let _keep = keep;
+        let _ = tonic::transport::Server::builder()
+            .add_service(ObserverServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
+    addr
+}
+
+fn flow(n: u64) -> Entry {
+    Entry::Flow(Flow {
+        time: Some(flows_proto::timestamp_now()),
+        uuid: format!("flow-{n}"),
+        node_name: "node-1".into(),
+        ip: Some(Ip {
+            source: "10.244.1.2".into(),
+            destination: "10.244.1.3".into(),
+            ip_version: IpVersion::Ipv4 as i32,
+        }),
+        ..Default::default()
+    })
+}
+
+struct Relay {
+    svc: Arc<RelayService>,
+    stats: Arc<SinkStats>,
+    stop: watch::Sender<bool>,
+    sink: tokio::task::JoinHandle<()>,
+}
+
+async fn relay(addr: std::net::SocketAddr, store: Arc<Store>) -> Relay {
+    let peers = PeerSet::fixed(
+        &[format!("node-1={addr}")],
+        Backoff { initial: Duration::from_millis(50), max: Duration::from_millis(200) },
+    );
+    let stats = Arc::new(SinkStats::default());
+    let metrics = Arc::new(Metrics::new());
+    let svc = Arc::new(RelayService {
+        peers,
+        index: None,
+        metrics: metrics.clone(),
+        sort_window: Duration::from_millis(100),
+        sort_buffer: 10_000,
+        started: Instant::now(),
+        store: Some(store.clone()),
+        sink: Some(stats.clone()),
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = flows_proto::observer_server::Observer::server_status(&*svc, tonic::Request::new(ServerStatusRequest {}))
+            .await
+            .expect("status")
+            .into_inner();
+        if st.num_connected_nodes == Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay did not connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (stop, stopped) = watch::channel(false);
+    let config = SinkConfig {
+        batch_rows: 500,
+        flush: Duration::from_millis(200),
+        buffer_rows: 100_000,
+        when_full: WhenFull::Block,
+        max_backoff: Duration::from_secs(2),
+    };
+    let sink = tokio::spawn(sink::run(svc.clone(), store, config, stats.clone(), metrics, stopped));
+    Relay { svc, stats, stop, sink }
+}
+
+impl Relay {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.sink.await;
+        drop(self.svc);
+    }
+}
+
+async fn stored(store: &Store) -> (u64, u64) {
+    let r = store
+        .select_json(&format!("SELECT count() AS n, uniqExact(uuid) AS u FROM {}.flows", store.database()))
+        .await
+        .expect("count");
+    let n = |v: &serde_json::Value| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).unwrap_or(0);
+    (n(&r[0]["n"]), n(&r[0]["u"]))
+}
+
+/// Pushes `n` flows into the ring over `over`, numbered from `from`.
+async fn produce(ring: &FlowRing, from: u64, n: u64, over: Duration) {
+    let gap = over / n.max(1) as u32;
+    for i in from..from + n {
+        ring.push(flow(i));
+        tokio::time::sleep(gap).await;
+    }
+}
+
+async fn until_written(store: &Store, total: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (n, _) = stored(store).await;
+        if n >= total {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{what}: {n} of {total} stored");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn sibling_binary(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().expect("exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --bins` first", p.display());
+    p
+}
+
+struct Server(Child);
+
+impl Server {
+    fn start(path: &Path, port: u16) -> Server {
+        let child = Command::new(sibling_binary("flows-clickhouse-server"))
+            .args(["--path", &path.display().to_string(), "--http-port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ClickHouse");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "ClickHouse did not listen");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Server(child)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn temp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("flows-relay-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_gone_for_30_seconds_loses_nothing() {
+    let dir = temp("outage");
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
+    let server = Server::start(&dir, port);
+    let config = StoreConfig::Server { url: format!("http://127.0.0.1:{port}"), user: None, password: None };
+    let store = Arc::new(Store::open(&config, "flows", Retention::default()).await.expect("open"));
+    let ring = Arc::new(FlowRing::new(65_536).expect("ring"));
+    let addr = node(ring.clone()).await;
+    let r = relay(addr, store.clone()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    produce(&ring, 0, 500, Duration::from_secs(3)).await;
+    until_written(&store, 500, "before the outage").await;
+    // The server goes away for 30 s; flows keep coming.
+    drop(server);
+    produce(&ring, 500, 3_000, Duration::from_secs(30)).await;
+    assert!(r.stats.failed_batches.load(Ordering::Relaxed) > 0, "writes failed while it was gone");
+    assert!(!r.stats.last_error().is_empty(), "and the error is reported");
+    let _server = Server::start(&dir, port);
+    produce(&ring, 3_500, 500, Duration::from_secs(3)).await;
+    until_written(&store, 4_000, "after the outage").await;
+    let (n, unique) = stored(&store).await;
+    assert_eq!((n, unique), (4_000, 4_000), "every flow once");
+    assert_eq!(r.stats.lost.load(Ordering::Relaxed), 0);
+    assert_eq!(r.stats.written.load(Ordering::Relaxed), 4_000);
+    assert!(r.stats.last_error().is_empty(), "healthy again");
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_restart_on_the_embedded_store_loses_nothing() {
+    let dir = temp("restart");
+    let config = StoreConfig::Embedded { path: dir.clone(), library: flows_store::chdb::default_library() };
+    let ring = Arc::new(FlowRing::new(65_536).expect("ring"));
+    let addr = node(ring.clone()).await;
+    let store = Arc::new(Store::open(&config, "flows", Retention::default()).await.expect("open"));
+    let r = relay(addr, store.clone()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    produce(&ring, 0, 1_000, Duration::from_secs(2)).await;
+    until_written(&store, 1_000, "first run").await;
+    // The relay stops (its store closes); the node keeps recording.
+    r.stop().await;
+    drop(store);
+    produce(&ring, 1_000, 1_000, Duration::from_secs(2)).await;
+    // Back: it resumes after the newest stored flow, from what the node still holds.
+    let store = Arc::new(Store::open(&config, "flows", Retention::default()).await.expect("reopen"));
+    let r = relay(addr, store.clone()).await;
+    produce(&ring, 2_000, 500, Duration::from_secs(1)).await;
+    until_written(&store, 2_500, "second run").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(stored(&store).await, (2_500, 2_500), "every flow once, none twice");
+    assert_eq!(r.stats.lost.load(Ordering::Relaxed), 0);
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
