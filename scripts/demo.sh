@@ -37,3 +37,8 @@ for line in sys.stdin:
     print("%s: %s -> %s %s: DROPPED by %s" % (f["node_name"], name(f.get("source", {})),
           name(f.get("destination", {})), f["ip"]["destination"], ", ".join(pols)))
 '
+
+echo
+echo "== the audit from the relay's embedded ClickHouse store (flows audit --since 5m)"
+sleep 2
+$flows audit --since 5m

@@ -206,12 +206,18 @@ impl Store {
 
     /// Inserts one batch; all of it or, on error, none of it (one INSERT).
     pub async fn insert(&self, rows: &[FlowRow]) -> Result<(), StoreError> {
+        self.insert_into("flows", rows).await
+    }
+
+    /// Inserts rows into `table` of the store's database (a table with the columns of
+    /// `flows`: benchmarks compare against a bare one).
+    pub async fn insert_into(&self, table: &str, rows: &[FlowRow]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
         match &self.backend {
             Backend::Embedded(e) => {
-                let mut q = format!("INSERT INTO {}.flows FORMAT RowBinary\n", self.db).into_bytes();
+                let mut q = format!("INSERT INTO {}.{table} FORMAT RowBinary\n", self.db).into_bytes();
                 q.reserve(rows.len() * 256);
                 for r in rows {
                     r.encode(&mut q);
@@ -224,7 +230,7 @@ impl Store {
                 let mut ins = client
                     .clone()
                     .with_database(self.db.clone())
-                    .insert::<FlowRow>("flows")
+                    .insert::<FlowRow>(table)
                     .await
                     .map_err(|e| Store::server_err(url, e))?;
                 for r in rows {
