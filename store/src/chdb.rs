@@ -116,9 +116,11 @@ impl Engine {
             message: format!("creating {}: {e}", path.display()),
         })?;
         let api = Api::get(lib)?;
+        // Inserts carry their rows inside the query text: lift the 256 KiB query limit.
         let args = [
             "flows".to_string(),
             format!("--path={}", path.display()),
+            "--max_query_size=4294967296".to_string(),
         ];
         let (jobs, rx) = mpsc::sync_channel::<Job>(64);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StoreError>>();

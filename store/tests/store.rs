@@ -174,6 +174,18 @@ async fn suite(store: &Store, what: &str) {
     let usage = store.disk_usage().await.expect("usage");
     assert_eq!(usage.rows, flows.len() as u64 - 1, "{what}");
     assert!(usage.bytes_on_disk > 0, "{what}");
+
+    // A batch as large as the relay sends (megabytes of rows in one insert).
+    let big: Vec<FlowRow> = (0..20_000u32)
+        .map(|i| {
+            let mut f = flow(t - 3_600_000_000_000 + i64::from(i), 1_000 + i, ep("bulk", "p", Some("bulk"), "bulk"), None, "10.244.3.3", 80, Verdict::Forwarded, false);
+            f.uuid = format!("bulk-{i}");
+            FlowRow::from_flow(&f)
+        })
+        .collect();
+    store.insert(&big).await.expect("a 20,000-row batch");
+    assert_eq!(count(store, "flows", "src_namespace = 'bulk'").await, 20_000, "{what}");
+    store.execute(&format!("ALTER TABLE {}.flows DELETE WHERE src_namespace = 'bulk' SETTINGS mutations_sync = 1", store.database())).await.expect("delete bulk");
 }
 
 /// Reopened with 2 days of raw retention: the 3-day-old flow goes, the rollups keep it.
