@@ -49,7 +49,8 @@ pub enum StoreConfig {
 }
 
 enum Backend {
-    Embedded(chdb::Engine),
+    /// The engine, and a directory for the files inserts are read from.
+    Embedded(chdb::Engine, PathBuf),
     Server { client: clickhouse::Client, url: String },
 }
 
@@ -76,7 +77,11 @@ impl Store {
         }
         let backend = match config {
             StoreConfig::Embedded { path, library } => {
-                Backend::Embedded(chdb::Engine::open(library, path)?)
+                let spool = path.join("ingest");
+                std::fs::create_dir_all(&spool).map_err(|e| StoreError::Engine {
+                    message: format!("creating {}: {e}", spool.display()),
+                })?;
+                Backend::Embedded(chdb::Engine::open(library, path)?, spool)
             }
             StoreConfig::Server { url, user, password } => {
                 let mut client = clickhouse::Client::default().with_url(url.clone()).with_validation(true);
@@ -105,7 +110,7 @@ impl Store {
     }
 
     pub fn is_embedded(&self) -> bool {
-        matches!(self.backend, Backend::Embedded(_))
+        matches!(self.backend, Backend::Embedded(..))
     }
 
     fn server_err(url: &str, e: clickhouse::error::Error) -> StoreError {
@@ -118,7 +123,7 @@ impl Store {
     /// Runs a statement that returns nothing.
     pub async fn execute(&self, sql: &str) -> Result<(), StoreError> {
         match &self.backend {
-            Backend::Embedded(e) => e.query(sql.as_bytes().to_vec(), "TabSeparated").await.map(|_| ()),
+            Backend::Embedded(e, _) => e.query(sql.as_bytes().to_vec(), "TabSeparated").await.map(|_| ()),
             Backend::Server { client, url } => client
                 .query(sql)
                 .execute()
@@ -130,7 +135,7 @@ impl Store {
     /// Runs a query and returns its output in `format`.
     pub async fn fetch(&self, sql: &str, format: &str) -> Result<Vec<u8>, StoreError> {
         match &self.backend {
-            Backend::Embedded(e) => e.query(sql.as_bytes().to_vec(), format).await,
+            Backend::Embedded(e, _) => e.query(sql.as_bytes().to_vec(), format).await,
             Backend::Server { client, url } => {
                 let mut cursor = client
                     .query(sql)
@@ -216,13 +221,25 @@ impl Store {
             return Ok(());
         }
         match &self.backend {
-            Backend::Embedded(e) => {
-                let mut q = format!("INSERT INTO {}.{table} FORMAT RowBinary\n", self.db).into_bytes();
-                q.reserve(rows.len() * 256);
+            Backend::Embedded(e, spool) => {
+                // Rows go through a file: binary data inside the query text is split by
+                // the engine's statement parser.
+                let mut data = Vec::with_capacity(rows.len() * 512);
                 for r in rows {
-                    r.encode(&mut q);
+                    r.encode(&mut data);
                 }
-                e.query(q, "TabSeparated").await.map(|_| ())
+                let file = spool.join(format!("{table}-{}.bin", INSERTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+                std::fs::write(&file, &data).map_err(|e| StoreError::Engine {
+                    message: format!("writing {}: {e}", file.display()),
+                })?;
+                let q = format!(
+                    "INSERT INTO {}.{table} FROM INFILE {} FORMAT RowBinary",
+                    self.db,
+                    sql::quote(&file.display().to_string())
+                );
+                let out = e.query(q.into_bytes(), "TabSeparated").await.map(|_| ());
+                let _ = std::fs::remove_file(&file);
+                out
             }
             Backend::Server { client, url } => {
                 // The client names the table as one identifier: the database is set
@@ -304,6 +321,9 @@ impl Store {
         Ok(())
     }
 }
+
+/// Numbers the embedded store's insert files.
+static INSERTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// ClickHouse's JSON output quotes 64-bit integers.
 pub(crate) fn json_u64(v: &serde_json::Value) -> Option<u64> {

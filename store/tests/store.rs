@@ -175,11 +175,12 @@ async fn suite(store: &Store, what: &str) {
     assert_eq!(usage.rows, flows.len() as u64 - 1, "{what}");
     assert!(usage.bytes_on_disk > 0, "{what}");
 
-    // A batch as large as the relay sends (megabytes of rows in one insert).
+    // A batch as large as the relay sends (megabytes of rows in one insert), with bytes
+    // a statement parser would trip on (;, newlines, quotes) inside the rows.
     let big: Vec<FlowRow> = (0..20_000u32)
         .map(|i| {
             let mut f = flow(t - 3_600_000_000_000 + i64::from(i), 1_000 + i, ep("bulk", "p", Some("bulk"), "bulk"), None, "10.244.3.3", 80, Verdict::Forwarded, false);
-            f.uuid = format!("bulk-{i}");
+            f.uuid = format!("bulk;\n'{i}");
             FlowRow::from_flow(&f)
         })
         .collect();
