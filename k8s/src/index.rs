@@ -222,18 +222,8 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     if host_network || matches!(phase, Some("Succeeded") | Some("Failed")) {
         return Vec::new();
     }
-    let mut ips: Vec<IpAddr> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.ip.parse().ok())
-        .collect();
-    if let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()).and_then(|i| i.parse().ok()) {
-        if !ips.contains(&ip) {
-            ips.push(ip);
-        }
-    }
-    ips
+    // The same reading of status.podIPs / podIP as the policy engine's.
+    flows_policy::pod_info(pod).ips
 }
 
 impl ClusterIndex {
