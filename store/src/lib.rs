@@ -209,9 +209,21 @@ impl Store {
         Ok(r.first().and_then(|r| r["v"].as_u64()).unwrap_or(0) as u32)
     }
 
-    /// Inserts one batch; all of it or, on error, none of it (one INSERT).
+    /// Inserts one batch; all of it or, on error, none of it (one INSERT). Inserting the
+    /// same batch again (a retry after a lost answer) writes nothing: the batch carries a
+    /// deduplication token made from its flows' ids.
     pub async fn insert(&self, rows: &[FlowRow]) -> Result<(), StoreError> {
         self.insert_into("flows", rows).await
+    }
+
+    /// The deduplication token of a batch: its first and last flow ids and its length
+    /// (flow ids are unique, and a batch is always retried whole).
+    fn dedup_token(rows: &[FlowRow]) -> String {
+        let first = rows.first().map(|r| r.uuid.as_str()).unwrap_or_default();
+        let last = rows.last().map(|r| r.uuid.as_str()).unwrap_or_default();
+        let token = format!("{first}:{last}:{}", rows.len());
+        // Only characters that need no quoting in either transport.
+        token.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_' | '.')).collect()
     }
 
     /// Inserts rows into `table` of the store's database (a table with the columns of
@@ -233,9 +245,10 @@ impl Store {
                     message: format!("writing {}: {e}", file.display()),
                 })?;
                 let q = format!(
-                    "INSERT INTO {}.{table} FROM INFILE {} FORMAT RowBinary",
+                    "INSERT INTO {}.{table} FROM INFILE {} SETTINGS insert_deduplication_token = {}, deduplicate_blocks_in_dependent_materialized_views = 1 FORMAT RowBinary",
                     self.db,
-                    sql::quote(&file.display().to_string())
+                    sql::quote(&file.display().to_string()),
+                    sql::quote(&Store::dedup_token(rows))
                 );
                 let out = e.query(q.into_bytes(), "TabSeparated").await.map(|_| ());
                 let _ = std::fs::remove_file(&file);
@@ -247,6 +260,8 @@ impl Store {
                 let mut ins = client
                     .clone()
                     .with_database(self.db.clone())
+                    .with_setting("insert_deduplication_token", Store::dedup_token(rows))
+                    .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1")
                     .insert::<FlowRow>(table)
                     .await
                     .map_err(|e| Store::server_err(url, e))?;

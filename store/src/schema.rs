@@ -106,17 +106,32 @@ fn rollup_view(db: &str, name: &str, bucket: &str, func: &str) -> String {
 /// Every migration, in order: (version, statements). Applied ones are never changed;
 /// a change of schema is a new version.
 pub fn migrations(db: &str) -> Vec<(u32, Vec<String>)> {
-    vec![(
-        1,
-        vec![
-            flows_table(db),
-            rollup_table(db, "flows_1m", "minute"),
-            rollup_view(db, "flows_1m", "minute", "toStartOfMinute"),
-            rollup_table(db, "flows_1h", "hour"),
-            rollup_view(db, "flows_1h", "hour", "toStartOfHour"),
-        ],
-    )]
+    vec![
+        (
+            1,
+            vec![
+                flows_table(db),
+                rollup_table(db, "flows_1m", "minute"),
+                rollup_view(db, "flows_1m", "minute", "toStartOfMinute"),
+                rollup_table(db, "flows_1h", "hour"),
+                rollup_view(db, "flows_1h", "hour", "toStartOfHour"),
+            ],
+        ),
+        (
+            // A batch retried after an answer was lost (the server died after its commit)
+            // is recognised by its deduplication token and written once, in the rollups
+            // too (inserts set deduplicate_blocks_in_dependent_materialized_views).
+            2,
+            ["flows", "flows_1m", "flows_1h"]
+                .iter()
+                .map(|t| format!("ALTER TABLE {db}.{t} MODIFY SETTING non_replicated_deduplication_window = {DEDUP_WINDOW}"))
+                .collect(),
+        ),
+    ]
 }
+
+/// How many recent insert blocks `flows` remembers for deduplication.
+pub const DEDUP_WINDOW: u32 = 1000;
 
 pub fn bootstrap(db: &str) -> Vec<String> {
     vec![
