@@ -27,6 +27,10 @@ pub enum Protocol {
     Tcp,
     Udp,
     Sctp,
+    /// ICMP and ICMPv6 attempts (echo): NetworkPolicy cannot name them, so only rules
+    /// without ports admit them, as the datapath does.
+    Icmp,
+    Icmpv6,
 }
 
 impl Protocol {
@@ -36,7 +40,23 @@ impl Protocol {
             Protocol::Tcp => 6,
             Protocol::Udp => 17,
             Protocol::Sctp => 132,
+            Protocol::Icmp => 1,
+            Protocol::Icmpv6 => 58,
         }
+    }
+
+    /// A protocol as flows name it ("TCP", "UDP", "SCTP", "ICMPv4", "ICMPv6").
+    pub fn from_flow(s: &str) -> Option<Protocol> {
+        match s {
+            "ICMPv4" | "ICMP" => Some(Protocol::Icmp),
+            "ICMPv6" => Some(Protocol::Icmpv6),
+            _ => Protocol::parse(s),
+        }
+    }
+
+    /// Whether a NetworkPolicy port can name this protocol.
+    pub fn has_ports(&self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp | Protocol::Sctp)
     }
 
     pub fn parse(s: &str) -> Option<Protocol> {
@@ -53,6 +73,8 @@ impl Protocol {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
             Protocol::Sctp => "SCTP",
+            Protocol::Icmp => "ICMPv4",
+            Protocol::Icmpv6 => "ICMPv6",
         }
     }
 }

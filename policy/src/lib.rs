@@ -4,7 +4,10 @@
 //! - [`validate::network_policy`] applies the API server's validation rules.
 //! - [`eval::Engine`] decides a connection attempt and names the deciding policies.
 //! - [`Manifests`] ties them together for a set of texts.
+//! - [`advice`] suggests minimal policies from observed traffic and replays history
+//!   through the engine.
 
+pub mod advice;
 pub mod cidr;
 pub mod compile;
 pub mod eval;
