@@ -1,5 +1,6 @@
 //! `flows`: the command line of flows. Thin: each subcommand calls into a library crate.
 
+mod advice;
 mod audit;
 mod filters;
 mod lab;
@@ -28,7 +29,7 @@ enum Command {
     /// Denied connection attempts over a time range, grouped by workload pair and port
     /// (from the relay's store).
     Audit(audit::AuditArgs),
-    /// NetworkPolicy tools: offline evaluation.
+    /// NetworkPolicy tools: offline evaluation, suggestions from history, what-if checks.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
 }

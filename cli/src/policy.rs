@@ -26,6 +26,16 @@ pub enum PolicyCommand {
         #[arg(long)]
         flows: PathBuf,
     },
+    /// Suggest least-privilege NetworkPolicies from the allowed traffic in the history,
+    /// proven by replaying the window through them.
+    ///
+    /// A default deny per namespace, then per workload exactly the peers and ports that
+    /// were observed. Exit status 1 (and nothing written) if the suggestion would deny
+    /// an attempt that was allowed.
+    Suggest(crate::advice::SuggestArgs),
+    /// What-if: which attempts in the history would change verdict under proposed
+    /// policies. Exit status 1 if anything allowed would be denied, 2 on error.
+    Check(crate::advice::CheckArgs),
 }
 
 /// Manifest files: the files given, and *.yaml, *.yml, *.json in directories (sorted).
@@ -161,6 +171,23 @@ fn eval(manifests: &[PathBuf], flows: &Path) -> anyhow::Result<bool> {
 }
 
 pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    };
+    // 1: the answer is "no" (would break traffic); 2: the question could not be answered.
+    let answer = |r: anyhow::Result<bool>| -> ! {
+        match r {
+            Ok(true) => std::process::exit(0),
+            Ok(false) => std::process::exit(1),
+            Err(e) => {
+                eprintln!("Error: {e:#}");
+                std::process::exit(2)
+            }
+        }
+    };
     match cmd {
         PolicyCommand::Eval { manifests, flows } => {
             if !eval(&manifests, &flows)? {
@@ -168,5 +195,7 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        PolicyCommand::Suggest(args) => answer(runtime()?.block_on(crate::advice::suggest(args))),
+        PolicyCommand::Check(args) => answer(runtime()?.block_on(crate::advice::check(args))),
     }
 }

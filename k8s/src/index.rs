@@ -485,6 +485,16 @@ impl ClusterIndex {
         }
     }
 
+    /// Every pod known (finished ones too), as endpoints with labels and owners, in
+    /// namespace and name order.
+    pub fn pod_endpoints(&self) -> Vec<Endpoint> {
+        let mut keys: Vec<&Key> = self.pods.keys().collect();
+        keys.sort();
+        keys.into_iter()
+            .filter_map(|k| self.pods.get(k).map(|rec| self.endpoint_of(k, rec)))
+            .collect()
+    }
+
     /// Labels of a namespace, when it is known.
     pub fn namespace_labels(&self, ns: &str) -> Option<&BTreeMap<String, String>> {
         self.namespaces.get(ns)

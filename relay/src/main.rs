@@ -195,20 +195,12 @@ async fn main() -> anyhow::Result<()> {
     let store = match &args.store {
         None => None,
         Some(spec) => {
-            let config = if let Some(dir) = spec.strip_prefix("embedded:") {
-                StoreConfig::Embedded {
-                    path: dir.into(),
-                    library: args.chdb_lib.clone().unwrap_or_else(flows_store::chdb::default_library),
-                }
-            } else if spec.starts_with("http://") || spec.starts_with("https://") {
-                StoreConfig::Server {
-                    url: spec.clone(),
-                    user: args.store_user.clone(),
-                    password: args.store_password.clone(),
-                }
-            } else {
-                anyhow::bail!("--store {spec:?}: expected embedded:DIR or http(s)://host:port");
-            };
+            let config = StoreConfig::parse(
+                spec,
+                args.chdb_lib.clone().unwrap_or_else(flows_store::chdb::default_library),
+                args.store_user.clone(),
+                args.store_password.clone(),
+            )?;
             let retention = Retention {
                 raw_days: args.retention_raw_days,
                 minute_days: args.retention_minute_days,

@@ -658,4 +658,42 @@ impl flows_proto::history_server::History for HistoryService {
             backend: if self.store.is_embedded() { "embedded" } else { "clickhouse" }.into(),
         }))
     }
+
+    type AttemptsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<flows_proto::AttemptBatch, Status>> + Send + 'static>,
+    >;
+
+    async fn attempts(
+        &self,
+        request: Request<flows_proto::AttemptsRequest>,
+    ) -> Result<Response<Self::AttemptsStream>, Status> {
+        let r = request.into_inner();
+        let q = flows_store::AttemptQuery {
+            since: ns_of(&r.since),
+            until: ns_of(&r.until),
+            allow: r.allow_list,
+            deny: r.deny_list,
+        };
+        let rows = self.store.attempts(&q).await.map_err(|e| match e {
+            flows_store::StoreError::Filter { .. } => Status::invalid_argument(e.to_string()),
+            e => Status::unavailable(e.to_string()),
+        })?;
+        let backend: String = if self.store.is_embedded() { "embedded" } else { "clickhouse" }.into();
+        let groups: Vec<flows_proto::AttemptGroup> = rows.into_iter().map(flows_store::AttemptRow::into_proto).collect();
+        // Batches keep each message far below gRPC's size limit.
+        const BATCH: usize = 2_000;
+        let mut batches: Vec<Result<flows_proto::AttemptBatch, Status>> = groups
+            .chunks(BATCH)
+            .map(|c| {
+                Ok(flows_proto::AttemptBatch {
+                    groups: c.to_vec(),
+                    backend: backend.clone(),
+                })
+            })
+            .collect();
+        if batches.is_empty() {
+            batches.push(Ok(flows_proto::AttemptBatch { groups: Vec::new(), backend }));
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+    }
 }

@@ -9,6 +9,7 @@
 //! answers the audit ([`audit`]) and history queries with the same SQL on both. This is
 //! the only crate that talks to ClickHouse.
 
+pub mod attempts;
 pub mod audit;
 pub mod chdb;
 pub mod row;
@@ -17,6 +18,7 @@ pub mod sql;
 
 use std::path::PathBuf;
 
+pub use attempts::{AttemptQuery, AttemptRow, AttemptSide};
 pub use audit::{AuditQuery, AuditRow};
 pub use row::FlowRow;
 pub use schema::Retention;
@@ -67,9 +69,47 @@ pub struct DiskUsage {
     pub bytes_uncompressed: u64,
 }
 
+impl StoreConfig {
+    /// `embedded:DIR` or `http(s)://host:port`, as the command lines take it.
+    pub fn parse(
+        spec: &str,
+        library: PathBuf,
+        user: Option<String>,
+        password: Option<String>,
+    ) -> Result<StoreConfig, StoreError> {
+        if let Some(dir) = spec.strip_prefix("embedded:") {
+            Ok(StoreConfig::Embedded { path: dir.into(), library })
+        } else if spec.starts_with("http://") || spec.starts_with("https://") {
+            Ok(StoreConfig::Server { url: spec.to_string(), user, password })
+        } else {
+            Err(StoreError::Engine {
+                message: format!("store {spec:?}: expected embedded:DIR or http(s)://host:port"),
+            })
+        }
+    }
+}
+
 impl Store {
     /// Connects (or opens the engine) and brings the schema up to date.
     pub async fn open(config: &StoreConfig, db: &str, retention: Retention) -> Result<Store, StoreError> {
+        let store = Store::connect(config, db)?;
+        store.migrate(retention).await?;
+        Ok(store)
+    }
+
+    /// Opens an existing store to read it: no schema change, retention left as it is.
+    pub async fn open_existing(config: &StoreConfig, db: &str) -> Result<Store, StoreError> {
+        let store = Store::connect(config, db)?;
+        let v = store.schema_version().await?;
+        if v == 0 {
+            return Err(StoreError::Engine {
+                message: format!("database {db} holds no flows (no schema)"),
+            });
+        }
+        Ok(store)
+    }
+
+    fn connect(config: &StoreConfig, db: &str) -> Result<Store, StoreError> {
         if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(StoreError::Engine {
                 message: format!("database name {db:?}: letters, digits and _ only"),
@@ -97,12 +137,10 @@ impl Store {
                 }
             }
         };
-        let store = Store {
+        Ok(Store {
             backend,
             db: db.to_string(),
-        };
-        store.migrate(retention).await?;
-        Ok(store)
+        })
     }
 
     pub fn database(&self) -> &str {

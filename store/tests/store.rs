@@ -10,10 +10,10 @@ use std::{
 };
 
 use flows_proto::{
-    Endpoint, EventType, Flow, FlowFilter, Ip, IpVersion, Layer4, Policy, Tcp, TcpFlags, Timestamp, Verdict,
-    Workload, layer4,
+    Endpoint, EventType, Flow, FlowFilter, Ip, IpVersion, Layer4, Policy, Service, Tcp, TcpFlags, Timestamp,
+    TrafficDirection, Verdict, Workload, layer4,
 };
-use flows_store::{AuditQuery, FlowRow, Retention, Store, StoreConfig, sql};
+use flows_store::{AttemptQuery, AuditQuery, FlowRow, Retention, Store, StoreConfig, sql};
 
 fn now_ns() -> i64 {
     SystemTime::now()
@@ -190,6 +190,85 @@ async fn suite(store: &Store, what: &str) {
     store.insert(&big).await.expect("a 20,000-row batch");
     assert_eq!(count(store, "flows", "src_namespace = 'bulk'").await, 20_000, "{what}");
     store.execute(&format!("ALTER TABLE {}.flows DELETE WHERE src_namespace = 'bulk' SETTINGS mutations_sync = 1", store.database())).await.expect("delete bulk");
+
+    attempts(store, t - 2 * 3_600_000_000_000, what).await;
+}
+
+/// Attempts for policy advice: one record per attempt, the one that saw its outcome.
+async fn attempts(store: &Store, t: i64, what: &str) {
+    let api = || ep("adv", "api-6b7c-aaaaa", Some("api"), "api");
+    let web = || ep("adv", "web-1", None, "web");
+    let db = || ep("adv-data", "db-0", None, "db");
+    let world = || Endpoint { is_world: true, labels: vec!["reserved:world".into()], ..Default::default() };
+    let dir = |mut f: Flow, d: TrafficDirection| {
+        f.traffic_direction = d as i32;
+        f
+    };
+    let mut v = Vec::new();
+    for i in 0..3 {
+        // Seen at both ends: the destination's record counts.
+        v.push(dir(flow(t + i, 500 + i as u32, web(), Some(api()), "10.244.1.10", 8080, Verdict::Forwarded, false), TrafficDirection::Ingress));
+        v.push(dir(flow(t + i, 510 + i as u32, web(), Some(api()), "10.244.1.10", 8080, Verdict::Forwarded, false), TrafficDirection::Egress));
+        // The source's record of the same attempts, to the service address: left out.
+        let mut f = dir(flow(t + i, 520 + i as u32, web(), None, "10.96.0.20", 80, Verdict::Forwarded, false), TrafficDirection::Egress);
+        f.destination_service = Some(Service { name: "api".into(), namespace: "adv".into() });
+        v.push(f);
+    }
+    for i in 0..2 {
+        v.push(dir(flow(t + 10 + i, 530 + i as u32, api(), Some(db()), "10.244.2.9", 5432, Verdict::Dropped, false), TrafficDirection::Egress));
+    }
+    v.push(dir(flow(t + 20, 540, api(), Some(world()), "203.0.113.9", 443, Verdict::Forwarded, false), TrafficDirection::Egress));
+    let mut kernel = dir(flow(t + 21, 541, api(), Some(db()), "10.244.2.9", 5432, Verdict::Dropped, false), TrafficDirection::Egress);
+    kernel.drop_reason = "NO_ROUTE".into();
+    v.push(kernel);
+    v.push(dir(flow(t + 22, 542, api(), Some(web()), "10.244.1.77", 41_000, Verdict::Forwarded, true), TrafficDirection::Ingress));
+    for f in &mut v {
+        // Each pod has one address.
+        let pod = f.source.as_ref().map(|s| s.pod_name.clone()).unwrap_or_default();
+        if let Some(ip) = f.ip.as_mut() {
+            ip.source = if pod == "web-1" { "10.244.1.77" } else { "10.244.1.10" }.into();
+        }
+    }
+    let rows: Vec<FlowRow> = v.iter().map(FlowRow::from_flow).collect();
+    store.insert(&rows).await.expect("insert attempts");
+
+    let got = store
+        .attempts(&AttemptQuery { since: Some(t), until: Some(t + 1_000_000_000), ..Default::default() })
+        .await
+        .expect("attempts");
+    let summary: Vec<(String, String, String, String, u16, u64)> = got
+        .iter()
+        .map(|a| (a.verdict.clone(), a.src.pod.clone(), a.dst.workload.clone(), a.protocol.clone(), a.port, a.flows))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("FORWARDED".to_string(), "api-6b7c-aaaaa".to_string(), "203.0.113.9".to_string(), "TCP".to_string(), 443, 1),
+            ("FORWARDED".into(), "web-1".into(), "api".into(), "TCP".into(), 8080, 3),
+            ("DROPPED".into(), "api-6b7c-aaaaa".into(), "db-0".into(), "TCP".into(), 5432, 2),
+        ],
+        "{what}"
+    );
+    let web_api = &got[1];
+    assert_eq!(web_api.src.labels, ["app=web"], "{what}");
+    assert_eq!(web_api.dst.workload_kind, "Deployment", "{what}");
+    assert_eq!(web_api.dst.ip, Some("10.244.1.10".parse().unwrap()), "{what}");
+    assert_eq!((web_api.first_seen, web_api.last_seen), (t, t + 2), "{what}");
+    assert!(got[0].dst.world && got[0].dst.namespace.is_empty(), "{what}");
+    // Filters apply as in the audit.
+    let only_db = AttemptQuery {
+        since: Some(t),
+        until: Some(t + 1_000_000_000),
+        allow: vec![FlowFilter { destination_pod: vec!["adv-data/".into()], ..Default::default() }],
+        ..Default::default()
+    };
+    assert_eq!(store.attempts(&only_db).await.expect("filtered").len(), 1, "{what}");
+    for table in ["flows", "flows_1m", "flows_1h"] {
+        store
+            .execute(&format!("ALTER TABLE {}.{table} DELETE WHERE src_namespace LIKE 'adv%' SETTINGS mutations_sync = 1", store.database()))
+            .await
+            .expect("delete attempts");
+    }
 }
 
 /// Reopened with 2 days of raw retention: the 3-day-old flow goes, the rollups keep it.

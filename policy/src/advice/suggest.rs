@@ -104,6 +104,81 @@ pub struct Suggestion {
     pub triples: usize,
 }
 
+impl Suggestion {
+    /// Multi-document YAML that `kubectl apply -f` takes; with `explain`, each policy is
+    /// preceded by comments naming, per rule, the observed flows it exists for.
+    pub fn yaml(&self, explain: bool) -> Result<String, serde_yaml::Error> {
+        let mut out = String::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            if i > 0 {
+                out.push_str("---\n");
+            }
+            if explain {
+                let id = format!(
+                    "{}/{}",
+                    p.metadata.namespace.as_deref().unwrap_or_default(),
+                    p.metadata.name.as_deref().unwrap_or_default()
+                );
+                for e in self.explanations.iter().filter(|e| e.policy == id) {
+                    let head = if e.section == "policy" { String::new() } else { format!("{} rule {}: ", e.section, e.rule + 1) };
+                    out.push_str(&format!("# {head}{}\n", one_line(&e.text)));
+                    for f in &e.flows {
+                        out.push_str(&format!("#   {}\n", one_line(&f.describe())));
+                    }
+                }
+            }
+            out.push_str(&serde_yaml::to_string(p)?);
+        }
+        Ok(out)
+    }
+
+    /// The policies as a `v1/List`, which `kubectl apply -f` takes too.
+    pub fn json_list(&self) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": self.policies,
+        })
+    }
+
+    /// The policies compiled for the engine (they are valid by construction; one that
+    /// is not is an error here rather than a wrong proof).
+    pub fn compiled(&self) -> Result<Vec<crate::CompiledPolicy>, crate::InvalidPolicy> {
+        self.policies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                crate::compile(
+                    &crate::Origin {
+                        source: "suggestion".into(),
+                        document: i,
+                    },
+                    p,
+                )
+            })
+            .collect()
+    }
+}
+
+impl ObservedFlow {
+    pub fn describe(&self) -> String {
+        let side = |ns: &str, w: &str| if ns.is_empty() { w.to_string() } else { format!("{ns}/{w}") };
+        let port = if self.port == 0 { self.protocol.clone() } else { format!("{}/{}", self.port, self.protocol) };
+        format!(
+            "{} -> {} {port}: {} attempt{}",
+            side(&self.src_namespace, &self.src_workload),
+            side(&self.dst_namespace, &self.dst_workload),
+            self.flows,
+            if self.flows == 1 { "" } else { "s" }
+        )
+    }
+}
+
+/// Flow data inside a comment stays inside it.
+fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum PeerKey {
     Pods(WorkloadId),
