@@ -8,7 +8,7 @@ cargo build --bins
 flows=target/debug/flows
 $flows lab down >/dev/null 2>&1 || true
 trap '$flows lab down' EXIT
-$flows lab up lab/examples/seed --nodes 2 --probes
+$flows lab up lab/examples/seed lab/examples/intruder --nodes 2 --probes
 echo
 echo "== traffic: lab/scenarios/seed-traffic.yaml"
 $flows lab drive lab/scenarios/seed-traffic.yaml -o table
@@ -42,3 +42,28 @@ echo
 echo "== the audit from the relay's embedded ClickHouse store (flows audit --since 5m)"
 sleep 2
 $flows audit --since 5m
+
+echo
+echo "== policy advice: the seed traffic with no policies, then least-privilege policies from it"
+$flows lab policy delete --all
+sleep 2
+start=$(date -u +%Y-%m-%dT%H:%M:%S.%3NZ)
+$flows lab drive lab/scenarios/seed-traffic.yaml -o table | tail -1
+sleep 3
+suggested=$(mktemp --suffix=.yaml)
+$flows policy suggest --since "$start" --explain | tee "$suggested"
+$flows lab policy apply "$suggested"
+sleep 2
+echo
+echo "== the same traffic under the suggested policies (nothing is dropped by policy)"
+$flows lab drive lab/scenarios/seed-traffic.yaml -o table | tail -11
+echo
+echo "== an intruder in the frontend namespace tries lateral moves (lab/scenarios/intruder.yaml)"
+since=$(date -u +%Y-%m-%dT%H:%M:%S.%3NZ)
+$flows lab drive lab/scenarios/intruder.yaml -o table | tail -9
+sleep 2
+$flows observe --since "$since" --verdict drop
+echo
+echo "== what-if: the seed guide's policies instead, against the first window"
+$flows policy check lab/examples/seed-policies --replace --since "$start" --until "$since" || true
+rm -f "$suggested"

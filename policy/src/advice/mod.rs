@@ -201,17 +201,25 @@ impl Inventory {
             .or_insert(pod);
     }
 
-    /// Adds the pods seen in observations.
+    /// Adds the pods seen in observations; a known pod whose owner was not known takes
+    /// the owner the flows name (manifests without ownerReferences).
     pub fn observe(&mut self, observations: &[Observation]) {
         for o in observations {
             for p in [&o.src, &o.dst] {
                 if let Party::Pod(p) = p {
-                    self.add(InventoryPod {
-                        namespace: p.namespace.clone(),
-                        name: p.name.clone(),
-                        labels: p.labels.clone(),
-                        owner: p.owner.clone(),
-                    });
+                    match self.pods.get_mut(&(p.namespace.clone(), p.name.clone())) {
+                        Some(known) => {
+                            if known.owner.is_none() {
+                                known.owner = p.owner.clone();
+                            }
+                        }
+                        None => self.add(InventoryPod {
+                            namespace: p.namespace.clone(),
+                            name: p.name.clone(),
+                            labels: p.labels.clone(),
+                            owner: p.owner.clone(),
+                        }),
+                    }
                 }
             }
         }
@@ -283,6 +291,34 @@ mod tests {
         assert_eq!(p, q);
         assert_eq!(p.name(), "frontend");
         assert_eq!(WorkloadId::of("f", "lonely", &Labels::new(), None).name(), "lonely");
+    }
+
+    #[test]
+    fn flows_name_owners_the_manifests_left_out() {
+        let mut inv = Inventory::new();
+        inv.add(InventoryPod { namespace: "b".into(), name: "api-1".into(), labels: labels(&[("app", "api")]), owner: None });
+        let api = Party::Pod(PodParty {
+            namespace: "b".into(),
+            name: "api-1".into(),
+            labels: labels(&[("app", "api"), ("old", "x")]),
+            owner: Some(Owner { kind: "Deployment".into(), name: "api".into() }),
+            ip: None,
+        });
+        let o = Observation {
+            src: api.clone(),
+            dst: api,
+            protocol: Protocol::Tcp,
+            port: 80,
+            outcome: Outcome::Allowed,
+            flows: 1,
+            first: 0,
+            last: 0,
+        };
+        inv.observe(&[o]);
+        let p = inv.pods().next().unwrap();
+        assert_eq!(p.owner.as_ref().map(|o| o.name.as_str()), Some("api"));
+        // The cluster's (current) labels are kept.
+        assert_eq!(p.labels, labels(&[("app", "api")]));
     }
 
     #[test]
