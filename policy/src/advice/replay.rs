@@ -119,10 +119,10 @@ pub fn replay(
     let mut cluster = cluster.clone();
     for o in observations {
         for p in [&o.src, &o.dst] {
-            if let Party::Pod(p) = p {
-                if cluster.namespace_labels(&p.namespace).is_none() {
-                    cluster.add_namespace(&p.namespace, Labels::new());
-                }
+            if let Party::Pod(p) = p
+                && cluster.namespace_labels(&p.namespace).is_none()
+            {
+                cluster.add_namespace(&p.namespace, Labels::new());
             }
         }
     }
@@ -156,7 +156,7 @@ pub fn replay(
     let sorted = |m: BTreeMap<GroupKey, ChangeGroup>| {
         let mut v: Vec<ChangeGroup> = m.into_values().collect();
         // Largest first; ties in key order (the map's), so output is stable.
-        v.sort_by(|a, b| b.flows.cmp(&a.flows));
+        v.sort_by_key(|g| std::cmp::Reverse(g.flows));
         v
     };
     out.newly_denied = sorted(newly_denied);

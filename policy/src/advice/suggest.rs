@@ -609,7 +609,8 @@ fn ports_text(ports: &[NetworkPolicyPort]) -> String {
 
 /// Observations summed per workload pair and port.
 fn summarize(observed: &[&Observation]) -> Vec<ObservedFlow> {
-    let mut by: BTreeMap<(String, String, String, String, String, u16), (u64, i64, i64)> = BTreeMap::new();
+    type Key = (String, String, String, String, String, u16);
+    let mut by: BTreeMap<Key, (u64, i64, i64)> = BTreeMap::new();
     for o in observed {
         let (sn, sw) = party_names(&o.src);
         let (dn, dw) = party_names(&o.dst);
