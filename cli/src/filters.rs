@@ -240,6 +240,60 @@ pub fn deny_list(not: &[std::ffi::OsString]) -> anyhow::Result<Vec<FlowFilter>> 
     d.filters.allow_list()
 }
 
+/// Words of a filter prompt, with '...' and "..." grouping (label selectors have spaces).
+fn words(text: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quote: Option<char> = None;
+    let mut any = false;
+    for c in text.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => cur.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                any = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if any || !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+                any = false;
+            }
+            (None, c) => cur.push(c),
+        }
+    }
+    if let Some(q) = quote {
+        return Err(format!("unclosed {q}"));
+    }
+    if any || !cur.is_empty() {
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+#[derive(clap::Parser, Debug)]
+#[command(name = "filter", no_binary_name = true, disable_help_flag = true)]
+struct PromptFilters {
+    #[command(flatten)]
+    filters: FilterArgs,
+}
+
+/// A filter prompt's text (the filter flags of `flows observe`, `--not` included) as
+/// allow and deny lists, validated.
+pub fn parse_text(text: &str) -> Result<(Vec<FlowFilter>, Vec<FlowFilter>), String> {
+    use clap::Parser;
+    let mut argv: Vec<std::ffi::OsString> = vec!["flows".into(), "observe".into()];
+    argv.extend(words(text)?.into_iter().map(Into::into));
+    let (keep, not) = split_not(argv).map_err(|e| e.to_string())?;
+    let p = PromptFilters::try_parse_from(keep.into_iter().skip(2))
+        .map_err(|e| e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string())?;
+    let allow = p.filters.allow_list().map_err(|e| format!("{e:#}"))?;
+    let deny = deny_list(&not).map_err(|e| format!("{e:#}"))?;
+    validate(&allow, &deny).map_err(|e| format!("{e:#}"))?;
+    Ok((allow, deny))
+}
+
 /// Checks the filters the way a server would, so mistakes are reported before connecting.
 pub fn validate(allow: &[FlowFilter], deny: &[FlowFilter]) -> anyhow::Result<flows_flow::FilterSet> {
     flows_flow::FilterSet::new(allow, deny).context("invalid filter")
@@ -248,6 +302,18 @@ pub fn validate(allow: &[FlowFilter], deny: &[FlowFilter]) -> anyhow::Result<flo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prompt_text_parses_like_the_command_line() {
+        let (allow, deny) = parse_text("--verdict drop -l 'tier in (a, b)' --not --to-port 53").expect("valid");
+        assert_eq!(allow.len(), 2, "a direction-less label: from or to");
+        assert_eq!(deny.len(), 1);
+        assert_eq!(deny[0].destination_port, ["53"]);
+        assert_eq!(parse_text("").expect("empty"), (Vec::new(), Vec::new()));
+        assert!(parse_text("--verdict").is_err());
+        assert!(parse_text("--bogus x").is_err());
+        assert!(parse_text("-l 'unclosed").unwrap_err().contains("unclosed"));
+    }
 
     #[test]
     fn directionless_flags_make_a_from_and_a_to_filter() {

@@ -9,6 +9,7 @@ mod labprobes;
 mod observe;
 mod policy;
 mod printer;
+mod tui;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +30,8 @@ enum Command {
     /// Denied connection attempts over a time range, grouped by workload pair and port
     /// (from the relay's store).
     Audit(audit::AuditArgs),
+    /// A live dashboard: flows, verdicts, top denied pairs, namespaces, talkers.
+    Tui(tui::TuiArgs),
     /// NetworkPolicy tools: offline evaluation, suggestions from history, what-if checks.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -48,6 +51,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Lab(cmd) => lab::run(cmd),
         Command::Policy(cmd) => policy::run(cmd),
+        Command::Tui(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(tui::run(args)),
         Command::Audit(mut args) => {
             args.not = not;
             tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,129 @@
+//! Where flows come from: a server's Observer API (followed, reconnected with backoff,
+//! shown as disconnected meanwhile) or a file of JSON lines replayed at a given rate.
+//! The source takes the state's lock only to fold in what it received: it never waits
+//! for the screen.
+
+use std::{
+    io::BufRead,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use flows_proto::{Flow, GetFlowsRequest, GetFlowsResponse, get_flows_response::ResponseTypes, observer_client::ObserverClient};
+
+use crate::{
+    now_ms,
+    state::{App, Connection},
+};
+
+pub enum Source {
+    /// `host:port` of a relay or node-probe; the request (history then follow).
+    Server { addr: String, request: GetFlowsRequest },
+    /// JSON lines (`flows observe -o json`), replayed at `rate` flows a second (0: as
+    /// fast as they are read).
+    File { path: PathBuf, rate: u64 },
+}
+
+impl Source {
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Server { addr, .. } => addr.clone(),
+            Source::File { path, rate } => format!("{} at {rate} flows/s", path.display()),
+        }
+    }
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+fn lock(app: &Arc<Mutex<App>>) -> std::sync::MutexGuard<'_, App> {
+    app.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub async fn feed(source: Source, app: Arc<Mutex<App>>) {
+    match source {
+        Source::Server { addr, request } => follow(addr, request, app).await,
+        Source::File { path, rate } => replay(path, rate, app).await,
+    }
+}
+
+async fn follow(addr: String, request: GetFlowsRequest, app: Arc<Mutex<App>>) {
+    let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+    let mut delay = BACKOFF_START;
+    let mut req = request;
+    loop {
+        lock(&app).connection = Connection::Connecting;
+        let err = match ObserverClient::connect(url.clone()).await {
+            Err(e) => e.to_string(),
+            Ok(mut c) => match c.get_flows(req.clone()).await {
+                Err(s) => s.message().to_string(),
+                Ok(resp) => {
+                    lock(&app).connection = Connection::Connected;
+                    delay = BACKOFF_START;
+                    let mut stream = resp.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(r)) => lock(&app).ingest(r, now_ms()),
+                            Ok(None) => break "the server ended the stream".to_string(),
+                            Err(s) => break s.message().to_string(),
+                        }
+                    }
+                }
+            },
+        };
+        lock(&app).connection = Connection::Disconnected {
+            error: err,
+            retry_in_ms: delay.as_millis() as u64,
+        };
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(BACKOFF_MAX);
+        // After a reconnect, only what is new: the table already holds the history.
+        req.number = 0;
+        req.follow = true;
+    }
+}
+
+/// A flow from one JSON line: `{"flow": {...}}` records or bare flows.
+pub fn parse_line(line: &str) -> Option<GetFlowsResponse> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v.get("node_status").is_some() || v.get("lost_events").is_some() {
+        return serde_json::from_value(v).ok();
+    }
+    let f = v.get("flow").cloned().unwrap_or(v);
+    let flow: Flow = serde_json::from_value(f).ok()?;
+    Some(GetFlowsResponse {
+        time: flow.time,
+        node_name: flow.node_name.clone(),
+        response_types: Some(ResponseTypes::Flow(flow)),
+    })
+}
+
+async fn replay(path: PathBuf, rate: u64, app: Arc<Mutex<App>>) {
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            lock(&app).connection = Connection::Disconnected {
+                error: format!("{}: {e}", path.display()),
+                retry_in_ms: 0,
+            };
+            return;
+        }
+    };
+    lock(&app).connection = Connection::Connected;
+    let start = std::time::Instant::now();
+    let mut sent: u64 = 0;
+    for line in std::io::BufReader::new(file).lines() {
+        let Ok(line) = line else { break };
+        let Some(r) = parse_line(&line) else { continue };
+        lock(&app).ingest(r, now_ms());
+        sent += 1;
+        if rate > 0 && sent % 100 == 0 {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    lock(&app).connection = Connection::Ended;
+}
