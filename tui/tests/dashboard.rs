@@ -194,11 +194,25 @@ fn filter_prompt_applies_keeps_the_previous_on_error_and_filters() {
     on_key(&mut app, Key::Enter, &parse);
     assert!(app.prompt.is_none());
     assert_eq!(app.filter.text, "--verdict drop");
-    assert!(app.recent.is_empty(), "the new filter starts a new view");
+    // The view starts again from the recent flows, under the new filter.
+    assert_eq!(app.recent.len(), 8);
+    assert_eq!(app.aggregates.total(), 8);
     app.ingest_flow(flow(pod("shop", "web-1", None), pod("shop", "api", None), 80, Verdict::Forwarded, 1), 0);
     app.ingest_flow(flow(pod("shop", "web-1", None), pod("data", "db-0", None), 5432, Verdict::Dropped, 2), 0);
-    assert_eq!(app.recent.len(), 1);
-    assert_eq!(app.aggregates.total(), 1);
+    assert_eq!(app.recent.len(), 9);
+    assert_eq!(app.aggregates.total(), 9);
+    // Widening again brings back what the narrower filter hid.
+    on_key(&mut app, Key::Char('/'), &parse);
+    for _ in 0.."--verdict drop".len() {
+        on_key(&mut app, Key::Backspace, &parse);
+    }
+    on_key(&mut app, Key::Enter, &parse);
+    assert_eq!(app.recent.len(), 40);
+    on_key(&mut app, Key::Char('/'), &parse);
+    for c in "--verdict drop".chars() {
+        on_key(&mut app, Key::Char(c), &parse);
+    }
+    on_key(&mut app, Key::Enter, &parse);
 
     // A bad filter: the error shows in place and the previous filter stays.
     on_key(&mut app, Key::Char('/'), &parse);

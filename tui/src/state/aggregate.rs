@@ -119,12 +119,17 @@ fn top<K: Clone + Ord, V: Copy>(m: &HashMap<K, V>, n: usize, weight: impl Fn(&V)
 
 impl Aggregates {
     pub fn add(&mut self, f: &Flow, now_ms: u64) {
+        self.rate.add(now_ms, 1);
+        self.add_counts(f);
+    }
+
+    /// Everything but the rate (flows re-read from the ring did not just arrive).
+    pub fn add_counts(&mut self, f: &Flow) {
         let verdict = verdict_name(f.verdict);
         *self.by_verdict.entry(verdict).or_default() += 1;
         if !f.drop_reason.is_empty() && self.by_reason.len() < 256 {
             *self.by_reason.entry(f.drop_reason.clone()).or_default() += 1;
         }
-        self.rate.add(now_ms, 1);
         if f.is_reply {
             return;
         }

@@ -50,7 +50,10 @@ pub struct App {
     pub connection: Connection,
     pub nodes_connected: Vec<String>,
     pub nodes_unavailable: Vec<String>,
+    /// The flows that matched the filter, newest last (the table).
     pub recent: VecDeque<Flow>,
+    /// Every recent flow, whatever the filter: a new filter starts from these.
+    raw: VecDeque<Flow>,
     pub aggregates: Aggregates,
     pub lost: u64,
     pub filter: Filter,
@@ -71,6 +74,7 @@ impl App {
             nodes_connected: Vec::new(),
             nodes_unavailable: Vec::new(),
             recent: VecDeque::with_capacity(RECENT),
+            raw: VecDeque::with_capacity(RECENT),
             aggregates: Aggregates::default(),
             lost: 0,
             filter: Filter {
@@ -93,9 +97,14 @@ impl App {
             text: text.trim().to_string(),
             set,
         };
-        // What was shown under the old filter is not what the new one asks for.
-        self.recent.clear();
-        self.aggregates = Aggregates::default();
+        // The table and the aggregates start again from the recent flows (what came
+        // before them is not known under the new filter).
+        self.recent = self.raw.iter().filter(|f| self.filter.set.matches(f)).cloned().collect();
+        let mut aggregates = Aggregates::default();
+        for f in &self.recent {
+            aggregates.add_counts(f);
+        }
+        self.aggregates = aggregates;
         self.selected = 0;
         self.detail = false;
         Ok(())
@@ -129,6 +138,12 @@ impl App {
     }
 
     pub fn ingest_flow(&mut self, f: Flow, now_ms: u64) {
+        if !self.paused {
+            if self.raw.len() == RECENT {
+                self.raw.pop_front();
+            }
+            self.raw.push_back(f.clone());
+        }
         if !self.filter.set.matches(&f) {
             return;
         }
