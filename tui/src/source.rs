@@ -61,14 +61,18 @@ async fn follow(addr: String, request: GetFlowsRequest, app: Arc<Mutex<App>>) {
                 Ok(resp) => {
                     lock(&app).connection = Connection::Connected;
                     delay = BACKOFF_START;
+                    // The node counts, from the server's status every few seconds.
+                    let status = tokio::spawn(poll_status(c.clone(), app.clone()));
                     let mut stream = resp.into_inner();
-                    loop {
+                    let err = loop {
                         match stream.message().await {
                             Ok(Some(r)) => lock(&app).ingest(r, now_ms()),
                             Ok(None) => break "the server ended the stream".to_string(),
                             Err(s) => break s.message().to_string(),
                         }
-                    }
+                    };
+                    status.abort();
+                    err
                 }
             },
         };
@@ -83,6 +87,17 @@ async fn follow(addr: String, request: GetFlowsRequest, app: Arc<Mutex<App>>) {
         req.follow = true;
     }
 }
+
+async fn poll_status(mut c: ObserverClient<tonic::transport::Channel>, app: Arc<Mutex<App>>) {
+    loop {
+        if let Ok(s) = c.server_status(flows_proto::ServerStatusRequest {}).await {
+            lock(&app).server_status(&s.into_inner());
+        }
+        tokio::time::sleep(STATUS_EVERY).await;
+    }
+}
+
+const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 /// A flow from one JSON line: `{"flow": {...}}` records or bare flows.
 pub fn parse_line(line: &str) -> Option<GetFlowsResponse> {

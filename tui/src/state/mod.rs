@@ -48,8 +48,11 @@ pub struct Prompt {
 pub struct App {
     pub server: String,
     pub connection: Connection,
+    /// Nodes as the server's status and its in-band node events report them.
     pub nodes_connected: Vec<String>,
     pub nodes_unavailable: Vec<String>,
+    /// Connected nodes counted by the server's status (it names only the unavailable).
+    pub status_connected: Option<u32>,
     /// The flows that matched the filter, newest last (the table).
     pub recent: VecDeque<Flow>,
     /// Every recent flow, whatever the filter: a new filter starts from these.
@@ -73,6 +76,7 @@ impl App {
             connection: Connection::Connecting,
             nodes_connected: Vec::new(),
             nodes_unavailable: Vec::new(),
+            status_connected: None,
             recent: VecDeque::with_capacity(RECENT),
             raw: VecDeque::with_capacity(RECENT),
             aggregates: Aggregates::default(),
@@ -169,6 +173,20 @@ impl App {
     pub fn scroll(&mut self, delta: isize) {
         let max = self.recent.len().saturating_sub(1) as isize;
         self.selected = (self.selected as isize + delta).clamp(0, max.max(0)) as usize;
+    }
+
+    /// Takes the server's status: how many nodes are connected, which are not.
+    pub fn server_status(&mut self, s: &flows_proto::ServerStatusResponse) {
+        if let Some(n) = s.num_connected_nodes {
+            self.status_connected = Some(n);
+            self.nodes_unavailable = s.unavailable_nodes.clone();
+            self.nodes_unavailable.sort();
+        }
+    }
+
+    /// Connected nodes: the server's count when it gives one, else those named by events.
+    pub fn connected_nodes(&self) -> usize {
+        self.status_connected.map(|n| n as usize).unwrap_or(self.nodes_connected.len())
     }
 
     /// Share of attempts dropped, 0..=1, over everything counted.

@@ -85,10 +85,10 @@ fn draw_header(frame: &mut Frame, area: Rect, app: &App, now_ms: u64) {
         Connection::Ended => Span::styled("replay ended", Style::default().fg(Color::Yellow)),
     };
     let nodes = if app.nodes_unavailable.is_empty() {
-        Span::raw(format!("nodes {} up", app.nodes_connected.len()))
+        Span::raw(format!("nodes {} up", app.connected_nodes()))
     } else {
         Span::styled(
-            format!("nodes {} up, {} down ({})", app.nodes_connected.len(), app.nodes_unavailable.len(), app.nodes_unavailable.join(",")),
+            format!("nodes {} up, {} down ({})", app.connected_nodes(), app.nodes_unavailable.len(), app.nodes_unavailable.join(",")),
             Style::default().fg(Color::Red),
         )
     };
