@@ -92,12 +92,12 @@ fn dashboard_in_tmux_shows_denials_filters_and_details() {
     let report = drive(&dir, &root().join("lab/scenarios/seed-traffic-policies.yaml"));
     assert!(report.expectations_met);
 
-    // The dashboard in a 200x50 terminal; what it leaves behind is printed after it.
+    // The dashboard in a 200x60 terminal (in the test's directory); what it leaves behind is printed after it.
     let cmd = format!(
         "FLOWS_LAB_DIR={d} RUST_BACKTRACE=0 {} tui --last 2000; echo TUI-EXITED-$?; sleep 60",
         env!("CARGO_BIN_EXE_flows")
     );
-    tmux(&["new-session", "-d", "-s", &session, "-x", "200", "-y", "50", &cmd]);
+    tmux(&["new-session", "-d", "-s", &session, "-x", "200", "-y", "60", "-c", &d, &cmd]);
 
     // Denied pairs: the frontend's attempts at the db (4: two each over IPv4 and IPv6).
     let pane = wait_pane(&session, Duration::from_secs(20), "denied pairs shown", |p| {
@@ -144,6 +144,19 @@ fn dashboard_in_tmux_shows_denials_filters_and_details() {
     assert!(pane.contains("labels     run=db"), "{pane}");
     assert!(pane.contains("denied by"), "{pane}");
     assert!(pane.contains("db/db") || pane.contains("db/deny"), "{pane}");
+    // The policy that would allow it, written out.
+    assert!(pane.contains("to allow it, flows policy suggest would add"), "{pane}");
+    tmux(&["send-keys", "-t", &session, "w"]);
+    let pane = wait_pane(&session, Duration::from_secs(5), "suggestion written", |p| p.contains("written to flows-allow-"));
+    let written = std::fs::read_dir(&dir)
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("flows-allow-")))
+        .unwrap_or_else(|| panic!("no file written: {pane}"));
+    let yaml = std::fs::read_to_string(&written).expect("read");
+    assert!(yaml.contains("kind: NetworkPolicy") && yaml.contains("namespace: db"), "{yaml}");
+    let check = flows(&dir, &["policy", "eval", "--manifests", &written.display().to_string(), "--flows", "/dev/null"]);
+    assert!(check.status.success(), "the written policy is valid: {}", String::from_utf8_lossy(&check.stderr));
     tmux(&["send-keys", "-t", &session, "Escape"]);
 
     // q quits; the shell line after it shows a clean exit on a restored screen.

@@ -303,6 +303,20 @@ fn detail_names_both_ends_and_the_policies() {
     assert!(screen.contains("workloads  Deployment/web"), "{screen}");
     assert!(screen.contains("ingress denied by  data/default-deny"), "{screen}");
     assert!(screen.contains("(POLICY_DENIED)"), "{screen}");
+    // What `flows policy suggest` would add to allow it: an ingress rule on the db for
+    // the web workload, on the port seen.
+    assert!(screen.contains("to allow it, flows policy suggest would add"), "{screen}");
+    let yaml = app.suggestion().expect("a suggestion for a denied flow");
+    assert!(yaml.contains("name: allow-db-0") && yaml.contains("namespace: data"), "{yaml}");
+    assert!(yaml.contains("kubernetes.io/metadata.name: shop") && yaml.contains("app: web-1"), "{yaml}");
+    assert!(yaml.contains("port: 5432") && !yaml.contains("default-deny"), "{yaml}");
+    // An allowed flow has none.
+    on_key(&mut app, Key::Esc, &parse);
+    for _ in 0..9 {
+        on_key(&mut app, Key::Up, &parse);
+    }
+    assert_eq!(app.selected_flow().map(|f| f.verdict), Some(Verdict::Forwarded as i32));
+    assert!(app.suggestion().is_none());
 }
 
 #[test]

@@ -66,7 +66,23 @@ pub fn on_key(app: &mut App, key: Key, parse: &FilterParser) {
         Key::PageUp => app.scroll(PAGE),
         Key::PageDown => app.scroll(-PAGE),
         Key::Home => app.selected = 0,
-        Key::Enter => app.detail = app.selected_flow().is_some(),
+        Key::Enter => {
+            app.detail = app.selected_flow().is_some();
+            app.written = None;
+        }
+        Key::Char('w') if app.detail => {
+            app.written = Some(match app.suggestion() {
+                None => "nothing to write: policy did not deny this flow".into(),
+                Some(yaml) => {
+                    let id: String = app.selected_flow().map(|f| f.uuid.chars().filter(|c| c.is_ascii_alphanumeric()).take(8).collect()).unwrap_or_default();
+                    let path = format!("flows-allow-{id}.yaml");
+                    match std::fs::write(&path, yaml) {
+                        Ok(()) => format!("written to {path}: kubectl apply -f {path}"),
+                        Err(e) => format!("writing {path}: {e}"),
+                    }
+                }
+            });
+        }
         Key::Esc => {
             if app.detail {
                 app.detail = false;

@@ -6,6 +6,7 @@
 
 pub mod aggregate;
 pub mod keys;
+pub mod suggest;
 
 use std::collections::VecDeque;
 
@@ -66,6 +67,8 @@ pub struct App {
     /// Rows scrolled up from the newest; the selected row is the top of the view.
     pub selected: usize,
     pub detail: bool,
+    /// Where the detail view's suggestion was written, or why it was not.
+    pub written: Option<String>,
     pub quit: bool,
 }
 
@@ -89,6 +92,7 @@ impl App {
             paused: false,
             selected: 0,
             detail: false,
+            written: None,
             quit: false,
         }
     }
@@ -163,6 +167,13 @@ impl App {
         if self.selected > 0 {
             self.selected = (self.selected + 1).min(self.recent.len().saturating_sub(1));
         }
+    }
+
+    /// For the selected flow, if policy denied it: the allow policies that would let it
+    /// through (YAML), chosen against the pods seen recently.
+    pub fn suggestion(&self) -> Option<String> {
+        let f = self.selected_flow()?;
+        suggest::for_denied(f, self.raw.iter())
     }
 
     /// The selected flow (index 0 is the newest).

@@ -43,7 +43,7 @@ fn policies(title: &str, p: &[flows_proto::Policy], out: &mut Vec<Line<'static>>
 pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
     let Some(f) = app.selected_flow() else { return };
     let w = area.width.saturating_sub(4).min(100);
-    let h = area.height.saturating_sub(2).min(26);
+    let h = area.height.saturating_sub(2).min(60);
     let r = Rect::new(area.x + (area.width - w) / 2, area.y + (area.height - h) / 2, w, h);
     let ip = f.ip.clone().unwrap_or_default();
     let v = verdict_name(f.verdict);
@@ -53,6 +53,10 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
         Span::raw(if f.drop_reason.is_empty() { String::new() } else { format!(" ({})", clean(&f.drop_reason)) }),
         Span::raw(format!("  node {}", clean(&f.node_name))),
     ])];
+    // Shown first: the rest may not fit.
+    if let Some(w) = &app.written {
+        lines.push(Line::from(Span::styled(clean(w), Style::default().add_modifier(Modifier::BOLD))));
+    }
     endpoint("source", f.source.as_ref(), &ip.source, &mut lines);
     endpoint("destination", f.destination.as_ref(), &ip.destination, &mut lines);
     lines.push(Line::from(Span::styled("policies", Style::default().add_modifier(Modifier::BOLD))));
@@ -64,6 +68,14 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
     if lines.len() == before {
         lines.push(Line::from("  none decided (no policy selects either end)"));
     }
+    if let Some(yaml) = app.suggestion() {
+        lines.push(Line::from(Span::styled(
+            "to allow it, flows policy suggest would add (w: write it to a file):",
+            Style::default().add_modifier(Modifier::BOLD),
+        )));
+        lines.extend(yaml.lines().map(|l| Line::from(format!("  {}", clean(l)))));
+    }
+
     let p = Paragraph::new(lines)
         .wrap(Wrap { trim: false })
         .block(Block::default().borders(Borders::ALL).title(" flow (esc: back) "));

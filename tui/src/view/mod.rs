@@ -169,7 +169,7 @@ fn draw_footer(frame: &mut Frame, area: Rect, app: &App) {
             Line::from(spans)
         }
         None => Line::from(Span::styled(
-            "q quit  / filter  space pause  ↑↓ PgUp PgDn scroll  enter details  esc back",
+            "q quit  / filter  space pause  ↑↓ PgUp PgDn scroll  enter details  w write its suggested policy  esc back",
             Style::default().fg(Color::DarkGray),
         )),
     };
