@@ -26,6 +26,9 @@ pub struct TuiArgs {
     /// Milliseconds between frames.
     #[arg(long, default_value_t = 100)]
     pub frame_ms: u64,
+    /// Write each frame's drawing time (µs, one a line) to this file at exit.
+    #[arg(long, hide = true)]
+    pub frame_log: Option<PathBuf>,
     #[arg(long, env = "FLOWS_LAB_DIR")]
     pub lab_state: Option<PathBuf>,
 }
@@ -51,6 +54,7 @@ pub async fn run(args: TuiArgs) -> anyhow::Result<()> {
         filter: args.filter,
         parse: Box::new(crate::filters::parse_text),
         frame: Duration::from_millis(args.frame_ms.max(10)),
+        frame_log: args.frame_log,
     })
     .await?;
     Ok(())

@@ -51,6 +51,9 @@ pub struct Options {
     pub parse: FilterParser,
     /// Time between frames.
     pub frame: Duration,
+    /// Where to write each frame's drawing time in microseconds, one a line, at exit
+    /// (for benchmarks of the real process).
+    pub frame_log: Option<PathBuf>,
 }
 
 pub fn now_ms() -> u64 {
@@ -123,16 +126,27 @@ pub async fn run(opts: Options) -> Result<(), TuiError> {
     }));
     let parse = opts.parse;
     let frame = opts.frame;
+    let frame_log = opts.frame_log;
     let ui = tokio::task::spawn_blocking(move || -> Result<(), TuiError> {
         let (_guard, mut terminal) = TerminalGuard::enter()?;
         let io = |source| TuiError::Terminal { source };
+        // Bounded: one entry per frame, at most an hour of them.
+        let mut times: Vec<u32> = Vec::new();
         loop {
             {
                 let a = app.lock().unwrap_or_else(|p| p.into_inner());
                 if a.quit {
+                    if let Some(path) = &frame_log {
+                        let text: String = times.iter().map(|t| format!("{t}\n")).collect();
+                        std::fs::write(path, text).map_err(|source| TuiError::File { path: path.clone(), source })?;
+                    }
                     return Ok(());
                 }
+                let t = std::time::Instant::now();
                 terminal.draw(|f| view::draw(f, &a, now_ms())).map_err(io)?;
+                if frame_log.is_some() && times.len() < 36_000 {
+                    times.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                }
             }
             // Keys until the next frame is due.
             let deadline = std::time::Instant::now() + frame;
