@@ -314,27 +314,7 @@ fn table(title: &str, groups: &[ChangeGroup], out: &mut impl Write) -> std::io::
             ]
         })
         .collect();
-    let mut width: Vec<usize> = head.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (w, c) in width.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        cells
-            .iter()
-            .zip(&width)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    writeln!(out, "  {}", line(head.to_vec()))?;
-    for r in &rows {
-        writeln!(out, "  {}", line(r.iter().map(|c| c.as_str()).collect()))?;
-    }
-    Ok(())
+    crate::printer::columns(head, &rows, "  ", out)
 }
 
 fn proof_summary(r: &Replay) -> String {

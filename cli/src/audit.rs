@@ -115,26 +115,7 @@ fn print(groups: &[AuditGroup], format: AuditFormat, out: &mut impl Write) -> st
                 })
                 .collect();
             let head = ["VERDICT", "SOURCE", "DESTINATION", "PORT", "FLOWS", "FIRST SEEN", "LAST SEEN", "POLICIES"];
-            let mut width: Vec<usize> = head.iter().map(|h| h.len()).collect();
-            for r in &rows {
-                for (w, c) in width.iter_mut().zip(r) {
-                    *w = (*w).max(c.chars().count());
-                }
-            }
-            let line = |cells: Vec<&str>| {
-                cells
-                    .iter()
-                    .zip(&width)
-                    .map(|(c, w)| format!("{c:<w$}"))
-                    .collect::<Vec<_>>()
-                    .join("  ")
-                    .trim_end()
-                    .to_string()
-            };
-            writeln!(out, "{}", line(head.to_vec()))?;
-            for r in &rows {
-                writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
-            }
+            crate::printer::columns(head, &rows, "", out)?;
         }
     }
     Ok(())

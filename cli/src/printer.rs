@@ -371,3 +371,33 @@ mod tests {
         assert_eq!(v["flow"]["verdict"], "VERDICT_FORWARDED");
     }
 }
+
+/// Rows aligned in columns under `head`, two spaces apart, each line prefixed by `indent`.
+pub fn columns<const N: usize>(
+    head: [&str; N],
+    rows: &[[String; N]],
+    indent: &str,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    let mut width: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{indent}{}", line(head.to_vec()))?;
+    for r in rows {
+        writeln!(out, "{indent}{}", line(r.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
