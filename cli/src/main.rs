@@ -2,6 +2,8 @@
 
 mod advice;
 mod audit;
+mod certs;
+mod connect;
 mod filters;
 mod lab;
 mod labpolicy;
@@ -18,6 +20,9 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Mutual TLS towards the relay or node-probe (global: every subcommand).
+    #[command(flatten)]
+    tls: flows_tls::ClientTlsArgs,
 }
 
 #[derive(Subcommand)]
@@ -35,6 +40,9 @@ enum Command {
     /// NetworkPolicy tools: offline evaluation, suggestions from history, what-if checks.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Certificates for mutual TLS between node-probes, the relay and clients.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,7 +56,9 @@ fn main() -> anyhow::Result<()> {
     // split those pairs out first.
     let (argv, not) = filters::split_not(std::env::args_os().collect())?;
     let cli = Cli::parse_from(argv);
+    connect::set_flags(cli.tls);
     match cli.command {
+        Command::Certs(cmd) => certs::run(cmd),
         Command::Lab(cmd) => lab::run(cmd),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Tui(args) => tokio::runtime::Builder::new_multi_thread()

@@ -208,6 +208,12 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
             Err(_) => None,
         }
     };
+    let lab_server = match (args.server.is_empty(), &relay) {
+        (false, _) => None,
+        (true, Some(_)) => Some(crate::connect::LabServer::Relay),
+        (true, None) => Some(crate::connect::LabServer::Probe),
+    };
+    let dialer = crate::connect::dialer(&lab_dir, lab_server)?;
     // Several servers without --follow: gather, then print in time order (the relay
     // will do this merge for a cluster).
     let sort = servers.len() > 1 && !args.follow;
@@ -217,8 +223,9 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         let tx = tx.clone();
         let req = req.clone();
         let server = server.clone();
+        let dialer = dialer.clone();
         tokio::spawn(async move {
-            if let Err(e) = stream_from(&server, req, tx.clone()).await {
+            if let Err(e) = stream_from(&dialer, &server, req, tx.clone()).await {
                 let _ = tx.send(Err(e)).await;
             }
         });
@@ -262,36 +269,76 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
     result
 }
 
+/// Reads one server's flows into `tx`. With `follow`, a stream that breaks after it was
+/// open (a relay restart) is reopened with backoff, from the time of the last flow
+/// received, skipping the flows of that instant already printed: a restart is a gap in
+/// time on stderr, not the end of `flows observe -f`.
 async fn stream_from(
+    dialer: &flows_tls::Dialer,
     server: &str,
     req: GetFlowsRequest,
     tx: tokio::sync::mpsc::Sender<anyhow::Result<ResponseTypes>>,
 ) -> anyhow::Result<()> {
-    let url = if server.contains("://") {
-        server.to_string()
-    } else {
-        format!("http://{server}")
-    };
-    let mut client = ObserverClient::connect(url.clone())
-        .await
-        .with_context(|| format!("connecting to {server}"))?;
-    let mut stream = client
-        .get_flows(req)
-        .await
-        .with_context(|| format!("GetFlows on {server}"))?
-        .into_inner();
-    while let Some(resp) = stream
-        .message()
-        .await
-        .with_context(|| format!("reading flows from {server}"))?
-    {
-        if let Some(r) = resp.response_types {
-            if tx.send(Ok(r)).await.is_err() {
-                break;
+    let mut req = req;
+    let mut opened = false;
+    let mut last: Option<(flows_proto::Timestamp, Vec<String>)> = None;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let result = async {
+            let mut client = ObserverClient::new(crate::connect::channel(dialer, server).await?);
+            let mut stream = client
+                .get_flows(req.clone())
+                .await
+                .with_context(|| format!("GetFlows on {server}"))?
+                .into_inner();
+            opened = true;
+            delay = Duration::from_millis(200);
+            while let Some(resp) = stream
+                .message()
+                .await
+                .with_context(|| format!("reading flows from {server}"))?
+            {
+                let Some(r) = resp.response_types else { continue };
+                if let ResponseTypes::Flow(f) = &r {
+                    if let Some(t) = f.time {
+                        match &mut last {
+                            Some((lt, ids)) if *lt == t => {
+                                if ids.contains(&f.uuid) {
+                                    continue;
+                                }
+                                ids.push(f.uuid.clone());
+                            }
+                            _ => last = Some((t, vec![f.uuid.clone()])),
+                        }
+                    }
+                }
+                if tx.send(Ok(r)).await.is_err() {
+                    return Ok(true);
+                }
             }
+            Ok::<bool, anyhow::Error>(false)
+        }
+        .await;
+        match result {
+            Ok(true) => return Ok(()),
+            Ok(false) if !req.follow => return Ok(()),
+            Err(e) if !(req.follow && opened) => return Err(e),
+            Ok(false) => eprintln!("flows: {server} ended the stream; reconnecting"),
+            Err(e) => eprintln!("flows: {e:#}; reconnecting in {delay:?}"),
+        }
+        if tx.is_closed() {
+            return Ok(());
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+        // Resume where the printed flows end: no history again, nothing missed that
+        // the server still holds.
+        if let Some((t, _)) = &last {
+            req.since = Some(*t);
+            req.number = 0;
+            req.first = true;
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -43,8 +43,10 @@ pub async fn run(args: TuiArgs) -> anyhow::Result<()> {
                 (None, Some(r)) => r,
                 (None, None) => bail!("no server: give --server host:port or --input-file, or start the lab with --probes"),
             };
+            let dialer = crate::connect::dialer(&dir, server.is_none().then_some(crate::connect::LabServer::Relay))?;
             flows_tui::Source::Server {
                 addr,
+                dialer,
                 request: GetFlowsRequest { number: args.last, follow: true, ..Default::default() },
             }
         }

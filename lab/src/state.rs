@@ -254,6 +254,17 @@ pub fn remove_daemon(dir: &Path, pid: u32) -> Result<(), LabError> {
     state.save(dir)
 }
 
+/// Where a lab started with `--tls` keeps its CA and certificates (`flows certs create`'s
+/// files).
+pub fn tls_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("tls")
+}
+
+/// The names the lab's certificates carry: probes and the relay are dialled by address,
+/// so clients check these names instead.
+pub const LAB_PROBE_NAME: &str = "node-probe.flows.local";
+pub const LAB_RELAY_NAME: &str = "relay.flows.local";
+
 /// The state directory: `$FLOWS_LAB_DIR` if set, else `/run/flows-lab`.
 pub fn default_dir() -> PathBuf {
     match std::env::var_os("FLOWS_LAB_DIR") {

@@ -58,6 +58,8 @@ struct Args {
     /// Policy mode of namespaces without a flows.dev/policy-mode annotation.
     #[arg(long, default_value = "enforce", value_parser = ["enforce", "audit", "off"])]
     default_policy_mode: String,
+    #[command(flatten)]
+    tls: flows_tls::ServerTlsArgs,
 }
 
 fn hostname() -> String {
@@ -95,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         uplink: args.uplink_iface,
         manifests: args.manifests,
         metrics_listen: args.metrics_listen,
+        tls: args.tls.to_config()?,
         default_mode: flows_policy::compile::Mode::parse(&args.default_policy_mode)
             .unwrap_or(flows_policy::compile::Mode::Enforce),
     };

@@ -54,6 +54,8 @@ pub enum ProbeError {
     },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] flows_tls::TlsError),
     #[error("watching the ring buffer: {0}")]
     Poll(#[source] std::io::Error),
     #[error("writing the ready file {path}: {source}")]
@@ -88,7 +90,13 @@ pub struct ProbeConfig {
     pub default_mode: Mode,
     /// Address of the Prometheus /metrics endpoint (None: not served).
     pub metrics_listen: Option<SocketAddr>,
+    /// Mutual TLS of the Observer API (None: plaintext).
+    pub tls: Option<flows_tls::ServerTls>,
 }
+
+/// Largest gRPC request the Observer API decodes: a GetFlowsRequest is a few filters,
+/// so anything near this is hostile or a mistake and is refused (OUT_OF_RANGE).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 fn netns_inode(path: &PathBuf) -> Result<u32, ProbeError> {
     std::fs::metadata(path)
@@ -104,6 +112,8 @@ pub async fn run(
     cfg: ProbeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ProbeError> {
+    // Bad certificate files stop the probe before anything is attached.
+    let tls = cfg.tls.as_ref().map(flows_tls::ServerTls::load).transpose()?;
     let mut drop_netns = Vec::new();
     for p in &cfg.drop_netns {
         drop_netns.push(netns_inode(p)?);
@@ -208,8 +218,12 @@ pub async fn run(
     tracing::info!(node = %cfg.node_name, listen = %local, "node-probe ready");
     // Followers' streams end with the stop signal, so the graceful shutdown completes.
     let stop_all = stop_tx.clone();
-    let served = tonic::transport::Server::builder()
-        .add_service(ObserverServer::new(service))
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let served = builder
+        .add_service(ObserverServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async move {

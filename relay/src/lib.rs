@@ -10,3 +10,7 @@ pub mod merge;
 pub mod peers;
 pub mod server;
 pub mod sink;
+
+/// Largest gRPC request the relay decodes (filters, history queries): anything near it
+/// is hostile or a mistake and is refused with OUT_OF_RANGE.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;

@@ -103,6 +103,23 @@ struct Args {
     /// Written with the listen address once the relay is serving.
     #[arg(long)]
     ready_file: Option<std::path::PathBuf>,
+    /// Mutual TLS of the relay's own API (towards `flows` clients).
+    #[command(flatten)]
+    tls: flows_tls::ServerTlsArgs,
+    /// PEM CA certificate(s) that node-probes' certificates must chain to; turns on TLS
+    /// towards the node-probes.
+    #[arg(long, value_name = "FILE")]
+    peer_tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate the relay presents to node-probes.
+    #[arg(long, value_name = "FILE", requires = "peer_tls_ca")]
+    peer_tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --peer-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "peer_tls_cert")]
+    peer_tls_key: Option<std::path::PathBuf>,
+    /// Name node-probe certificates must carry (probes are dialled by address, so they
+    /// share one name, e.g. node-probe.flows.local).
+    #[arg(long, value_name = "NAME", requires = "peer_tls_ca")]
+    peer_tls_server_name: Option<String>,
 }
 
 #[tokio::main]
@@ -126,7 +143,19 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    let peers = PeerSet::fixed(&args.peers, peers::Backoff::default());
+    // Certificates are read before anything connects or listens: a bad file is an
+    // error at start, not a handshake failure later.
+    let server_tls = args.tls.to_config()?.map(|t| t.load()).transpose()?;
+    let peer_tls = flows_tls::ClientTlsArgs {
+        tls_ca: args.peer_tls_ca.clone(),
+        tls_client_cert: args.peer_tls_cert.clone(),
+        tls_client_key: args.peer_tls_key.clone(),
+        tls_server_name: args.peer_tls_server_name.clone(),
+    }
+    .to_config()
+    .context("--peer-tls-*")?;
+    let dialer = flows_tls::Dialer::new(peer_tls.as_ref())?;
+    let peers = PeerSet::with_dialer(&args.peers, peers::Backoff::default(), dialer);
     if let (Some(ns), Some(client)) = (&args.discover_namespace, &kube) {
         let mut found = flows_k8s::discover::probes(client.clone(), ns, &args.discover_selector, args.discover_port);
         let set = peers.clone();
@@ -257,9 +286,13 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!(listen = %local, "relay serving");
     let history = store.clone().map(|store| HistoryServer::new(HistoryService { store }));
-    let served = tonic::transport::Server::builder()
-        .add_service(ObserverServer::from_arc(svc))
-        .add_optional_service(history)
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls {
+        builder = builder.tls_config(tls).context("TLS")?;
+    }
+    let served = builder
+        .add_service(ObserverServer::from_arc(svc).max_decoding_message_size(flows_relay::MAX_REQUEST_BYTES))
+        .add_optional_service(history.map(|h| h.max_decoding_message_size(flows_relay::MAX_REQUEST_BYTES)))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async move {

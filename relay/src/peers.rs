@@ -9,7 +9,8 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use flows_proto::{ServerStatusRequest, observer_client::ObserverClient};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use flows_tls::{Dialer, error_chain};
+use tonic::transport::Channel;
 
 #[derive(Debug, Clone)]
 pub enum PeerState {
@@ -75,15 +76,10 @@ impl Default for Backoff {
 }
 
 /// Starts the connection task of one peer.
-pub fn spawn(spec: &str, backoff: Backoff) -> Arc<Peer> {
+pub fn spawn(spec: &str, backoff: Backoff, dialer: Dialer) -> Arc<Peer> {
     let (name, addr) = parse_peer(spec);
     let (tx, rx) = watch::channel(PeerState::Connecting);
-    let url = if addr.contains("://") {
-        addr.clone()
-    } else {
-        format!("http://{addr}")
-    };
-    tokio::spawn(maintain(url, tx, backoff));
+    tokio::spawn(maintain(addr.clone(), dialer, tx, backoff));
     Arc::new(Peer {
         addr,
         configured_name: name,
@@ -91,19 +87,20 @@ pub fn spawn(spec: &str, backoff: Backoff) -> Arc<Peer> {
     })
 }
 
-async fn maintain(url: String, tx: watch::Sender<PeerState>, backoff: Backoff) {
+async fn maintain(url: String, dialer: Dialer, tx: watch::Sender<PeerState>, backoff: Backoff) {
     let mut delay = backoff.initial;
     loop {
         let attempt = async {
-            let ep = Endpoint::from_shared(url.clone())
+            let ep = dialer
+                .endpoint(&url)
                 .map_err(|e| e.to_string())?
                 .connect_timeout(Duration::from_secs(2));
-            let channel = ep.connect().await.map_err(|e| e.to_string())?;
+            let channel = ep.connect().await.map_err(|e| error_chain(&e))?;
             let mut client = ObserverClient::new(channel);
             let st = client
                 .server_status(ServerStatusRequest {})
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| error_chain(&e))?
                 .into_inner();
             Ok::<_, String>((client, st.node_name))
         };
@@ -149,15 +146,22 @@ async fn maintain(url: String, tx: watch::Sender<PeerState>, backoff: Backoff) {
 pub struct PeerSet {
     current: watch::Sender<Vec<Arc<Peer>>>,
     backoff: Backoff,
+    dialer: Dialer,
 }
 
 impl PeerSet {
-    /// A fixed set, from `name=host:port` or `host:port` specs.
+    /// A fixed set, from `name=host:port` or `host:port` specs, over plaintext.
     pub fn fixed(specs: &[String], backoff: Backoff) -> Arc<PeerSet> {
-        let peers = specs.iter().map(|s| spawn(s, backoff)).collect();
+        Self::with_dialer(specs, backoff, Dialer::plaintext())
+    }
+
+    /// A fixed set whose connections go through `dialer` (mutual TLS when it has it).
+    pub fn with_dialer(specs: &[String], backoff: Backoff, dialer: Dialer) -> Arc<PeerSet> {
+        let peers = specs.iter().map(|s| spawn(s, backoff, dialer.clone())).collect();
         Arc::new(PeerSet {
             current: watch::channel(peers).0,
             backoff,
+            dialer,
         })
     }
 
@@ -187,7 +191,7 @@ impl PeerSet {
             let mut next = keep.clone();
             for (name, addr) in wanted {
                 if !keep.iter().any(|p| p.configured_name.as_ref() == Some(name)) {
-                    next.push(spawn(&format!("{name}={addr}"), backoff));
+                    next.push(spawn(&format!("{name}={addr}"), backoff, self.dialer.clone()));
                 }
             }
             let changed = next.len() != cur.len() || keep.len() != cur.len();

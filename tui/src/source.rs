@@ -19,7 +19,7 @@ use crate::{
 
 pub enum Source {
     /// `host:port` of a relay or node-probe; the request (history then follow).
-    Server { addr: String, request: GetFlowsRequest },
+    Server { addr: String, dialer: flows_tls::Dialer, request: GetFlowsRequest },
     /// JSON lines (`flows observe -o json`), replayed at `rate` flows a second (0: as
     /// fast as they are read).
     File { path: PathBuf, rate: u64 },
@@ -43,19 +43,22 @@ fn lock(app: &Arc<Mutex<App>>) -> std::sync::MutexGuard<'_, App> {
 
 pub async fn feed(source: Source, app: Arc<Mutex<App>>) {
     match source {
-        Source::Server { addr, request } => follow(addr, request, app).await,
+        Source::Server { addr, dialer, request } => follow(addr, dialer, request, app).await,
         Source::File { path, rate } => replay(path, rate, app).await,
     }
 }
 
-async fn follow(addr: String, request: GetFlowsRequest, app: Arc<Mutex<App>>) {
-    let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+async fn follow(addr: String, dialer: flows_tls::Dialer, request: GetFlowsRequest, app: Arc<Mutex<App>>) {
     let mut delay = BACKOFF_START;
     let mut req = request;
     loop {
         lock(&app).connection = Connection::Connecting;
-        let err = match ObserverClient::connect(url.clone()).await {
-            Err(e) => e.to_string(),
+        let connected = match dialer.endpoint(&addr) {
+            Ok(ep) => ep.connect().await.map(ObserverClient::new).map_err(|e| flows_tls::error_chain(&e)),
+            Err(e) => Err(e.to_string()),
+        };
+        let err = match connected {
+            Err(e) => e,
             Ok(mut c) => match c.get_flows(req.clone()).await {
                 Err(s) => s.message().to_string(),
                 Ok(resp) => {

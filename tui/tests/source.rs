@@ -103,7 +103,7 @@ async fn follows_loses_and_finds_the_server_again() {
     let stop = serve(addr, Fixed { from: 0, n: 10 }).await;
     let app = Arc::new(Mutex::new(App::new(addr.to_string())));
     let task = tokio::spawn(feed(
-        Source::Server { addr: addr.to_string(), request: GetFlowsRequest { number: 10, follow: true, ..Default::default() } },
+        Source::Server { addr: addr.to_string(), dialer: flows_tls::Dialer::plaintext(), request: GetFlowsRequest { number: 10, follow: true, ..Default::default() } },
         app.clone(),
     ));
     until(&app, "connected with 10 flows", |a| a.connection == Connection::Connected && a.recent.len() == 10).await;
