@@ -10,7 +10,7 @@ use std::{
 };
 
 use flows_common::counter;
-use flows_proto::{LostEvent, LostEventSource, observer_server::ObserverServer};
+use flows_proto::{LostEvent, LostEventSource};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::watch,
@@ -223,7 +223,7 @@ pub async fn run(
         builder = builder.tls_config(tls)?;
     }
     let served = builder
-        .add_service(ObserverServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(service.into_server())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async move {

@@ -159,6 +159,15 @@ fn now_ts() -> Timestamp {
     flows_proto::timestamp_now()
 }
 
+impl ObserverService {
+    /// The gRPC service with the probe's request limits: what the probe serves, and
+    /// what tests serve.
+    pub fn into_server(self) -> flows_proto::observer_server::ObserverServer<Self> {
+        flows_proto::observer_server::ObserverServer::new(self)
+            .max_decoding_message_size(crate::probe::MAX_REQUEST_BYTES)
+    }
+}
+
 #[tonic::async_trait]
 impl Observer for ObserverService {
     type GetFlowsStream =

@@ -11,12 +11,17 @@ use flows_node_probe::{
 use flows_proto::{
     Flow, GetFlowsRequest, LostEventSource, ServerStatusRequest, Timestamp,
     get_flows_response::ResponseTypes, observer_client::ObserverClient,
-    observer_server::ObserverServer,
+
 };
 use tonic::transport::Channel;
 
 /// A served ring; the server's streams end when the returned sender says so (or drops).
 async fn serve(ring: Arc<FlowRing>) -> (ObserverClient<Channel>, tokio::sync::watch::Sender<bool>) {
+    let (channel, stop) = serve_channel(ring).await;
+    (ObserverClient::new(channel), stop)
+}
+
+async fn serve_channel(ring: Arc<FlowRing>) -> (Channel, tokio::sync::watch::Sender<bool>) {
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let svc = ObserverService {
         ring,
@@ -32,13 +37,15 @@ async fn serve(ring: Arc<FlowRing>) -> (ObserverClient<Channel>, tokio::sync::wa
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(ObserverServer::new(svc))
+            .add_service(svc.into_server())
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let client = ObserverClient::connect(format!("http://{addr}"))
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
         .await
         .expect("connect");
-    (client, stop)
+    (channel, stop)
 }
 
 fn flow(n: u32) -> Entry {
@@ -208,4 +215,99 @@ async fn filters_apply_on_the_server_to_history_and_follow() {
     }
     // Dropped among 10..20: 12, 15, 18; backend (odd) denied: 12 and 18.
     assert_eq!(got, vec![12, 18]);
+}
+
+/// Bytes sent as they are, to put what no client library would send on the wire.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+/// Status of a GetFlows call whose request body is `body`, byte for byte.
+async fn raw_get_flows(channel: &Channel, body: Vec<u8>) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.expect("ready");
+    let path = http::uri::PathAndQuery::from_static("/flows.v1.Observer/GetFlows");
+    match grpc.server_streaming(tonic::Request::new(body), path, RawCodec).await {
+        Err(s) => s,
+        Ok(resp) => {
+            let mut s = resp.into_inner();
+            match s.message().await {
+                Err(st) => st,
+                Ok(m) => panic!("garbage was answered with {m:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversize_requests_get_clear_statuses() {
+    use flows_proto::FlowFilter;
+    let ring = Arc::new(FlowRing::new(8).expect("ring"));
+    ring.push(flow(1));
+    let (channel, _stop) = serve_channel(ring).await;
+    let mut client = ObserverClient::new(channel.clone());
+
+    // Bad values in a filter: INVALID_ARGUMENT naming the value.
+    for (filter, needle) in [
+        (FlowFilter { source_ip: vec!["10.0.0.300".into()], ..Default::default() }, "10.0.0.300"),
+        (FlowFilter { source_label: vec!["app in (".into()], ..Default::default() }, "app in ("),
+        (FlowFilter { destination_port: vec!["70000".into()], ..Default::default() }, "70000"),
+    ] {
+        let err = client
+            .get_flows(GetFlowsRequest { allow_list: vec![filter], ..Default::default() })
+            .await
+            .expect_err("a bad filter is refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(needle), "{err:?}");
+    }
+
+    // A request past the size limit: OUT_OF_RANGE, before any of it is evaluated.
+    let huge = FlowFilter {
+        source_ip: vec!["10.0.0.1".into(); 20_000],
+        ..Default::default()
+    };
+    let err = client
+        .get_flows(GetFlowsRequest { allow_list: vec![huge], ..Default::default() })
+        .await
+        .expect_err("oversize is refused");
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("too large"), "{err:?}");
+
+    // Bytes that are no GetFlowsRequest: refused as undecodable.
+    let err = raw_get_flows(&channel, vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0x00]).await;
+    assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+    assert!(err.message().contains("decode"), "{err:?}");
+
+    // The server goes on answering well-formed requests.
+    assert_eq!(lengths(&mut client, GetFlowsRequest::default()).await, vec![1]);
 }
