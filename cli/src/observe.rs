@@ -336,7 +336,6 @@ async fn stream_from(
         if let Some((t, _)) = &last {
             req.since = Some(*t);
             req.number = 0;
-            req.first = true;
         }
     }
 }

@@ -158,6 +158,7 @@ async fn run(peers: usize, index: Option<SharedIndex>) {
         started: Instant::now(),
         store: None,
         sink: None,
+        shutdown: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let raddr = listener.local_addr().expect("addr");

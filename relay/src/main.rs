@@ -243,6 +243,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let sink_stats = store.as_ref().map(|_| Arc::new(SinkStats::default()));
+    let (stop_clients, client_stop) = tokio::sync::watch::channel(false);
     let svc = Arc::new(RelayService {
         peers,
         index,
@@ -252,6 +253,7 @@ async fn main() -> anyhow::Result<()> {
         started: Instant::now(),
         store: store.clone(),
         sink: sink_stats.clone(),
+        shutdown: Some(client_stop.clone()),
     });
     let (stop_sink, sink_stop) = tokio::sync::watch::channel(false);
     let sink = match (&store, &sink_stats) {
@@ -300,6 +302,8 @@ async fn main() -> anyhow::Result<()> {
                     _ = term.recv() => {}
                     _ = tokio::signal::ctrl_c() => {}
                 }
+                tracing::info!("shutting down: ending client streams");
+                let _ = stop_clients.send(true);
             },
         )
         .await;

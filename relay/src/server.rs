@@ -46,6 +46,10 @@ pub struct RelayService {
     pub store: Option<Arc<Store>>,
     /// The store writer's counts, for ServerStatus.
     pub sink: Option<Arc<crate::sink::SinkStats>>,
+    /// Becomes true when the relay shuts down: clients' follow streams end then (they
+    /// reconnect to the next relay), or the graceful shutdown would wait for them
+    /// forever. None: streams end only with their clients.
+    pub shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// What every reader of one request shares: the full filter, applied after annotation.
@@ -529,7 +533,19 @@ impl Observer for RelayService {
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<Self::GetFlowsStream>, Status> {
         let rx = self.stream(request.into_inner())?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = ReceiverStream::new(rx);
+        match self.shutdown.clone() {
+            None => Ok(Response::new(Box::pin(stream))),
+            Some(mut stop) => {
+                let stopped = async move {
+                    // A dropped sender is no shutdown: wait for a real one.
+                    if stop.wait_for(|s| *s).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                Ok(Response::new(Box::pin(futures::StreamExt::take_until(stream, Box::pin(stopped)))))
+            }
+        }
     }
 
     async fn server_status(

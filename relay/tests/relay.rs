@@ -130,6 +130,7 @@ async fn relay_with(
         started: Instant::now(),
         store: None,
         sink: None,
+        shutdown: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

@@ -84,6 +84,7 @@ async fn relay(addr: std::net::SocketAddr, store: Arc<Store>) -> Relay {
         started: Instant::now(),
         store: Some(store.clone()),
         sink: Some(stats.clone()),
+        shutdown: None,
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

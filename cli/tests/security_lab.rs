@@ -1,0 +1,259 @@
+//! A two-node lab with mutual TLS everywhere (`flows lab up --tls`): `flows` reads the
+//! cluster's flows through the relay, which reads the probes, all over mutual TLS;
+//! plaintext, clients without a certificate and certificates from another CA are
+//! refused by both the relay and the probes; no key appears in any log. Then the relay
+//! is stopped and started again while `flows observe -f` follows: the follower
+//! reconnects by itself and prints the attempts made while the relay was down and
+//! after, each once.
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use flows_lab::{
+    drive::{Outcome, Report},
+    testing::{lab_lock, skip_unless_root},
+};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn flows(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flows"))
+        .args(args)
+        .env("FLOWS_LAB_DIR", dir)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run flows")
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = flows(dir, args);
+    assert!(
+        out.status.success(),
+        "flows {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn refused(dir: &Path, args: &[&str]) -> String {
+    let out = flows(dir, args);
+    assert!(
+        !out.status.success(),
+        "flows {args:?} was served:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+struct Cleanup {
+    dir: PathBuf,
+    other: PathBuf,
+    follower: Option<Child>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.follower.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = flows(&self.dir, &["lab", "down", "--state-dir", &self.dir.display().to_string()]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.other);
+    }
+}
+
+fn drive(dir: &Path, scenario: &Path) -> Report {
+    let d = dir.display().to_string();
+    let out = flows(dir, &["lab", "drive", &scenario.display().to_string(), "-o", "json", "--state-dir", &d]);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("drive report: {e}\n{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A scenario of `n` allowed TCP attempts, frontend to backend:80.
+fn scenario(dir: &Path, name: &str, n: usize) -> PathBuf {
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &p,
+        format!(
+            "connections:\n  - {{ name: {name}, from: frontend/frontend, to: {{ service: backend/backend }}, protocol: TCP, port: 80, count: {n}, expect: success }}\n"
+        ),
+    )
+    .expect("scenario");
+    p
+}
+
+/// Source ports of a drive's attempts (each attempt has its own).
+fn ports(r: &Report) -> BTreeSet<u64> {
+    assert!(r.attempts.iter().all(|a| a.outcome == Outcome::Success), "{:?}", r.attempts);
+    r.attempts.iter().filter_map(|a| a.src_port.map(u64::from)).collect()
+}
+
+fn src_port(v: &Value) -> Option<u64> {
+    v["flow"]["l4"]["tcp"]["source_port"].as_u64()
+}
+
+/// One record per attempt: the SYN leaving frontend for backend's service.
+fn is_syn_from_frontend(v: &Value) -> bool {
+    let f = &v["flow"];
+    f["source"]["pod_name"] == "frontend"
+        && f["is_reply"] != true
+        && f["observation_point"] == "OBSERVATION_POINT_FROM_ENDPOINT"
+        && f["destination_service"]["namespace"] == "backend"
+}
+
+#[test]
+fn mutual_tls_everywhere_and_a_relay_restart_followed_through() {
+    if skip_unless_root("mutual_tls_everywhere_and_a_relay_restart_followed_through") {
+        return;
+    }
+    let _lock = lab_lock().expect("lab lock");
+    let dir = flows_lab::testing::temp_dir("flows-security-lab").expect("dir");
+    let other = flows_lab::testing::temp_dir("flows-other-ca").expect("dir");
+    let d = dir.display().to_string();
+    let mut cleanup = Cleanup { dir: dir.clone(), other: other.clone(), follower: None };
+    let seed = root().join("lab/examples/seed").display().to_string();
+    ok(&dir, &["lab", "up", &seed, "--nodes", "2", "--probes", "--tls", "--state-dir", &d]);
+    let tls = dir.join("tls");
+    let relay = std::fs::read_to_string(dir.join("relay.addr")).expect("relay address");
+    let probe = std::fs::read_to_string(dir.join("probe-node-1.addr")).expect("probe address");
+
+    // 1. Through the relay over mutual TLS (the lab's certificates, found by `flows`):
+    //    the relay read both probes over mutual TLS and named both ends.
+    let first = ports(&drive(&dir, &scenario(&dir, "warmup", 2)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = ok(&dir, &["observe", "--all", "-o", "json", "--print-node-name"]);
+        let got: BTreeSet<u64> = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| is_syn_from_frontend(v))
+            .filter_map(|v| src_port(&v))
+            .collect();
+        if first.is_subset(&got) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "attempts {first:?} not read through TLS: {got:?}\n{out}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // 2. Refused: plaintext, TLS without a client certificate, a client certificate
+    //    from another CA; at the relay and at a probe.
+    let ca = tls.join("ca.crt").display().to_string();
+    let (cert, key) = (tls.join("client.crt").display().to_string(), tls.join("client.key").display().to_string());
+    ok(&other, &["certs", "create", "--out", &other.display().to_string()]);
+    let (their_cert, their_key) =
+        (other.join("client.crt").display().to_string(), other.join("client.key").display().to_string());
+    for (addr, name) in [(&relay, "relay.flows.local"), (&probe, "node-probe.flows.local")] {
+        refused(&dir, &["observe", "--server", addr, "--all"]);
+        refused(&dir, &["observe", "--server", addr, "--all", "--tls-ca", &ca, "--tls-server-name", name]);
+        refused(
+            &dir,
+            &["observe", "--server", addr, "--all", "--tls-ca", &ca, "--tls-server-name", name,
+              "--tls-client-cert", &their_cert, "--tls-client-key", &their_key],
+        );
+        // The name the certificate does not carry: the client refuses, and says why.
+        let e = refused(
+            &dir,
+            &["observe", "--server", addr, "--all", "--tls-ca", &ca, "--tls-client-cert", &cert, "--tls-client-key", &key],
+        );
+        assert!(e.contains("not valid for name"), "{e}");
+        // With all of it: served.
+        ok(
+            &dir,
+            &["observe", "--server", addr, "--all", "--tls-ca", &ca, "--tls-server-name", name,
+              "--tls-client-cert", &cert, "--tls-client-key", &key],
+        );
+    }
+
+    // 3. The relay stopped and started again under a follower.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flows"))
+        .args(["observe", "--follow", "-o", "json"])
+        .env("FLOWS_LAB_DIR", &dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("follower");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    cleanup.follower = Some(child);
+    let (tx, rx) = mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let (etx, erx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = etx.send(line);
+        }
+    });
+    // Counts each attempt's SYN record among `want` until all are seen, failing on a
+    // duplicate (a resume that replays what was printed).
+    let collect = |want: &BTreeSet<u64>, what: &str, seen: &mut Vec<u64>| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut got = BTreeSet::new();
+        while !want.is_subset(&got) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("{what}: saw {got:?} of {want:?} within 30 s"));
+            if is_syn_from_frontend(&v) {
+                if let Some(p) = src_port(&v) {
+                    if want.contains(&p) {
+                        got.insert(p);
+                    }
+                    seen.push(p);
+                }
+            }
+        }
+    };
+    let mut seen = Vec::new();
+    std::thread::sleep(Duration::from_millis(1000));
+    let before = ports(&drive(&dir, &scenario(&dir, "before", 3)));
+    collect(&before, "before the restart", &mut seen);
+
+    ok(&dir, &["lab", "relay", "stop", "--state-dir", &d]);
+    let during = ports(&drive(&dir, &scenario(&dir, "during", 3)));
+    ok(&dir, &["lab", "relay", "start", "--state-dir", &d]);
+    collect(&during, "made while the relay was down", &mut seen);
+    let after = ports(&drive(&dir, &scenario(&dir, "after", 3)));
+    collect(&after, "after the restart", &mut seen);
+    // Each attempt once: the resume does not print again what was printed.
+    let mut uniq = seen.clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!(uniq.len(), seen.len(), "records printed twice: {seen:?}");
+    let notes: Vec<String> = erx.try_iter().collect();
+    assert!(notes.iter().any(|l| l.contains("reconnecting")), "the follower said nothing of the outage: {notes:?}");
+    if let Some(c) = cleanup.follower.as_mut() {
+        assert!(c.try_wait().expect("follower").is_none(), "the follower exited");
+    }
+
+    // 4. No key material in any log of the lab.
+    let mut logs = 0;
+    for e in std::fs::read_dir(&dir).expect("state dir").flatten() {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            assert!(!text.contains("PRIVATE KEY"), "{} holds a key", e.path().display());
+            logs += 1;
+        }
+    }
+    assert!(logs >= 3, "the probes' and relay's logs were read");
+}
