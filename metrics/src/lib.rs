@@ -212,7 +212,8 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` until the listener fails; other paths get 404.
+/// Serves `GET /metrics`, and `GET /healthz` (200 while the process serves: the
+/// liveness check of its Kubernetes pod), until the listener fails; other paths get 404.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
     use http_body_util::Full;
     use hyper::{Response, body::Bytes, service::service_fn};
@@ -229,6 +230,8 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
                         Response::builder()
                             .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
                             .body(Full::new(Bytes::from(m.render())))
+                    } else if req.uri().path() == "/healthz" {
+                        Response::builder().body(Full::new(Bytes::from_static(b"ok\n")))
                     } else {
                         Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
                     };
@@ -236,7 +239,12 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
                 }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            // A client that opens a connection and sends nothing is dropped.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(io, svc)
+                .await;
         });
     }
 }
@@ -267,5 +275,35 @@ mod tests {
         assert!(t.contains(r#"flows_drops_total{reason="POLICY_DENIED",protocol="other"} 1"#), "{t}");
         assert!(t.contains(r#"flows_policy_verdicts_total{direction="ingress",action="denied"} 1"#), "{t}");
         assert!(t.contains(r#"flows_lost_events_total{source="kernel_ring_buffer"} 3"#), "{t}");
+    }
+
+    /// A plain HTTP/1.1 GET over a socket; returns the status line and body.
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_health_and_nothing_else() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
+        let m = Arc::new(Metrics::new());
+        tokio::spawn(serve(addr, m));
+        let mut tries = 0;
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            tries += 1;
+            assert!(tries < 200, "metrics endpoint did not open");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let health = get(addr, "/healthz").await;
+        assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"), "{health}");
+        let metrics = get(addr, "/metrics").await;
+        assert!(metrics.starts_with("HTTP/1.1 200") && metrics.contains("# HELP flows_"), "{metrics}");
+        assert!(get(addr, "/debug").await.starts_with("HTTP/1.1 404"));
     }
 }
