@@ -93,7 +93,8 @@ struct Args {
     /// An insert is made at least this often while flows arrive (milliseconds).
     #[arg(long, default_value_t = 1000)]
     store_flush_ms: u64,
-    /// Rows waiting for the store at most.
+    /// Rows waiting for the store at most, besides the batch being written (so memory
+    /// is bounded by this plus --store-batch-rows rows).
     #[arg(long, default_value_t = 200_000)]
     store_buffer_rows: usize,
     /// When that buffer is full: wait (the nodes' rings absorb it, and report what they

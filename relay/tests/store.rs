@@ -1,5 +1,5 @@
 //! The relay's store writer against real engines: a ClickHouse server that goes away for
-//! 30 seconds while flows keep arriving, and a relay restart on the embedded store;
+//! 60 seconds while flows keep arriving, and a relay restart on the embedded store;
 //! every flow ends up stored exactly once, and nothing is counted lost.
 
 use std::{
@@ -69,6 +69,10 @@ struct Relay {
 }
 
 async fn relay(addr: std::net::SocketAddr, store: Arc<Store>) -> Relay {
+    relay_with(addr, store, 100_000, WhenFull::Block).await
+}
+
+async fn relay_with(addr: std::net::SocketAddr, store: Arc<Store>, buffer_rows: usize, when_full: WhenFull) -> Relay {
     let peers = PeerSet::fixed(
         &[format!("node-1={addr}")],
         Backoff { initial: Duration::from_millis(50), max: Duration::from_millis(200) },
@@ -102,8 +106,8 @@ async fn relay(addr: std::net::SocketAddr, store: Arc<Store>) -> Relay {
     let config = SinkConfig {
         batch_rows: 500,
         flush: Duration::from_millis(200),
-        buffer_rows: 100_000,
-        when_full: WhenFull::Block,
+        buffer_rows,
+        when_full,
         max_backoff: Duration::from_secs(2),
     };
     let sink = tokio::spawn(sink::run(svc.clone(), store, config, stats.clone(), metrics, stopped));
@@ -189,41 +193,77 @@ fn temp(name: &str) -> PathBuf {
     d
 }
 
+/// One 60 s outage, two relays reading the same node into two databases: one buffers
+/// (a bound large enough for the outage: everything is written once it returns), the
+/// other has a small bound and drops the newest (whatever does not fit is counted lost,
+/// and what is stored plus what is counted is exactly what arrived).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_gone_for_30_seconds_loses_nothing() {
+async fn server_gone_for_60_seconds_buffers_within_a_bound_or_counts_the_loss() {
     let dir = temp("outage");
     let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
     let server = Server::start(&dir, port);
     let config = StoreConfig::Server { url: format!("http://127.0.0.1:{port}"), user: None, password: None };
     let store = Arc::new(Store::open(&config, "flows", Retention::default()).await.expect("open"));
+    let small = Arc::new(Store::open(&config, "flows_small", Retention::default()).await.expect("open"));
     let ring = Arc::new(FlowRing::new(65_536).expect("ring"));
     let addr = node(ring.clone()).await;
     let r = relay(addr, store.clone()).await;
+    const BOUND: u64 = 1_000;
+    let q = relay_with(addr, small.clone(), BOUND as usize, WhenFull::DropNewest).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     produce(&ring, 0, 500, Duration::from_secs(3)).await;
     until_written(&store, 500, "before the outage").await;
-    // The server goes away for 30 s; flows keep coming.
+    until_written(&small, 500, "before the outage (small buffer)").await;
+    // The server goes away for 60 s; flows keep coming.
     drop(server);
-    produce(&ring, 500, 3_000, Duration::from_secs(30)).await;
-    assert!(r.stats.failed_batches.load(Ordering::Relaxed) > 0, "writes failed while it was gone");
-    assert!(!r.stats.last_error().is_empty(), "and the error is reported");
+    let mut peak = 0;
+    let outage = produce(&ring, 500, 6_000, Duration::from_secs(60));
+    tokio::pin!(outage);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = &mut outage => break,
+            _ = tick.tick() => peak = peak.max(q.stats.buffered.load(Ordering::Relaxed)),
+        }
+    }
+    for x in [&r, &q] {
+        assert!(x.stats.failed_batches.load(Ordering::Relaxed) > 0, "writes failed while it was gone");
+        assert!(!x.stats.last_error().is_empty(), "and the error is reported");
+    }
+    // The bound: the buffer, plus the one batch (500 rows) being retried.
+    assert!(peak <= BOUND + 500, "the small buffer held {peak} rows, past its bound of {BOUND} + a batch");
+    assert!(q.stats.lost.load(Ordering::Relaxed) > 0, "the small buffer overflowed and counted it");
     let _server = Server::start(&dir, port);
-    produce(&ring, 3_500, 500, Duration::from_secs(3)).await;
-    until_written(&store, 4_000, "after the outage").await;
+    produce(&ring, 6_500, 500, Duration::from_secs(3)).await;
+    until_written(&store, 7_000, "after the outage").await;
     // A batch the server committed just before it went away may still be waiting for
     // its retry (rows visible, answer lost): the retry writes nothing and counts it.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while r.stats.written.load(Ordering::Relaxed) < 4_000 {
+    while r.stats.written.load(Ordering::Relaxed) < 7_000 {
         assert!(Instant::now() < deadline, "written: {}", r.stats.written.load(Ordering::Relaxed));
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let (n, unique) = stored(&store).await;
-    assert_eq!((n, unique), (4_000, 4_000), "every flow once");
+    assert_eq!((n, unique), (7_000, 7_000), "every flow once");
     assert_eq!(r.stats.lost.load(Ordering::Relaxed), 0);
-    assert_eq!(r.stats.written.load(Ordering::Relaxed), 4_000);
+    assert_eq!(r.stats.written.load(Ordering::Relaxed), 7_000);
     assert!(r.stats.last_error().is_empty(), "healthy again");
+
+    // The small buffer: every flow stored once or counted lost, none unaccounted.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (n, unique) = stored(&small).await;
+        let lost = q.stats.lost.load(Ordering::Relaxed);
+        assert_eq!(n, unique, "no flow twice");
+        if n + lost == 7_000 && q.stats.written.load(Ordering::Relaxed) == n {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stored {n} + lost {lost} != 7000 arrived");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     r.stop().await;
+    q.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
