@@ -44,7 +44,7 @@ fn is_dns1123_part(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-fn is_dns1123_label(s: &str) -> bool {
+pub fn is_dns1123_label(s: &str) -> bool {
     s.len() <= 63 && is_dns1123_part(s)
 }
 
