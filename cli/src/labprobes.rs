@@ -77,6 +77,10 @@ fn spawn_probe(dir: &Path, state: &State, node: &flows_lab::state::Node) -> anyh
     cmd.args(["--node-name", &node.name, "--netns", &node.netns])
         .args(["--iface-prefix", "fl", "--exclude-iface", "fl-uplink"])
         .args(["--listen", &listen, "--uplink-iface", "fl-uplink"])
+        // As on a node: a probe stopped or killed leaves enforcement in force, and the
+        // next one takes over.
+        .arg("--pin-dir")
+        .arg(flows_lab::state::pin_dir(&node.name))
         .arg("--manifests")
         .arg(&manifests)
         .arg("--ready-file")

@@ -205,6 +205,13 @@ pub(crate) fn down_unlocked(dir: &Path) -> Result<DownReport, LabError> {
     pids.dedup();
     let stopped = stop_processes(&pids);
 
+    // The probes leave their TC links pinned (enforcement outlives a probe restart):
+    // unpinned here, the kernel detaches them.
+    match fs::remove_dir_all(state::LAB_PIN_ROOT) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(error = %e, dir = state::LAB_PIN_ROOT, "removing the lab's pinned links"),
+    }
     let teardown = net::teardown();
     let mut state_removed = false;
     for f in [state::STATE_FILE, agent::READY_FILE, agent::PID_FILE] {
@@ -219,7 +226,7 @@ pub(crate) fn down_unlocked(dir: &Path) -> Result<DownReport, LabError> {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let announced = name.starts_with("probe-") && (name.ends_with(".addr") || name.ends_with(".listen"));
-            if announced || name == "relay.addr" {
+            if announced || name == "relay.addr" || name == "relay.listen" {
                 let _ = fs::remove_file(e.path());
             }
             // The relay's embedded store: the lab's history goes with the lab.

@@ -265,6 +265,14 @@ pub fn tls_dir(state_dir: &Path) -> PathBuf {
 pub const LAB_PROBE_NAME: &str = "node-probe.flows.local";
 pub const LAB_RELAY_NAME: &str = "relay.flows.local";
 
+/// Where the lab's node-probes pin their TC links (bpffs), one directory per node. One
+/// lab runs on a machine at a time; `down` removes it all.
+pub const LAB_PIN_ROOT: &str = "/sys/fs/bpf/flows-lab";
+
+pub fn pin_dir(node: &str) -> PathBuf {
+    Path::new(LAB_PIN_ROOT).join(node)
+}
+
 /// The state directory: `$FLOWS_LAB_DIR` if set, else `/run/flows-lab`.
 pub fn default_dir() -> PathBuf {
     match std::env::var_os("FLOWS_LAB_DIR") {

@@ -20,7 +20,11 @@ use aya::{
         Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{BtfTracePoint, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        BtfTracePoint, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLinkId, TcAttachOptions},
+    },
 };
 use flows_common::{
     DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointValue, KernelOffsets,
@@ -57,6 +61,8 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    #[error("pinning {path}: {detail}")]
+    Pin { path: PathBuf, detail: String },
     #[error("map {name} is missing from the eBPF object")]
     MissingMap { name: &'static str },
     #[error("attaching to {ifname}: {source}")]
@@ -104,6 +110,11 @@ pub struct DatapathConfig {
     pub uplink: Option<String>,
     /// The kernel's drop reason numbers for TC_INGRESS and TC_EGRESS.
     pub tc_drop_reasons: (u32, u32),
+    /// Where the TC links are pinned (bpffs), so that enforcement outlives the probe:
+    /// a probe that stops or dies leaves its programs deciding with the policy they
+    /// had, and the next probe takes each interface over atomically (its program
+    /// attached first, then the old link removed). None: links end with the process.
+    pub pin_dir: Option<PathBuf>,
 }
 
 pub type EventsMap = RingBuf<MapData>;
@@ -118,7 +129,12 @@ pub struct DatapathMaps {
 
 enum Cmd {
     Attach(String, mpsc::Sender<Result<(), DatapathError>>),
+    AttachUplink(String, mpsc::Sender<Result<(), DatapathError>>),
     Detach(String),
+    /// Removes pinned links of an earlier probe on interfaces not taken over.
+    Prune(mpsc::Sender<Vec<String>>),
+    /// At shutdown: keep pinned links in force (true) or remove them (false).
+    KeepPinned(bool),
 }
 
 /// Handle to the datapath thread. Dropping it detaches everything.
@@ -163,9 +179,17 @@ impl Datapath {
                         Cmd::Attach(ifname, reply) => {
                             let _ = reply.send(state.attach(&ifname));
                         }
+                        Cmd::AttachUplink(ifname, reply) => {
+                            let _ = reply.send(state.attach_pair(&ifname, PROG_FROM_NETWORK, PROG_TO_NETWORK));
+                        }
                         Cmd::Detach(ifname) => state.detach(&ifname),
+                        Cmd::Prune(reply) => {
+                            let _ = reply.send(state.prune());
+                        }
+                        Cmd::KeepPinned(keep) => state.keep_pinned = keep,
                     }
                 }
+                state.release();
                 // Dropping `state` detaches every link and unloads the programs.
             })
             .map_err(|e| DatapathError::Netns {
@@ -194,6 +218,36 @@ impl Datapath {
         rx.recv().map_err(|_| DatapathError::Stopped)?
     }
 
+    /// Attaches the uplink's programs (local pods' egress policy). Called once the
+    /// policy is in the maps: attached earlier, an empty policy would let all through.
+    pub fn attach_uplink(&self, ifname: &str) -> Result<(), DatapathError> {
+        let (tx, rx) = mpsc::channel();
+        self.cmds
+            .as_ref()
+            .ok_or(DatapathError::Stopped)?
+            .send(Cmd::AttachUplink(ifname.to_string(), tx))
+            .map_err(|_| DatapathError::Stopped)?;
+        rx.recv().map_err(|_| DatapathError::Stopped)?
+    }
+
+    /// After the first attach of every current interface: removes what an earlier
+    /// probe pinned on interfaces this one did not take over. Returns their names.
+    pub fn prune_pins(&self) -> Vec<String> {
+        let (tx, rx) = mpsc::channel();
+        match self.cmds.as_ref().map(|c| c.send(Cmd::Prune(tx))) {
+            Some(Ok(())) => rx.recv().unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// What happens to pinned links when the datapath stops: kept in force (a probe
+    /// restart: the next one takes over) or removed (the probe is going away).
+    pub fn keep_pinned_on_exit(&self, keep: bool) {
+        if let Some(c) = &self.cmds {
+            let _ = c.send(Cmd::KeepPinned(keep));
+        }
+    }
+
     /// Forgets an interface (it disappeared; the kernel already released its links).
     pub fn detach(&self, ifname: &str) {
         if let Some(c) = &self.cmds {
@@ -220,9 +274,77 @@ impl Drop for Datapath {
     }
 }
 
+/// One interface's pair of links: owned by the process, or pinned in bpffs.
+enum Links {
+    Owned([SchedClassifierLinkId; 2], &'static str, &'static str),
+    /// The pins (which hold the links in the kernel) and our descriptors of them.
+    Pinned([(PathBuf, FdLink); 2]),
+}
+
 struct DatapathThread {
     ebpf: Ebpf,
-    links: HashMap<String, ([SchedClassifierLinkId; 2], &'static str, &'static str)>,
+    links: HashMap<String, Links>,
+    pin_dir: Option<PathBuf>,
+    keep_pinned: bool,
+}
+
+/// The pin paths of an interface's two links: `ingress/NAME` and `egress/NAME`. bpffs
+/// refuses names with a dot (reserved for its own files), which interface names may
+/// have (VLANs: eth0.100): dots become colons, which interface names never contain.
+fn pin_paths(dir: &std::path::Path, ifname: &str) -> [PathBuf; 2] {
+    let name = ifname.replace('.', ":");
+    [dir.join("ingress").join(&name), dir.join("egress").join(&name)]
+}
+
+/// The interface a pin file stands for.
+fn pinned_ifname(file: &std::ffi::OsStr) -> String {
+    file.to_string_lossy().replace(':', ".")
+}
+
+/// Removes a pinned link: the pin goes, and with no holder left the kernel detaches it.
+fn remove_pin(path: &std::path::Path) {
+    match PinnedLink::from_pin(path) {
+        Ok(l) => {
+            if let Err(e) = l.unpin() {
+                tracing::warn!(path = %path.display(), error = %e, "removing a pinned link");
+            }
+        }
+        // Not a link (or unreadable): the file itself still holds whatever it is.
+        Err(_) => {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Detaches and removes every link pinned under `dir` (the probe is uninstalled), and
+/// the directory. Returns how many links were removed.
+pub fn remove_pinned(dir: &std::path::Path) -> Result<usize, DatapathError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => {
+            return Err(DatapathError::Pin {
+                path: dir.to_path_buf(),
+                detail: e.to_string(),
+            });
+        }
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            for f in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+                remove_pin(&f.path());
+                n += 1;
+            }
+            let _ = std::fs::remove_dir(&p);
+        } else {
+            remove_pin(&p);
+            n += 1;
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(n)
 }
 
 impl DatapathThread {
@@ -268,13 +390,25 @@ impl DatapathThread {
         }
 
         let maps = take_maps(&mut ebpf)?;
-        let mut thread = DatapathThread {
+        if let Some(dir) = &cfg.pin_dir {
+            // Left in staging by a probe that died mid-hand-over: not in force anywhere
+            // that counts (the renamed pins are), so released.
+            for e in std::fs::read_dir(dir.join("staging")).into_iter().flatten().flatten() {
+                remove_pin(&e.path());
+            }
+            for sub in ["ingress", "egress", "staging"] {
+                std::fs::create_dir_all(dir.join(sub)).map_err(|e| DatapathError::Pin {
+                    path: dir.join(sub),
+                    detail: e.to_string(),
+                })?;
+            }
+        }
+        let thread = DatapathThread {
             ebpf,
             links: HashMap::new(),
+            pin_dir: cfg.pin_dir.clone(),
+            keep_pinned: cfg.pin_dir.is_some(),
         };
-        if let Some(uplink) = &cfg.uplink {
-            thread.attach_pair(uplink, PROG_FROM_NETWORK, PROG_TO_NETWORK)?;
-        }
         Ok((thread, maps))
     }
 
@@ -304,33 +438,141 @@ impl DatapathThread {
             ifname: ifname.to_string(),
             source: Box::new(e),
         };
+        // Ahead of whatever an earlier probe left pinned here: our program decides
+        // first (and passing ends the chain), so there is no moment without a program.
+        let taking_over = self
+            .pin_dir
+            .as_ref()
+            .is_some_and(|d| pin_paths(d, ifname).iter().any(|p| p.exists()));
+        let order = || {
+            TcAttachOptions::TcxOrder(if taking_over { LinkOrder::first() } else { LinkOrder::default() })
+        };
         // Pod -> host is the host side's ingress; host -> pod its egress.
         let from = self
             .classifier(ingress_prog)?
-            .attach(ifname, TcAttachType::Ingress)
+            .attach_with_options(ifname, TcAttachType::Ingress, order())
             .map_err(attach_err)?;
-        let to = match self.classifier(egress_prog)?.attach(ifname, TcAttachType::Egress) {
+        let to = match self
+            .classifier(egress_prog)?
+            .attach_with_options(ifname, TcAttachType::Egress, order())
+        {
             Ok(l) => l,
             Err(e) => {
                 let _ = self.classifier(ingress_prog)?.detach(from);
                 return Err(attach_err(e));
             }
         };
-        self.links
-            .insert(ifname.to_string(), ([from, to], ingress_prog, egress_prog));
+        let Some(dir) = self.pin_dir.clone() else {
+            self.links
+                .insert(ifname.to_string(), Links::Owned([from, to], ingress_prog, egress_prog));
+            return Ok(());
+        };
+        // Hand-over: the earlier probe's links (now behind ours) go, ours take their pins.
+        let paths = pin_paths(&dir, ifname);
+        let pin_err = |path: &PathBuf, e: &dyn std::error::Error| {
+            let mut detail = e.to_string();
+            let mut src = e.source();
+            while let Some(s) = src {
+                detail = format!("{detail}: {s}");
+                src = s.source();
+            }
+            DatapathError::Pin { path: path.clone(), detail }
+        };
+        // Both links out of the program's keeping first: on any failure below, dropping
+        // them detaches both, and the next scan tries the interface again from scratch.
+        let ingress = self.classifier(ingress_prog)?.take_link(from).map_err(attach_err);
+        let egress = self.classifier(egress_prog)?.take_link(to).map_err(attach_err);
+        let (ingress, egress) = (ingress?, egress?);
+        let ingress: FdLink = ingress.try_into().map_err(|e| pin_err(&paths[0], &e))?;
+        let egress: FdLink = egress.try_into().map_err(|e| pin_err(&paths[1], &e))?;
+        // Pinned aside first, then renamed over the earlier probe's pins: the rename
+        // releases those links in the same step, and a failure before it leaves them
+        // in force.
+        let staged = [
+            dir.join("staging").join(format!("ingress-{}", ifname.replace('.', ":"))),
+            dir.join("staging").join(format!("egress-{}", ifname.replace('.', ":"))),
+        ];
+        let ingress = ingress.pin(&staged[0]).map_err(|e| pin_err(&staged[0], &e))?;
+        let egress = match egress.pin(&staged[1]) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = ingress.unpin();
+                return Err(pin_err(&staged[1], &e));
+            }
+        };
+        for (from, to) in staged.iter().zip(&paths) {
+            if let Err(e) = std::fs::rename(from, to) {
+                let _ = ingress.unpin();
+                let _ = egress.unpin();
+                let _ = std::fs::remove_file(&staged[0]);
+                let _ = std::fs::remove_file(&staged[1]);
+                return Err(pin_err(to, &e));
+            }
+        }
+        let (ingress, egress): (FdLink, FdLink) = (ingress.into(), egress.into());
+        let [pi, pe] = paths;
+        self.links.insert(ifname.to_string(), Links::Pinned([(pi, ingress), (pe, egress)]));
         Ok(())
     }
 
+    /// Pins under the pin directory that no interface of ours holds: an earlier probe's,
+    /// on interfaces gone or no longer selected. Removed (their programs detach).
+    fn prune(&mut self) -> Vec<String> {
+        let Some(dir) = &self.pin_dir else { return Vec::new() };
+        let mut removed = Vec::new();
+        for sub in ["ingress", "egress"] {
+            for e in std::fs::read_dir(dir.join(sub)).into_iter().flatten().flatten() {
+                let ifname = pinned_ifname(&e.file_name());
+                if !self.links.contains_key(&ifname) {
+                    remove_pin(&e.path());
+                    removed.push(format!("{ifname} ({sub})"));
+                }
+            }
+        }
+        removed
+    }
+
+    /// At the end: owned links go with the object; pinned ones stay in force unless
+    /// the probe is going away for good.
+    fn release(&mut self) {
+        for (ifname, l) in self.links.drain() {
+            if let Links::Pinned(pins) = l {
+                if self.keep_pinned {
+                    tracing::info!(ifname, "leaving the datapath in force for the next probe");
+                } else {
+                    for (path, _) in &pins {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                // Closing our descriptors: a link still pinned stays, an unpinned one goes.
+                drop(pins);
+            }
+        }
+        if !self.keep_pinned {
+            if let Some(dir) = &self.pin_dir {
+                let _ = remove_pinned(dir);
+            }
+        }
+    }
+
     fn detach(&mut self, ifname: &str) {
-        if let Some(([from, to], ingress_prog, egress_prog)) = self.links.remove(ifname) {
-            // The interface is usually gone already, and its links with it; errors here
-            // only mean there was nothing left to detach.
-            if let Ok(p) = self.classifier(ingress_prog) {
-                let _ = p.detach(from);
+        match self.links.remove(ifname) {
+            Some(Links::Owned([from, to], ingress_prog, egress_prog)) => {
+                // The interface is usually gone already, and its links with it; errors
+                // here only mean there was nothing left to detach.
+                if let Ok(p) = self.classifier(ingress_prog) {
+                    let _ = p.detach(from);
+                }
+                if let Ok(p) = self.classifier(egress_prog) {
+                    let _ = p.detach(to);
+                }
             }
-            if let Ok(p) = self.classifier(egress_prog) {
-                let _ = p.detach(to);
+            Some(Links::Pinned(pins)) => {
+                for (path, _) in &pins {
+                    let _ = std::fs::remove_file(path);
+                }
             }
+            None => {}
         }
     }
 }

@@ -60,6 +60,16 @@ struct Args {
     default_policy_mode: String,
     #[command(flatten)]
     tls: flows_tls::ServerTlsArgs,
+    /// bpffs directory (e.g. /sys/fs/bpf/flows) where the TC links are pinned: when the
+    /// probe stops or dies its programs keep enforcing the policy they had, and the
+    /// next probe takes every interface over atomically. Without it, links end with
+    /// the process.
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
+    /// Remove everything pinned under --pin-dir (detaching those programs) and exit:
+    /// for uninstalling the probe from a node.
+    #[arg(long, requires = "pin_dir")]
+    uninstall: bool,
 }
 
 fn hostname() -> String {
@@ -78,6 +88,12 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if args.uninstall {
+        let dir = args.pin_dir.clone().unwrap_or_default();
+        let n = flows_node_probe::datapath::remove_pinned(&dir).context("uninstalling")?;
+        tracing::info!(links = n, dir = %dir.display(), "pinned datapath removed");
+        return Ok(());
+    }
     if !(args.iface_poll_secs > 0.0 && args.iface_poll_secs <= 3600.0) {
         anyhow::bail!("--iface-poll-secs must be in (0, 3600]");
     }
@@ -98,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         manifests: args.manifests,
         metrics_listen: args.metrics_listen,
         tls: args.tls.to_config()?,
+        pin_dir: args.pin_dir,
         default_mode: flows_policy::compile::Mode::parse(&args.default_policy_mode)
             .unwrap_or(flows_policy::compile::Mode::Enforce),
     };

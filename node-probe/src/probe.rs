@@ -92,6 +92,9 @@ pub struct ProbeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Mutual TLS of the Observer API (None: plaintext).
     pub tls: Option<flows_tls::ServerTls>,
+    /// bpffs directory of this node's pinned TC links: enforcement outlives the probe
+    /// and the next one takes over without a gap (None: links end with the process).
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// Largest gRPC request the Observer API decodes: a GetFlowsRequest is a few filters,
@@ -125,6 +128,7 @@ pub async fn run(
         drop_netns,
         uplink: cfg.uplink.clone(),
         tc_drop_reasons: (u32::MAX, u32::MAX),
+        pin_dir: cfg.pin_dir.clone(),
     })?;
     let datapath = Arc::new(datapath);
     let ring = Arc::new(FlowRing::new(cfg.ring_capacity)?);
@@ -182,8 +186,17 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
+    // Only now, with the policy in the maps, do our programs see traffic: attached
+    // before, an empty policy would let everything through.
+    if let Some(uplink) = &cfg.uplink {
+        datapath.attach_uplink(uplink)?;
+    }
     // First attach synchronously, so "ready" means the datapath sees the pods.
     sync_interfaces(&datapath, &cfg, &ifnames).await;
+    let pruned = datapath.prune_pins();
+    if !pruned.is_empty() {
+        tracing::info!(?pruned, "removed an earlier probe's links on interfaces not taken over");
+    }
     let watcher = tokio::spawn(watch_interfaces(
         datapath.clone(),
         cfg.clone(),
