@@ -257,3 +257,115 @@ fn mutual_tls_everywhere_and_a_relay_restart_followed_through() {
     }
     assert!(logs >= 3, "the probes' and relay's logs were read");
 }
+
+/// Local addresses of the TCP sockets process `pid` listens on (its network namespace's
+/// tables, matched by socket inode).
+fn listening(pid: u32) -> BTreeSet<String> {
+    let mut inodes = BTreeSet::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fds").flatten() {
+        if let Ok(t) = std::fs::read_link(e.path()) {
+            let t = t.display().to_string();
+            if let Some(i) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                inodes.insert(i.to_string());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+        for l in text.lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 10 || f[3] != "0A" || !inodes.contains(f[9]) {
+                continue;
+            }
+            let (addr, port) = f[1].split_once(':').expect("address");
+            let port = u16::from_str_radix(port, 16).expect("port");
+            let ip = if v6 {
+                let b: Vec<u8> = (0..16).map(|i| u8::from_str_radix(&addr[2 * i..2 * i + 2], 16).expect("hex")).collect();
+                // /proc prints each 32-bit word in host order.
+                let mut o = [0u8; 16];
+                for w in 0..4 {
+                    for k in 0..4 {
+                        o[w * 4 + k] = b[w * 4 + 3 - k];
+                    }
+                }
+                std::net::IpAddr::from(o)
+            } else {
+                let n = u32::from_str_radix(addr, 16).expect("hex");
+                std::net::IpAddr::from(n.to_le_bytes())
+            };
+            out.insert(std::net::SocketAddr::new(ip, port).to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn servers_listen_only_where_told_and_keep_secrets_out_of_logs() {
+    if skip_unless_root("servers_listen_only_where_told_and_keep_secrets_out_of_logs") {
+        return;
+    }
+    let _lock = lab_lock().expect("lab lock");
+    let dir = flows_lab::testing::temp_dir("flows-listen-lab").expect("dir");
+    let d = dir.display().to_string();
+    let mut cleanup = Cleanup { dir: dir.clone(), other: dir.join("none"), follower: None };
+    let seed = root().join("lab/examples/seed").display().to_string();
+    ok(&dir, &["lab", "up", &seed, "--nodes", "2", "--probes", "--state-dir", &d]);
+    let state = flows_lab::state::State::load(&dir).expect("state");
+    for dmn in &state.daemons {
+        let want: BTreeSet<String> = match dmn.role.as_str() {
+            "node-probe" => {
+                let node = dmn.node.clone().expect("node");
+                [std::fs::read_to_string(dir.join(format!("probe-{node}.addr"))).expect("addr")].into()
+            }
+            "relay" => [std::fs::read_to_string(dir.join("relay.addr")).expect("addr")].into(),
+            _ => continue,
+        };
+        assert_eq!(listening(dmn.pid), want, "{} {:?} listens on more than it was told", dmn.role, dmn.node);
+    }
+    // The relay with metrics: exactly the two addresses given.
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port");
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port");
+    let ready = dir.join("extra-relay.addr");
+    let secret = "s3cret-Pa55word-never-logged";
+    let mut relay = Command::new(Path::new(env!("CARGO_BIN_EXE_flows")).with_file_name("flows-relay"))
+        .args(["--peer", "node-1=127.0.0.1:1", "--listen", &grpc.to_string(), "--metrics-listen", &metrics.to_string()])
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("relay");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "relay not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let got = listening(relay.id());
+    let _ = relay.kill();
+    let _ = relay.wait();
+    assert_eq!(got, [grpc.to_string(), metrics.to_string()].into(), "relay sockets");
+
+    // A store password goes to the server only: not to the log, whatever fails.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port");
+    let out = Command::new(Path::new(env!("CARGO_BIN_EXE_flows")).with_file_name("flows-relay"))
+        .args(["--peer", "node-1=127.0.0.1:1", "--listen", "127.0.0.1:0"])
+        .args(["--store", &format!("http://{dead}")])
+        .env("FLOWS_STORE_USER", "flows")
+        .env("FLOWS_STORE_PASSWORD", secret)
+        .env("RUST_LOG", "debug")
+        .output()
+        .expect("relay");
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "the relay opened a store nobody serves:\n{log}");
+    assert!(log.contains(&dead.to_string()), "the error names the store: {log}");
+    assert!(!log.contains(secret), "the password is in the relay's output:\n{log}");
+    let help = Command::new(Path::new(env!("CARGO_BIN_EXE_flows")).with_file_name("flows-relay"))
+        .arg("--help")
+        .env("FLOWS_STORE_PASSWORD", secret)
+        .output()
+        .expect("help");
+    assert!(!String::from_utf8_lossy(&help.stdout).contains(secret), "--help shows the password");
+    cleanup.follower = None;
+}
