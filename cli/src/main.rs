@@ -4,6 +4,7 @@ mod advice;
 mod audit;
 mod certs;
 mod connect;
+mod kubesync;
 mod filters;
 mod lab;
 mod labpolicy;
@@ -43,6 +44,9 @@ enum Command {
     /// Certificates for mutual TLS between node-probes, the relay and clients.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Keep a directory of manifests (Namespaces, Pods, NetworkPolicies) in step with
+    /// the cluster: the node-probe's policy source (its --manifests), run beside it.
+    KubeSync(kubesync::KubeSyncArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +63,11 @@ fn main() -> anyhow::Result<()> {
     connect::set_flags(cli.tls);
     match cli.command {
         Command::Certs(cmd) => certs::run(cmd),
+        Command::KubeSync(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(kubesync::run(args)),
         Command::Lab(cmd) => lab::run(cmd),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Tui(args) => tokio::runtime::Builder::new_multi_thread()

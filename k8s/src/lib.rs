@@ -5,8 +5,11 @@
 //! - [`watch`]: kube-rs watchers that keep an index current.
 //! - [`manifests`]: the same index from manifest files, offline (the lab, saved objects).
 //! - [`discover`]: the node-probe pods of a cluster, for the relay.
+//! - [`export`]: Namespaces, Pods and NetworkPolicies written as the manifest file the
+//!   node-probe enforces (`flows kube-sync`, the probe's sidecar on a cluster).
 
 pub mod discover;
+pub mod export;
 pub mod index;
 pub mod manifests;
 pub mod watch;

@@ -476,7 +476,17 @@ fn check(what: &str, text: &str) -> Objects {
     for s in &o.secrets {
         meta(&mut c, "Secret", &s.metadata, true);
     }
-    // The node-probe: host network, exactly the capabilities it needs, no API token.
+    // The node-probe: host network, exactly the capabilities it needs, no API token;
+    // any other container of its pod adds none.
+    for d in &o.daemonsets {
+        let at = format!("DaemonSet/{}", d.metadata.name.clone().unwrap_or_default());
+        for k in d.spec.as_ref().and_then(|s| s.template.spec.clone()).map(|s| s.containers).unwrap_or_default() {
+            let add = k.security_context.and_then(|s| s.capabilities).and_then(|c| c.add).unwrap_or_default();
+            if k.name != "node-probe" && !add.is_empty() {
+                c.err(&at, format!("container {} adds capabilities {add:?}", k.name));
+            }
+        }
+    }
     for d in &o.daemonsets {
         let at = format!("DaemonSet/{}", d.metadata.name.clone().unwrap_or_default());
         let spec = d.spec.as_ref().and_then(|s| s.template.spec.clone()).unwrap_or_default();
@@ -484,12 +494,19 @@ fn check(what: &str, text: &str) -> Objects {
             c.err(&at, "the probe needs the host network (the pods' veths are there)");
         }
         if spec.automount_service_account_token != Some(false) {
-            c.err(&at, "the probe talks to no API: no service account token");
+            c.err(&at, "no service account token in the probe's container");
+        }
+        // Only kube-sync holds API credentials.
+        for k in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+            let token = k.volume_mounts.iter().flatten().any(|m| m.mount_path.starts_with("/var/run/secrets/kubernetes.io"));
+            if token && k.name != "kube-sync" {
+                c.err(&at, format!("container {} mounts an API token", k.name));
+            }
         }
         if !spec.tolerations.iter().flatten().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()) {
             c.err(&at, "the probe does not tolerate every taint");
         }
-        for k in &spec.containers {
+        for k in spec.containers.iter().filter(|k| k.name == "node-probe") {
             let add: BTreeSet<String> = k
                 .security_context
                 .as_ref()
@@ -560,6 +577,23 @@ fn the_chart_lints_and_renders_valid_objects_for_every_documented_value_set() {
                 assert!(relay.iter().any(|x| x.starts_with("--store")), "{relay:?}");
             }
             "audit-mode" => assert!(probe.iter().any(|x| x == "--default-policy-mode=audit"), "{probe:?}"),
+            "enforce" => {
+                assert!(probe.iter().any(|x| x == "--default-policy-mode=enforce"), "{probe:?}");
+                // The policy source: kube-sync beside the probe, writing what it reads.
+                let spec = o.daemonsets[0].spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod");
+                let sync = spec.containers.iter().find(|k| k.name == "kube-sync").expect("kube-sync sidecar");
+                let out = sync.args.clone().unwrap_or_default().into_iter().find_map(|a| a.strip_prefix("--out=").map(String::from));
+                let read = probe.iter().find_map(|a| a.strip_prefix("--manifests=").map(String::from));
+                assert!(out.is_some() && out == read, "kube-sync writes {out:?}, the probe reads {read:?}");
+                let role = o
+                    .cluster_roles
+                    .iter()
+                    .find(|r| r.metadata.name.as_deref() == Some("flows-node-probe"))
+                    .expect("the probe's ClusterRole");
+                let resources: BTreeSet<String> =
+                    role.rules.iter().flatten().flat_map(|r| r.resources.clone().unwrap_or_default()).collect();
+                assert_eq!(resources, ["namespaces", "networkpolicies", "pods"].map(String::from).into());
+            }
             _ => {}
         }
         // No password is ever an argument.

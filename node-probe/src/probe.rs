@@ -166,7 +166,21 @@ pub async fn run(
         node: cfg.node_name.clone(),
         default_mode: cfg.default_mode,
     };
+    // With a policy source, nothing is attached before it has spoken: a probe that
+    // took over from its predecessor with no manifests would enforce no policy.
+    tokio::pin!(shutdown);
     if let Some(dir) = &cfg.manifests {
+        let mut said = false;
+        while PolicyProgrammer::signature(dir).is_empty() {
+            if !said {
+                tracing::info!(dir = %dir.display(), "waiting for the first manifests");
+                said = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = &mut shutdown => return Ok(()),
+            }
+        }
         programmer.sync(dir);
     }
     let policy_task = tokio::spawn(watch_policy(programmer, cfg.manifests.clone(), stop_rx.clone()));

@@ -592,6 +592,7 @@ impl Observer for RelayService {
                 rows_lost: sink.lost.load(Relaxed),
                 rows_buffered: sink.buffered.load(Relaxed),
                 last_error: sink.last_error(),
+                rows_lost_upstream: sink.lost_upstream.load(Relaxed),
             });
         }
         out.num_connected_nodes = Some(connected);
