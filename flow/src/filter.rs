@@ -87,15 +87,31 @@ enum Proto {
 struct Glob(String);
 
 impl Glob {
+    /// Iterative, with one backtracking point (the last `*`): O(pattern × text) time and
+    /// no recursion, since patterns come from clients (a recursive matcher let one
+    /// request of stars take exponential time or overflow the stack).
     fn matches(&self, s: &str) -> bool {
-        fn go(p: &[u8], s: &[u8]) -> bool {
-            match p.split_first() {
-                None => s.is_empty(),
-                Some((b'*', rest)) => (0..=s.len()).any(|i| go(rest, &s[i..])),
-                Some((c, rest)) => s.first() == Some(c) && go(rest, &s[1..]),
+        let (p, s) = (self.0.as_bytes(), s.as_bytes());
+        let (mut pi, mut si) = (0, 0);
+        // After the last `*` seen: where the pattern resumes, and where that `*`'s match ends.
+        let mut star: Option<(usize, usize)> = None;
+        while si < s.len() {
+            if p.get(pi) == Some(&b'*') {
+                pi += 1;
+                star = Some((pi, si));
+            } else if p.get(pi) == Some(&s[si]) {
+                pi += 1;
+                si += 1;
+            } else if let Some((resume, end)) = star {
+                // Let the last `*` take one more character and retry from there.
+                pi = resume;
+                si = end + 1;
+                star = Some((resume, end + 1));
+            } else {
+                return false;
             }
         }
-        go(self.0.as_bytes(), s.as_bytes())
+        p[pi..].iter().all(|&c| c == b'*')
     }
 }
 

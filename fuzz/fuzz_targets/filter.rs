@@ -9,8 +9,9 @@
 //! Checked: no panic, and no hang (the run's -timeout); a set matches a flow exactly when
 //! some allow filter alone does (or there is none) and no deny filter alone does; the node
 //! side compiles whenever the full filter does, never drops a flow the full filter wants
-//! after annotation, and when `exact` decides the same; a selector that parses, written
-//! back in kubectl syntax, parses to the same requirements.
+//! after annotation, and when `exact` decides the same; a node-name glob decides as a
+//! reference matcher; a selector that parses, written back in kubectl syntax, parses to
+//! the same requirements.
 
 #![no_main]
 
@@ -266,6 +267,43 @@ fn check_selector(s: &str, labels: &BTreeMap<String, String>) {
     }
 }
 
+/// Reference for `node_name` globs: `*` any run of bytes, the rest literal (dynamic
+/// programming over prefixes, so any length is fine).
+fn glob_ref(p: &[u8], s: &[u8]) -> bool {
+    let mut m = vec![false; s.len() + 1];
+    m[0] = true;
+    for &c in p {
+        let mut next = vec![false; s.len() + 1];
+        if c == b'*' {
+            let mut any = false;
+            for j in 0..=s.len() {
+                any |= m[j];
+                next[j] = any;
+            }
+        } else {
+            for j in 1..=s.len() {
+                next[j] = m[j - 1] && s[j - 1] == c;
+            }
+        }
+        m = next;
+    }
+    m[s.len()]
+}
+
+/// Each node-name pattern alone decides as the reference glob does.
+fn check_globs(filters: &[FlowFilter], flows: &[(Flow, Flow)]) {
+    for pattern in filters.iter().flat_map(|f| f.node_name.iter()) {
+        let one = FlowFilter { node_name: vec![pattern.clone()], ..Default::default() };
+        let Ok(set) = FilterSet::new(&[one], &[]) else {
+            panic!("a node-name filter is always valid: {pattern:?}");
+        };
+        for (f, _) in flows {
+            let want = glob_ref(pattern.as_bytes(), f.node_name.as_bytes());
+            assert_eq!(set.matches(f), want, "node name {:?} against {pattern:?}", f.node_name);
+        }
+    }
+}
+
 fn check_filters(allow: &[FlowFilter], deny: &[FlowFilter], flows: &[(Flow, Flow)]) {
     let Ok(set) = FilterSet::new(allow, deny) else {
         return;
@@ -317,6 +355,7 @@ fn structured(bytes: &[u8]) -> arbitrary::Result<()> {
         flows.push((raw, annotated));
     }
     check_filters(&allow, &deny, &flows);
+    check_globs(&allow, &flows);
     let labels: BTreeMap<String, String> = [("app", "web"), ("tier", "front"), ("team", "")]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -351,7 +390,9 @@ fn wire(bytes: &[u8]) {
         }),
         ..Default::default()
     };
-    check_filters(&req.allow_list, &req.deny_list, &[(flow.clone(), flow)]);
+    let flows = [(flow.clone(), flow)];
+    check_filters(&req.allow_list, &req.deny_list, &flows);
+    check_globs(&req.allow_list, &flows);
     for f in req.allow_list.iter().chain(&req.deny_list) {
         for s in f.source_label.iter().chain(&f.destination_label) {
             check_selector(s, &BTreeMap::new());

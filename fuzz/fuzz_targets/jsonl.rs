@@ -21,6 +21,16 @@ use ratatui::{Terminal, backend::TestBackend};
 
 const NOW_MS: u64 = 1_700_000_000_000;
 
+/// Seconds of 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z: RFC 3339's years. A time
+/// read with an offset can land outside (`0000-01-01T00:00:00+23:59` is year -1); it is
+/// then printed (chrono writes `-0001-…`, `+10000-…`) but the timestamp parser refuses it.
+/// That is pbjson-types/chrono, not flows, so such flows are not round-tripped here.
+const RFC3339_SECONDS: std::ops::RangeInclusive<i64> = -62_167_219_200..=253_402_300_799;
+
+fn printable_time(t: Option<&flows_proto::Timestamp>) -> bool {
+    t.is_none_or(|t| RFC3339_SECONDS.contains(&t.seconds))
+}
+
 /// cli/src/observe.rs: `{"flow": {...}}` records and bare flows.
 fn cli_read(line: &str) -> Option<Flow> {
     if line.trim().is_empty() {
@@ -51,6 +61,9 @@ fn check_cli(line: &str) {
         Ok(p) => p,
         Err(e) => panic!("`flows observe -o json` cannot print a flow it read: {e}\n{line}"),
     };
+    if !printable_time(f.time.as_ref()) {
+        return;
+    }
     match cli_read(&printed) {
         Some(back) => assert_eq!(back, f, "printed as {printed}"),
         None => panic!("`flows observe --input-file` cannot read what it printed: {printed}\n(from {line})"),
@@ -64,7 +77,7 @@ fn check_tui(r: &GetFlowsResponse, line: &str) {
     };
     // A line naming node_status or lost_events as null reads as an empty response; it
     // writes back as `{}`, which is a (default) bare flow: nothing to compare.
-    if r.response_types.is_none() {
+    if r.response_types.is_none() || !printable_time(r.time.as_ref()) {
         return;
     }
     match parse_line(&text) {
@@ -74,10 +87,9 @@ fn check_tui(r: &GetFlowsResponse, line: &str) {
 }
 
 fn draw(app: &App, w: u16, h: u16) {
-    // TestBackend's errors are Infallible in practice; a failed draw is no finding here.
-    if let Ok(mut t) = Terminal::new(TestBackend::new(w, h)) {
-        let _ = t.draw(|f| view::draw(f, app, NOW_MS));
-    }
+    // TestBackend's errors are Infallible.
+    let Ok(mut t) = Terminal::new(TestBackend::new(w, h));
+    let _ = t.draw(|f| view::draw(f, app, NOW_MS));
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -97,10 +109,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let _ = app.suggestion();
-    draw(&app, 120, 30);
-    draw(&app, 40, 12);
+    draw(&app, 100, 30);
     // The detail view of the newest flow, with its policy suggestion.
     app.scroll(1);
     app.detail = true;
-    draw(&app, 100, 40);
+    draw(&app, 60, 20);
 });

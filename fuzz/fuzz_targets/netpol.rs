@@ -410,6 +410,7 @@ struct Input {
     pods: Vec<Pod>,
     policies: Vec<Policy>,
     probes: Vec<(u8, u8)>,
+    externals: Vec<u8>,
     format: u8,
 }
 
@@ -467,7 +468,8 @@ fuzz_target!(|input: Input| {
     assert_eq!(m.policies.len(), policies.len());
     assert_eq!(m.cluster.pods().len(), pods.len(), "every pod read (names are unique)");
 
-    let externals: Vec<IpAddr> = EXTERNALS.iter().filter_map(|s| s.parse().ok()).collect();
+    // A few outside addresses (every pair is evaluated: keep the count small).
+    let externals: Vec<IpAddr> = input.externals.iter().take(3).filter_map(|i| pick(&EXTERNALS, *i).parse().ok()).collect();
     let mut probes: Vec<(Protocol, u16)> = vec![(Protocol::Tcp, 80), (Protocol::Icmp, 0)];
     for &(proto, port) in input.probes.iter().take(3) {
         let proto = match proto % 5 {

@@ -400,8 +400,13 @@ pub fn compile_datapath(
     let mut policy = BTreeMap::new();
     let mut local: Vec<&PodInfo> = cluster.pods().iter().filter(|p| (node.is_local)(p)).collect();
     local.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    // Every local pod's number is in use, addresses or not: a pod without one yet (or
+    // whose address another pod took) must keep its number, or each recompile renumbers
+    // it and rewrites all of its policy entries.
+    let mut used_endpoints: BTreeSet<u32> = BTreeSet::new();
     for pod in local {
         let endpoint = alloc.endpoint(pod);
+        used_endpoints.insert(endpoint);
         let mut isolation = [None, None];
         for (di, dir) in [Direction::Ingress, Direction::Egress].into_iter().enumerate() {
             let selecting: Vec<&CompiledPolicy> = engine
@@ -472,7 +477,6 @@ pub fn compile_datapath(
         }
     }
     let used: BTreeSet<u32> = ipcache.values().copied().collect();
-    let used_endpoints: BTreeSet<u32> = endpoints.values().map(|e: &EndpointEntry| e.endpoint).collect();
     alloc.retain(&used, &used_endpoints);
     DatapathState {
         ipcache,

@@ -122,7 +122,8 @@ impl App {
     pub fn ingest(&mut self, r: GetFlowsResponse, now_ms: u64) {
         match r.response_types {
             Some(ResponseTypes::Flow(f)) => self.ingest_flow(f, now_ms),
-            Some(ResponseTypes::LostEvents(l)) => self.lost += l.num_events_lost,
+            // Counts come from the server or a replayed file: saturate, never overflow.
+            Some(ResponseTypes::LostEvents(l)) => self.lost = self.lost.saturating_add(l.num_events_lost),
             Some(ResponseTypes::NodeStatus(s)) => {
                 let up = NodeState::try_from(s.state_change).ok() == Some(NodeState::Connected);
                 for n in s.node_names {
