@@ -9,8 +9,8 @@
 # FUZZ_CORPUS_DIR is set, on $FUZZ_CORPUS_DIR/<target>, kept between runs). Exits non-zero
 # when any target crashes, hangs (-timeout) or runs out of memory, naming the input and
 # the command that reproduces it. Expects scripts/setup.sh to have run (the pinned
-# nightly, protobuf-compiler for flows-proto). The decoder is compiled from its source
-# file, not through the node-probe crate, so no eBPF object is built (fuzz/Cargo.toml).
+# nightly, protobuf-compiler for flows-proto). The decoder is its own crate
+# (flows-parser), so no eBPF object is built for the fuzz targets.
 # Env: FUZZ_TARGETS="decode jsonl" to run a subset; FUZZ_TARGET_DIR for the build
 # (default fuzz/target; a kept one makes CI's build incremental); FUZZ_SANITIZER
 # (default address; "none" builds faster and runs about twice as fast, but unsafe code,

@@ -4,7 +4,7 @@ use std::{io::Write, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use flows_proto::{
-    Flow, GetFlowsRequest, Timestamp, get_flows_response::ResponseTypes,
+    Flow, GetFlowsRequest, GetFlowsResponse, Timestamp, get_flows_response::ResponseTypes,
     observer_client::ObserverClient,
 };
 
@@ -122,18 +122,8 @@ fn from_file(args: &ObserveArgs, req: &GetFlowsRequest, path: &std::path::Path) 
     let mut bad = 0usize;
     for (i, line) in input.lines().enumerate() {
         let line = line.with_context(|| format!("reading line {}", i + 1))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        // Accept `-o json` records ({"flow": {...}}) and bare flows.
-        let parsed = serde_json::from_str::<serde_json::Value>(&line)
-            .map_err(|e| e.to_string())
-            .and_then(|v| {
-                let f = v.get("flow").cloned().unwrap_or(v);
-                serde_json::from_value::<Flow>(f).map_err(|e| e.to_string())
-            });
-        match parsed {
-            Ok(f) => {
+        match flows_flow::jsonl::read_line(&line) {
+            Ok(Some(GetFlowsResponse { response_types: Some(ResponseTypes::Flow(f)), .. })) => {
                 let t = key(&f.time);
                 let in_window = req.since.as_ref().is_none_or(|s| t >= Some((s.seconds, s.nanos)))
                     && req.until.as_ref().is_none_or(|u| t < Some((u.seconds, u.nanos)));
@@ -141,9 +131,11 @@ fn from_file(args: &ObserveArgs, req: &GetFlowsRequest, path: &std::path::Path) 
                     flows.push(f);
                 }
             }
+            // Blank lines, and the lost-events and node-status records a saved stream has.
+            Ok(_) => {}
             Err(e) => {
                 bad += 1;
-                eprintln!("{}:{}: not a flow: {e}", path.display(), i + 1);
+                eprintln!("{}:{}: {e}", path.display(), i + 1);
             }
         }
     }

@@ -5,6 +5,8 @@
 
 use std::io::{IsTerminal, Write};
 
+use flows_flow::jsonl;
+
 use flows_proto::{
     Endpoint, Flow, LostEvent, LostEventSource, NodeStatusEvent, ObservationPoint, Verdict,
     layer4::Protocol,
@@ -215,10 +217,7 @@ impl Printer {
 
     pub fn flow(&mut self, out: &mut impl Write, f: &Flow) -> std::io::Result<()> {
         match self.format {
-            Format::Json => {
-                let v = serde_json::json!({ "flow": f, "node_name": f.node_name, "time": f.time });
-                writeln!(out, "{v}")
-            }
+            Format::Json => writeln!(out, "{}", jsonl::flow_line(f).map_err(std::io::Error::other)?),
             Format::Compact => {
                 let node = if self.node_name {
                     format!(" [{}]", escape(&f.node_name))
@@ -288,7 +287,7 @@ impl Printer {
 
     pub fn lost(&mut self, out: &mut impl Write, l: &LostEvent) -> std::io::Result<()> {
         match self.format {
-            Format::Json => writeln!(out, "{}", serde_json::json!({ "lost_events": l })),
+            Format::Json => writeln!(out, "{}", jsonl::lost_events_line(l).map_err(std::io::Error::other)?),
             _ => writeln!(
                 out,
                 "{}",
@@ -302,7 +301,7 @@ impl Printer {
 
     pub fn node_status(&mut self, out: &mut impl Write, s: &NodeStatusEvent) -> std::io::Result<()> {
         match self.format {
-            Format::Json => writeln!(out, "{}", serde_json::json!({ "node_status": s })),
+            Format::Json => writeln!(out, "{}", jsonl::node_status_line(s).map_err(std::io::Error::other)?),
             _ => writeln!(
                 out,
                 "NODE STATUS: {} {}",

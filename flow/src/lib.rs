@@ -1,9 +1,11 @@
 //! Flow logic without I/O: [`filter::FilterSet`] (FlowFilter allow and deny lists, as
 //! Hubble defines them), [`selector::LabelSelector`] (kubectl's selector syntax) and
-//! [`enrich`] (annotation through getter traits, and what a node can filter before it).
+//! [`enrich`] (annotation through getter traits, and what a node can filter before it),
+//! [`jsonl`] (flows as JSON lines: the printed form and its reader).
 
 pub mod enrich;
 pub mod filter;
+pub mod jsonl;
 pub mod selector;
 
 pub use filter::{FilterError, FilterSet};

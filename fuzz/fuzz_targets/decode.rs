@@ -1,6 +1,5 @@
-//! Kernel events → Flow records: the probe's decoder (node-probe/src/decode.rs, compiled
-//! here as `flows_fuzz::decode`; see fuzz/Cargo.toml), fed what the ring buffer could
-//! hand it. The input is one record as a whole (any length), then cut into
+//! Kernel events → Flow records: the probe's decoder (the flows-parser crate), fed what
+//! the ring buffer could hand it. The input is one record as a whole (any length), then cut into
 //! RAW_EVENT_SIZE records, each decoded as the reader does.
 //!
 //! Beyond "no panic": a record of the wrong length is `BadLength`; a full record is
@@ -24,7 +23,7 @@ use flows_common::{
     POLICY_INGRESS_ALLOWED, POLICY_INGRESS_EVALUATED, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
     PROTO_UDP, RAW_EVENT_SIZE, RawEvent, VERDICT_DENIED,
 };
-use flows_fuzz::decode::{
+use flows_parser::{
     Clock, DecodeError, Decoder, EndpointIndex, POLICY_DENIED, PolicySets,
 };
 use flows_policy::{

@@ -160,7 +160,3 @@ pub fn check_manifests(m: &Manifests, externals: &[IpAddr], probes: &[(Protocol,
         }
     }
 }
-
-/// The probe's decoder, from its own source file (see Cargo.toml for why not its crate).
-#[path = "../../node-probe/src/decode.rs"]
-pub mod decode;

@@ -10,10 +10,8 @@ use std::{
 };
 
 use flows_common::{POINT_FROM_ENDPOINT, RawEvent};
-use flows_node_probe::{
-    decode::{Clock, Decoder, event_bytes, sample_event},
-    ring::{Entry, FlowRing},
-};
+use flows_node_probe::ring::{Entry, FlowRing};
+use flows_parser::{Clock, Decoder, event_bytes, sample_event};
 
 fn main() {
     let n: usize = 1_000_000;

@@ -1,12 +1,11 @@
 //! flows node-probe: the per-node agent.
 //!
 //! `datapath` loads and attaches the eBPF programs (the only module using aya), `ifaces`
-//! finds pod interfaces, `decode` turns kernel events into Flow records, `ring` keeps
-//! the recent ones, `server` serves them over gRPC and `probe` wires it all together.
+//! finds pod interfaces, the `flows-parser` crate turns kernel events into Flow
+//! records, `ring` keeps the recent ones, `server` serves them over gRPC and `probe` wires it all together.
 
 pub mod btf;
 pub mod datapath;
-pub mod decode;
 pub mod ifaces;
 
 /// Prometheus metrics (the `flows-metrics` crate, shared with the relay).

@@ -22,12 +22,13 @@ use flows_policy::{
     compile::{IdentityAllocator, Mode, NodeView, SetTable, compile_datapath},
 };
 
+use flows_parser::{Clock, Decoder, EndpointIndex, IfNames, PolicySets};
+
 use crate::{
     datapath::{
         CountersMap, Datapath, DatapathConfig, DatapathError, DatapathMaps, EventsMap, PolicyMaps,
         read_counters,
     },
-    decode::{Clock, Decoder, EndpointIndex, IfNames, PolicySets},
     ifaces::{IfaceSelector, list_veths},
     ring::{Entry, FlowRing, RingError},
     server::ObserverService,

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use flows_proto::{Flow, GetFlowsRequest, GetFlowsResponse, get_flows_response::ResponseTypes, observer_client::ObserverClient};
+use flows_proto::{GetFlowsRequest, GetFlowsResponse, observer_client::ObserverClient};
 
 use crate::{
     now_ms,
@@ -102,19 +102,10 @@ async fn poll_status(mut c: ObserverClient<tonic::transport::Channel>, app: Arc<
 
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
-/// A flow from one JSON line: `{"flow": {...}}` records or bare flows.
+/// A record from one JSON line (`flows observe -o json`'s form, or a bare flow); blank
+/// and unreadable lines are skipped by the replay.
 pub fn parse_line(line: &str) -> Option<GetFlowsResponse> {
-    let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    if v.get("node_status").is_some() || v.get("lost_events").is_some() {
-        return serde_json::from_value(v).ok();
-    }
-    let f = v.get("flow").cloned().unwrap_or(v);
-    let flow: Flow = serde_json::from_value(f).ok()?;
-    Some(GetFlowsResponse {
-        time: flow.time,
-        node_name: flow.node_name.clone(),
-        response_types: Some(ResponseTypes::Flow(flow)),
-    })
+    flows_flow::jsonl::read_line(line).ok().flatten()
 }
 
 async fn replay(path: PathBuf, rate: u64, app: Arc<Mutex<App>>) {
