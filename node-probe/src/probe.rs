@@ -281,6 +281,11 @@ pub async fn run(
     Ok(())
 }
 
+/// How often the ring is drained without a wakeup: the datapath wakes the reader only
+/// once a batch is waiting (ebpf `WAKEUP_BYTES`), so a trickle of events waits at most
+/// this long.
+const DRAIN_EVERY: Duration = Duration::from_millis(10);
+
 async fn read_events(
     events: EventsMap,
     mut decoder: Decoder,
@@ -294,34 +299,39 @@ async fn read_events(
     let mut afd = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| ProbeError::Poll(std::io::Error::other(e.to_string())))?;
     let mut clock_at = Instant::now();
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain = |rb: &mut EventsMap| {
+        // Wall clock may be stepped (NTP): refresh the offset now and then.
+        if clock_at.elapsed() > Duration::from_secs(30) {
+            decoder.set_clock(Clock::now());
+            clock_at = Instant::now();
+        }
+        let mut n = 0;
+        while let Some(item) = rb.next() {
+            match decoder.decode_bytes(&item) {
+                Ok(flow) => {
+                    metrics.observe(&flow);
+                    ring.push(Entry::Flow(flow));
+                    n += 1;
+                }
+                Err(e) => {
+                    stats.add_decode_error();
+                    metrics.lost(LostEventSource::DecoderQueue, 1);
+                    tracing::warn!(error = %e, "undecodable datapath event");
+                }
+            }
+        }
+        stats.add_seen(n);
+    };
     loop {
         tokio::select! {
             guard = afd.readable_mut() => {
                 let mut guard = guard.map_err(ProbeError::Poll)?;
-                // Wall clock may be stepped (NTP): refresh the offset now and then.
-                if clock_at.elapsed() > Duration::from_secs(30) {
-                    decoder.set_clock(Clock::now());
-                    clock_at = Instant::now();
-                }
-                let rb = guard.get_inner_mut();
-                let mut n = 0;
-                while let Some(item) = rb.next() {
-                    match decoder.decode_bytes(&item) {
-                        Ok(flow) => {
-                            metrics.observe(&flow);
-                            ring.push(Entry::Flow(flow));
-                            n += 1;
-                        }
-                        Err(e) => {
-                            stats.add_decode_error();
-                            metrics.lost(LostEventSource::DecoderQueue, 1);
-                            tracing::warn!(error = %e, "undecodable datapath event");
-                        }
-                    }
-                }
-                stats.add_seen(n);
+                drain(guard.get_inner_mut());
                 guard.clear_ready();
             }
+            _ = tick.tick() => drain(afd.get_mut()),
             _ = stop.changed() => return Ok(()),
         }
     }
