@@ -286,6 +286,10 @@ pub async fn run(
 /// this long.
 const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
+/// Decoded flows go into the ring this many at a time at most (one lock, one wakeup of
+/// the readers each), so a full kernel ring is not held decoded all at once.
+const PUSH_BATCH: usize = 1024;
+
 async fn read_events(
     events: EventsMap,
     mut decoder: Decoder,
@@ -307,13 +311,17 @@ async fn read_events(
             decoder.set_clock(Clock::now());
             clock_at = Instant::now();
         }
+        let mut flows = Vec::with_capacity(PUSH_BATCH);
         let mut n = 0;
         while let Some(item) = rb.next() {
             match decoder.decode_bytes(&item) {
                 Ok(flow) => {
                     metrics.observe(&flow);
-                    ring.push(Entry::Flow(flow));
-                    n += 1;
+                    flows.push(Entry::Flow(flow));
+                    if flows.len() == PUSH_BATCH {
+                        n += PUSH_BATCH as u64;
+                        ring.push_all(flows.drain(..));
+                    }
                 }
                 Err(e) => {
                     stats.add_decode_error();
@@ -322,6 +330,8 @@ async fn read_events(
                 }
             }
         }
+        n += flows.len() as u64;
+        ring.push_all(flows);
         stats.add_seen(n);
     };
     loop {

@@ -14,7 +14,9 @@ pub type Nanos = i128;
 struct Held<T> {
     at: Nanos,
     seq: u64,
-    item: T,
+    /// Boxed: the heap moves its entries on every push and pop, and a flow is large
+    /// (those moves were the relay's largest memory copy).
+    item: Box<T>,
 }
 
 impl<T> PartialEq for Held<T> {
@@ -66,13 +68,13 @@ impl<T> SortWindow<T> {
         self.heap.push(Reverse(Held {
             at,
             seq: self.seq,
-            item,
+            item: Box::new(item),
         }));
         let mut out = Vec::new();
         while self.heap.len() > self.capacity {
             if let Some(Reverse(h)) = self.heap.pop() {
                 self.last_sent = Some(h.at);
-                out.push(h.item);
+                out.push(*h.item);
             }
         }
         out
@@ -84,7 +86,7 @@ impl<T> SortWindow<T> {
         while self.heap.peek().is_some_and(|Reverse(h)| h.at <= now - self.window) {
             if let Some(Reverse(h)) = self.heap.pop() {
                 self.last_sent = Some(h.at);
-                out.push(h.item);
+                out.push(*h.item);
             }
         }
         out
@@ -95,7 +97,7 @@ impl<T> SortWindow<T> {
         let mut out = Vec::new();
         while let Some(Reverse(h)) = self.heap.pop() {
             self.last_sent = Some(h.at);
-            out.push(h.item);
+            out.push(*h.item);
         }
         out
     }

@@ -122,7 +122,7 @@ pub async fn run(
         let Some(Ok(m)) = m else { break };
         match m.response_types {
             Some(ResponseTypes::Flow(f)) => {
-                let row = FlowRow::from_flow(&f);
+                let row = FlowRow::from_owned(f);
                 let sent = match config.when_full {
                     WhenFull::Block => tokio::select! {
                         r = tx.send(row) => r.is_ok(),

@@ -137,8 +137,8 @@ struct Side {
     identity: u32,
 }
 
-fn side(e: Option<&Endpoint>, ip: &str) -> Side {
-    let e = e.cloned().unwrap_or_default();
+fn side(e: Option<Endpoint>, ip: &str) -> Side {
+    let e = e.unwrap_or_default();
     let (workload, kind) = if e.is_world {
         (ip.to_string(), "world".to_string())
     } else if let Some(w) = e.workloads.last() {
@@ -220,7 +220,12 @@ fn unservice(s: &str) -> Option<Service> {
 
 impl FlowRow {
     pub fn from_flow(f: &Flow) -> FlowRow {
-        let ip = f.ip.clone().unwrap_or_default();
+        FlowRow::from_owned(f.clone())
+    }
+
+    /// As [`FlowRow::from_flow`], taking the flow's strings instead of copying them.
+    pub fn from_owned(mut f: Flow) -> FlowRow {
+        let ip = f.ip.take().unwrap_or_default();
         let time = f
             .time
             .map(|t| t.seconds.saturating_mul(1_000_000_000).saturating_add(i64::from(t.nanos)))
@@ -234,14 +239,14 @@ impl FlowRow {
             Some(layer4::Protocol::Sctp(s)) => (4, s.source_port, s.destination_port, 0),
             None => (usize::MAX, 0, 0, 0),
         };
-        let s = side(f.source.as_ref(), &ip.source);
-        let d = side(f.destination.as_ref(), &ip.destination);
+        let s = side(f.source.take(), &ip.source);
+        let d = side(f.destination.take(), &ip.destination);
         FlowRow {
             time,
-            node: f.node_name.clone(),
-            uuid: f.uuid.clone(),
+            node: std::mem::take(&mut f.node_name),
+            uuid: std::mem::take(&mut f.uuid),
             verdict: i8::try_from(f.verdict).unwrap_or(0),
-            drop_reason: f.drop_reason.clone(),
+            drop_reason: std::mem::take(&mut f.drop_reason),
             event_type: i8::try_from(f.event_type).unwrap_or(0),
             point: i8::try_from(f.observation_point).unwrap_or(0),
             direction: i8::try_from(f.traffic_direction).unwrap_or(0),
