@@ -754,6 +754,22 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let skb: *const u8 = ctx.arg(0);
     let reason = ctx.arg::<u64>(2) as u32;
 
+    // Another probe's namespaces (several share a kernel in the lab): checked first, as
+    // it costs a few reads and a small map, where the tuple needs many and a large one.
+    let mut netns_ino = 0;
+    if unsafe { core::ptr::read_volatile(&DROP_NETNS_FILTER) } != 0 {
+        let dev: *const u8 = read(skb, off.skb_dev)?;
+        if dev.is_null() {
+            return Ok(());
+        }
+        let net: *const u8 = read(dev, off.dev_nd_net)?;
+        let ino: u32 = read(net, off.net_ns_inum)?;
+        if unsafe { DROP_NETNS.get(&ino) }.is_none() {
+            return Ok(());
+        }
+        netns_ino = ino;
+    }
+
     let nh: u16 = read(skb, off.skb_network_header)?;
     if nh == 0xffff {
         return Ok(());
@@ -763,6 +779,7 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let ip = head.wrapping_add(nh as usize);
 
     let mut ev = RawEvent::zeroed();
+    ev.netns_ino = netns_ino;
     let l4: *const u8;
     match eth_proto {
         ETH_P_IP => {
@@ -818,19 +835,6 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i32> {
         Some(w) => w,
         None => return Ok(()),
     };
-
-    if unsafe { core::ptr::read_volatile(&DROP_NETNS_FILTER) } != 0 {
-        let dev: *const u8 = read(skb, off.skb_dev)?;
-        if dev.is_null() {
-            return Ok(());
-        }
-        let net: *const u8 = read(dev, off.dev_nd_net)?;
-        let ino: u32 = read(net, off.net_ns_inum)?;
-        if unsafe { DROP_NETNS.get(&ino) }.is_none() {
-            return Ok(());
-        }
-        ev.netns_ino = ino;
-    }
 
     // SAFETY: map value pointer valid until the program exits.
     let w = unsafe { &mut *w };

@@ -88,7 +88,7 @@ struct Args {
     #[arg(long, default_value_t = 365)]
     retention_hour_days: u32,
     /// Rows per insert at most.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 100_000)]
     store_batch_rows: usize,
     /// An insert is made at least this often while flows arrive (milliseconds).
     #[arg(long, default_value_t = 1000)]

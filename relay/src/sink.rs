@@ -44,7 +44,7 @@ pub struct SinkConfig {
 impl Default for SinkConfig {
     fn default() -> Self {
         SinkConfig {
-            batch_rows: 20_000,
+            batch_rows: 100_000,
             flush: Duration::from_secs(1),
             buffer_rows: 200_000,
             when_full: WhenFull::Block,
