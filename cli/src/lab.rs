@@ -43,6 +43,11 @@ pub enum LabCommand {
         /// made in the state directory's tls/, which `flows` commands then use).
         #[arg(long, requires = "probes")]
         tls: bool,
+        /// Where the relay keeps flows: `embedded` (ClickHouse's engine inside the relay,
+        /// in the state directory) or a ClickHouse server's HTTP address
+        /// (http://host:8123), also after `flows lab relay start`.
+        #[arg(long, requires = "probes", default_value = "embedded")]
+        store: String,
         #[command(flatten)]
         dir: StateDir,
     },
@@ -133,8 +138,9 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             nodes,
             probes,
             tls,
+            store,
             dir,
-        } => up(paths, nodes, probes, tls, &dir.state_dir),
+        } => up(paths, nodes, probes, tls, &store, &dir.state_dir),
         LabCommand::Down { dir } => down(&dir.state_dir),
         LabCommand::Policy { command, dir } => crate::labpolicy::run(&dir.state_dir, command),
         LabCommand::Status { output, dir } => status(&dir.state_dir, output),
@@ -180,7 +186,10 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
     }
 }
 
-fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, tls: bool, dir: &Path) -> anyhow::Result<()> {
+fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, tls: bool, store: &str, dir: &Path) -> anyhow::Result<()> {
+    if store != "embedded" && !(store.starts_with("http://") || store.starts_with("https://")) {
+        bail!("--store {store}: expected `embedded` or a ClickHouse server's http(s):// address");
+    }
     let exe = std::env::current_exe().context("finding the flows executable")?;
     let mut opts = UpOptions::new(paths, dir);
     opts.nodes = nodes;
@@ -210,6 +219,7 @@ fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, tls: bool, dir: &Path) ->
         println!("mutual TLS: certificates in {}", tls_dir.display());
     }
     if probes {
+        crate::labprobes::set_relay_store(dir, (store != "embedded").then_some(store))?;
         // All or nothing: a lab whose probes did not start is taken down again.
         match crate::labprobes::start(dir, &state) {
             Ok(addrs) => {

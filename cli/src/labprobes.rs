@@ -232,6 +232,32 @@ fn alive(pid: u32) -> bool {
     }
 }
 
+const RELAY_STORE: &str = "relay.store";
+
+/// Keeps a ClickHouse server address for the lab's relay (every start uses it), or
+/// with `None` the embedded store.
+pub fn set_relay_store(dir: &Path, url: Option<&str>) -> anyhow::Result<()> {
+    let p = dir.join(RELAY_STORE);
+    match url {
+        Some(url) => std::fs::write(&p, url).with_context(|| format!("writing {}", p.display())),
+        None => match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(anyhow::Error::new(e).context(format!("removing {}", p.display())))
+            }
+            _ => Ok(()),
+        },
+    }
+}
+
+fn relay_store(dir: &Path) -> anyhow::Result<Option<String>> {
+    let p = dir.join(RELAY_STORE);
+    match std::fs::read_to_string(&p) {
+        Ok(s) => Ok(Some(s.trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("reading {}", p.display()))),
+    }
+}
+
 /// Starts a relay over the lab's node-probes (`addrs`, in node order); returns its address.
 pub fn start_relay(dir: &Path, state: &State, addrs: &[String]) -> anyhow::Result<String> {
     let bin = sibling("flows-relay", "FLOWS_RELAY");
@@ -244,9 +270,13 @@ pub fn start_relay(dir: &Path, state: &State, addrs: &[String]) -> anyhow::Resul
         cmd.arg("--peer").arg(format!("{}={addr}", node.name));
     }
     // Addresses are named from the lab's cluster manifests, read again as they change;
-    // every flow is kept in the embedded store, in the state directory.
+    // every flow is kept in the embedded store, in the state directory, unless the lab
+    // was given a ClickHouse server.
     cmd.arg("--manifests").arg(flows_lab::manifests::dir(dir));
-    cmd.arg("--store").arg(format!("embedded:{}", dir.join("store").display()));
+    match relay_store(dir)? {
+        Some(url) => cmd.arg("--store").arg(url),
+        None => cmd.arg("--store").arg(format!("embedded:{}", dir.join("store").display())),
+    };
     if let (Some(cert), Some(key), Some(ca)) =
         (tls_file(dir, "relay.crt"), tls_file(dir, "relay.key"), tls_file(dir, "ca.crt"))
     {
