@@ -149,7 +149,8 @@ impl FlowTuple {
     }
 }
 
-/// Conntrack key: the tuple in the direction of the first packet, plus the interface,
+/// Conntrack key: the connection's tuple, direction-normalised (the smaller address
+/// first), so one lookup finds it from a packet going either way; plus the interface,
 /// because one connection is reported once at *each* observation point it crosses.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -172,6 +173,9 @@ pub const CT_F_EVALUATED: u32 = 1 << 4;
 /// First seen mid-stream and allowed as the reply side of a connection the peer opened:
 /// it is decided again in that direction.
 pub const CT_F_AS_REPLY: u32 = 1 << 5;
+/// The connection's first packet had its tuple swapped to make the key: a packet is going
+/// the connection's way when normalising its tuple swaps it the same.
+pub const CT_F_ORIG_SWAPPED: u32 = 1 << 6;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

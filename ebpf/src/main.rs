@@ -17,7 +17,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TcContext},
 };
 use flows_common::{
-    AF_INET, AF_INET6, CT_F_AS_REPLY, CT_F_CLOSING, CT_F_DENIED, CT_F_EVALUATED, CT_F_NO_EVENT, CT_F_REPLY_SEEN,
+    AF_INET, AF_INET6, CT_F_AS_REPLY, CT_F_CLOSING, CT_F_DENIED, CT_F_EVALUATED, CT_F_NO_EVENT, CT_F_ORIG_SWAPPED,
+    CT_F_REPLY_SEEN,
     CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, DropWatch, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED,
     EVENT_DROP, EVENT_F_REPLY, EVENT_FLOW, EndpointValue, FlowTuple, IDENTITY_ANY, IDENTITY_WORLD,
     KernelOffsets, MODE_ENFORCE, MODE_OFF, POINT_FROM_ENDPOINT, POINT_FROM_NETWORK,
@@ -460,64 +461,69 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) -> i32 {
     let fin_rst = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     let rev = policy_rev();
 
-    let key = CtKey {
+    // One lookup for both directions: the key is the normalised tuple, and the entry says
+    // which way the connection goes.
+    // In place: the stack has no room for another copy of the tuple.
+    let mut key = CtKey {
         tuple: pkt.tuple,
         ifindex,
     };
+    let swapped = must_swap(&key.tuple);
+    if swapped {
+        core::mem::swap(&mut key.tuple.saddr, &mut key.tuple.daddr);
+        core::mem::swap(&mut key.tuple.sport, &mut key.tuple.dport);
+    }
+    let orig_swapped = if swapped { CT_F_ORIG_SWAPPED } else { 0 };
     if let Some(e) = CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: map value pointer valid until the program exits.
         let e = unsafe { &mut *e };
-        let again = if tcp {
-            // A SYN after FIN/RST reuses the tuple for a new connection; so does a SYN on
-            // an entry first seen mid-stream where policy is enforced (it must be decided
-            // as an attempt). Any other SYN is a retransmission of the same attempt.
-            is_new_tcp_attempt(pkt.tcp_flags)
-                && (e.flags & CT_F_CLOSING != 0
-                    || (e.flags & CT_F_NO_EVENT != 0 && enforcing(point)))
-        } else {
-            now.saturating_sub(e.last_seen_ns) > DATAGRAM_IDLE_NS
-        };
-        if !again {
-            e.last_seen_ns = now;
-            e.packets_orig = e.packets_orig.wrapping_add(1);
-            if fin_rst {
-                e.flags |= CT_F_CLOSING;
-            }
-            if e.flags & CT_F_EVALUATED != 0 && e.rev != rev && enforcing(point) {
-                // Policy changed since this connection was decided: decide it again.
-                count(counter::POLICY_REEVALUATED);
-                let mut v = NO_VERDICT;
-                decide(&pkt.tuple, point == POINT_TO_ENDPOINT, e.flags & CT_F_AS_REPLY != 0, &mut v);
-                e.rev = rev;
-                let was_denied = e.flags & CT_F_DENIED != 0;
-                if v.drop {
-                    e.flags |= CT_F_DENIED;
-                } else {
-                    e.flags &= !CT_F_DENIED;
+        if e.flags & CT_F_ORIG_SWAPPED == orig_swapped {
+            // The connection's own direction.
+            let again = if tcp {
+                // A SYN after FIN/RST reuses the tuple for a new connection; so does a SYN on
+                // an entry first seen mid-stream where policy is enforced (it must be decided
+                // as an attempt). Any other SYN is a retransmission of the same attempt.
+                is_new_tcp_attempt(pkt.tcp_flags)
+                    && (e.flags & CT_F_CLOSING != 0
+                        || (e.flags & CT_F_NO_EVENT != 0 && enforcing(point)))
+            } else {
+                now.saturating_sub(e.last_seen_ns) > DATAGRAM_IDLE_NS
+            };
+            if !again {
+                e.last_seen_ns = now;
+                e.packets_orig = e.packets_orig.wrapping_add(1);
+                if fin_rst {
+                    e.flags |= CT_F_CLOSING;
                 }
-                if v.drop != was_denied {
-                    emit_flow(ctx, point, pkt, ifindex, now, 0, &v);
+                if e.flags & CT_F_EVALUATED != 0 && e.rev != rev && enforcing(point) {
+                    // Policy changed since this connection was decided: decide it again.
+                    count(counter::POLICY_REEVALUATED);
+                    let mut v = NO_VERDICT;
+                    decide(&pkt.tuple, point == POINT_TO_ENDPOINT, e.flags & CT_F_AS_REPLY != 0, &mut v);
+                    e.rev = rev;
+                    let was_denied = e.flags & CT_F_DENIED != 0;
+                    if v.drop {
+                        e.flags |= CT_F_DENIED;
+                    } else {
+                        e.flags &= !CT_F_DENIED;
+                    }
+                    if v.drop != was_denied {
+                        emit_flow(ctx, point, pkt, ifindex, now, 0, &v);
+                    }
+                    if v.drop {
+                        note_policy_drop(&pkt.tuple);
+                        return TC_ACT_SHOT;
+                    }
+                    return TC_ACT_OK;
                 }
-                if v.drop {
-                    note_policy_drop(&pkt.tuple);
+                if e.flags & CT_F_DENIED != 0 {
+                    count(counter::POLICY_DENIED_PACKETS);
                     return TC_ACT_SHOT;
                 }
                 return TC_ACT_OK;
             }
-            if e.flags & CT_F_DENIED != 0 {
-                count(counter::POLICY_DENIED_PACKETS);
-                return TC_ACT_SHOT;
-            }
-            return TC_ACT_OK;
-        }
-    } else {
-        let rkey = CtKey {
-            tuple: pkt.tuple.reversed(),
-            ifindex,
-        };
-        if let Some(e) = CONNTRACK.get_ptr_mut(&rkey) {
-            let e = unsafe { &mut *e };
-            // A SYN from the peer after FIN/RST, or a datagram after the flow went idle,
+        } else {
+            // A reply. A SYN from the peer after FIN/RST, or a datagram after the flow went idle,
             // starts something new in the other direction.
             let reopened = if tcp {
                 is_new_tcp_attempt(pkt.tcp_flags) && e.flags & CT_F_CLOSING != 0
@@ -544,8 +550,8 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) -> i32 {
                 }
                 return TC_ACT_OK;
             }
-            // The peer opens a new connection on the same ports in the other direction.
-            let _ = CONNTRACK.remove(&rkey);
+            // The peer opens a new connection on the same ports in the other direction:
+            // the new entry below replaces this one.
         }
     }
 
@@ -554,13 +560,13 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) -> i32 {
         last_seen_ns: now,
         packets_orig: 1,
         packets_reply: 0,
-        flags: 0,
+        flags: orig_swapped,
         rev,
     };
     if tcp && !is_new_tcp_attempt(pkt.tcp_flags) {
         // Mid-stream packet of a connection older than our tracking: not an attempt we
         // saw start, but where policy is enforced it is decided all the same.
-        return midstream(ctx, point, pkt, &key, now);
+        return midstream(ctx, point, pkt, &key, orig_swapped, now);
     }
     let mut v = NO_VERDICT;
     if enforcing(point) {
@@ -598,13 +604,13 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) -> i32 {
 /// recognised; at an enforcing point decided in its own direction, and, failing that, as
 /// the reply side of a connection the peer opened (allowed then: it is a reply).
 #[inline(always)]
-fn midstream(ctx: &TcContext, point: u8, pkt: &Packet, key: &CtKey, now: u64) -> i32 {
+fn midstream(ctx: &TcContext, point: u8, pkt: &Packet, key: &CtKey, orig_swapped: u32, now: u64) -> i32 {
     let mut entry = CtEntry {
         created_ns: now,
         last_seen_ns: now,
         packets_orig: 1,
         packets_reply: 0,
-        flags: CT_F_NO_EVENT,
+        flags: CT_F_NO_EVENT | orig_swapped,
         rev: policy_rev(),
     };
     if !enforcing(point) {
@@ -707,6 +713,13 @@ fn wakeup(waiting: u64) -> u64 {
 /// Orders a tuple so both directions of a connection give the same key.
 #[inline(always)]
 fn normalised(t: &FlowTuple) -> FlowTuple {
+    if must_swap(t) { t.reversed() } else { *t }
+}
+
+/// Whether normalising `t` reverses it: the smaller address first, or with equal
+/// addresses the smaller port.
+#[inline(always)]
+fn must_swap(t: &FlowTuple) -> bool {
     let mut swap = false;
     let mut i = 0;
     while i < 16 {
@@ -719,7 +732,7 @@ fn normalised(t: &FlowTuple) -> FlowTuple {
     if i == 16 {
         swap = t.sport > t.dport;
     }
-    if swap { t.reversed() } else { *t }
+    swap
 }
 
 #[inline(always)]
