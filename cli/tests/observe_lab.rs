@@ -4,6 +4,8 @@
 //! shown promptly by `--follow`; a node-probe killed and restarted while the client
 //! follows, with neither the relay nor the client restarted.
 
+mod common;
+
 use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader},
@@ -13,37 +15,13 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use common::{drive, flows, ok, root};
 use flows_lab::{
     drive::{Outcome, Report},
     state::State,
     testing::{lab_lock, skip_unless_root},
 };
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn flows(dir: &Path, args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_flows"))
-        .args(args)
-        .env("FLOWS_LAB_DIR", dir)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run flows");
-    out
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = flows(dir, args);
-    assert!(
-        out.status.success(),
-        "flows {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Takes the lab down (and stops a follower) even when the test fails.
 struct Cleanup {
@@ -60,15 +38,6 @@ impl Drop for Cleanup {
         let _ = flows(&self.dir, &["lab", "down", "--state-dir", &self.dir.display().to_string()]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn drive(dir: &Path, scenario: &Path) -> Report {
-    let d = dir.display().to_string();
-    // Failed expectations make drive exit non-zero; the report says what happened.
-    let out = flows(dir, &["lab", "drive", &scenario.display().to_string(), "-o", "json", "--state-dir", &d]);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("drive report: {e}\n{}", String::from_utf8_lossy(&out.stderr))
-    })
 }
 
 fn write_scenario(dir: &Path, name: &str, text: &str) -> PathBuf {

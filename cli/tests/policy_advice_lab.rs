@@ -5,42 +5,20 @@
 //! `flows observe --verdict drop` with the policies that decided; and `flows policy
 //! check` of the seed guide's policies against the first window.
 
+mod common;
+
 use std::{
     collections::BTreeSet,
-    path::{Path, PathBuf},
-    process::Command,
+    path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
 
+use common::{drive, flows, ok, root};
 use flows_lab::{
     drive::{Outcome, Protocol, Report},
     testing::{lab_lock, skip_unless_root},
 };
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn flows(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_flows"))
-        .args(args)
-        .env("FLOWS_LAB_DIR", dir)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run flows")
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = flows(dir, args);
-    assert!(
-        out.status.success(),
-        "flows {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 struct Cleanup(PathBuf);
 
@@ -49,13 +27,6 @@ impl Drop for Cleanup {
         let _ = flows(&self.0, &["lab", "down", "--state-dir", &self.0.display().to_string()]);
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn drive(dir: &Path, scenario: &Path) -> Report {
-    let d = dir.display().to_string();
-    let out = flows(dir, &["lab", "drive", &scenario.display().to_string(), "-o", "json", "--state-dir", &d]);
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("drive report: {e}\n{}", String::from_utf8_lossy(&out.stderr)))
 }
 
 fn lines(text: &str) -> Vec<Value> {

@@ -6,6 +6,8 @@
 //! reconnects by itself and prints the attempts made while the relay was down and
 //! after, each once.
 
+mod common;
+
 use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader},
@@ -15,35 +17,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{drive, flows, ok, root};
 use flows_lab::{
     drive::{Outcome, Report},
     testing::{lab_lock, skip_unless_root},
 };
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn flows(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_flows"))
-        .args(args)
-        .env("FLOWS_LAB_DIR", dir)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run flows")
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = flows(dir, args);
-    assert!(
-        out.status.success(),
-        "flows {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn refused(dir: &Path, args: &[&str]) -> String {
     let out = flows(dir, args);
@@ -71,13 +50,6 @@ impl Drop for Cleanup {
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_dir_all(&self.other);
     }
-}
-
-fn drive(dir: &Path, scenario: &Path) -> Report {
-    let d = dir.display().to_string();
-    let out = flows(dir, &["lab", "drive", &scenario.display().to_string(), "-o", "json", "--state-dir", &d]);
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("drive report: {e}\n{}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// A scenario of `n` allowed TCP attempts, frontend to backend:80.

@@ -5,6 +5,8 @@
 //! during and after the outage is in the server's table exactly once; every record the
 //! probes made in that time is written or counted lost, and none is counted lost.
 
+mod common;
+
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
@@ -14,37 +16,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{drive, flows, ok, root};
 use flows_lab::{
-    drive::{Outcome, Report},
+    drive::Outcome,
     testing::{lab_lock, skip_unless_root},
 };
 use flows_proto::{ServerStatusRequest, ServerStatusResponse, StoreStatus, observer_client::ObserverClient};
 
 const OUTAGE: Duration = Duration::from_secs(60);
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn flows(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_flows"))
-        .args(args)
-        .env("FLOWS_LAB_DIR", dir)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run flows")
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = flows(dir, args);
-    assert!(
-        out.status.success(),
-        "flows {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A ClickHouse server (flows-clickhouse-server, beside `flows`), killed on drop.
 struct ClickHouse(Child);
@@ -130,7 +109,8 @@ fn settled(rt: &tokio::runtime::Runtime, relay: &str, what: &str) -> ServerStatu
     }
 }
 
-fn drive(dir: &Path, name: &str, n: usize) -> Vec<u64> {
+/// `n` allowed TCP attempts, frontend to backend:80; their source ports.
+fn attempts(dir: &Path, name: &str, n: usize) -> Vec<u64> {
     let p = dir.join(format!("{name}.yaml"));
     std::fs::write(
         &p,
@@ -139,10 +119,7 @@ fn drive(dir: &Path, name: &str, n: usize) -> Vec<u64> {
         ),
     )
     .expect("scenario");
-    let d = dir.display().to_string();
-    let out = flows(dir, &["lab", "drive", &p.display().to_string(), "-o", "json", "--state-dir", &d]);
-    let r: Report = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("drive report: {e}\n{}", String::from_utf8_lossy(&out.stderr)));
+    let r = drive(dir, &p);
     assert!(r.attempts.iter().all(|a| a.outcome == Outcome::Success), "{:?}", r.attempts);
     r.attempts.iter().filter_map(|a| a.src_port.map(u64::from)).collect()
 }
@@ -192,7 +169,7 @@ fn clickhouse_gone_for_60_seconds_under_lab_traffic_loses_nothing() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     assert_eq!(store_of(&status(&rt, &relay)).backend, "clickhouse");
 
-    let before = drive(&dir, "before", 3);
+    let before = attempts(&dir, "before", 3);
     until_stored(port, &before, "before the outage");
     let start = settled(&rt, &relay, "before the outage");
 
@@ -202,7 +179,7 @@ fn clickhouse_gone_for_60_seconds_under_lab_traffic_loses_nothing() {
     let mut during = Vec::new();
     let mut buffered_max = 0;
     while gone.elapsed() < OUTAGE {
-        during.extend(drive(&dir, "during", 2));
+        during.extend(attempts(&dir, "during", 2));
         buffered_max = buffered_max.max(store_of(&status(&rt, &relay)).rows_buffered);
         std::thread::sleep(Duration::from_secs(3));
     }
@@ -212,7 +189,7 @@ fn clickhouse_gone_for_60_seconds_under_lab_traffic_loses_nothing() {
     assert!(during.len() >= 20, "attempts kept coming during the outage: {}", during.len());
 
     let _server = ClickHouse::start(&data, port);
-    let after = drive(&dir, "after", 3);
+    let after = attempts(&dir, "after", 3);
     for (ports, what) in [(&before, "before"), (&during, "during the outage"), (&after, "after the outage")] {
         until_stored(port, ports, what);
     }

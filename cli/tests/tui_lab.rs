@@ -3,34 +3,19 @@
 //! `observe`'s flags, a denied flow's detail names both ends and the deciding policies,
 //! and `q` leaves a restored terminal.
 
+mod common;
+
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
+use common::{drive, flows, ok, root};
 use flows_lab::{
-    drive::{Outcome, Report},
+    drive::Outcome,
     testing::{lab_lock, skip_unless_root},
 };
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn flows(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_flows"))
-        .args(args)
-        .env("FLOWS_LAB_DIR", dir)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run flows")
-}
-
-fn ok(dir: &Path, args: &[&str]) {
-    let out = flows(dir, args);
-    assert!(out.status.success(), "flows {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 fn tmux(args: &[&str]) -> String {
     let out = Command::new("tmux").args(args).output().expect("tmux (scripts/setup.sh installs it)");
@@ -61,12 +46,6 @@ fn wait_pane(session: &str, limit: Duration, what: &str, want: impl Fn(&str) -> 
         assert!(Instant::now() < deadline, "{what}; the pane:\n{pane}");
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn drive(dir: &Path, scenario: &Path) -> Report {
-    let d = dir.display().to_string();
-    let out = flows(dir, &["lab", "drive", &scenario.display().to_string(), "-o", "json", "--state-dir", &d]);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("drive report: {e}\n{}", String::from_utf8_lossy(&out.stderr)))
 }
 
 #[test]
