@@ -476,7 +476,10 @@ pub fn compile_datapath(
             );
         }
     }
-    let used: BTreeSet<u32> = ipcache.values().copied().collect();
+    // Every identity this compile handed out is in use, also one whose pod lost its
+    // address to another pod in the ipcache: forgotten, it would be renumbered on each
+    // recompile (and every entry naming it rewritten).
+    let used: BTreeSet<u32> = members.keys().copied().collect();
     alloc.retain(&used, &used_endpoints);
     DatapathState {
         ipcache,
@@ -583,6 +586,33 @@ mod tests {
         for (ip, e) in &before.endpoints {
             assert_eq!(after.endpoints.get(ip), Some(e), "endpoint {ip} unchanged");
         }
+    }
+
+    #[test]
+    fn a_pod_whose_address_another_pod_took_keeps_its_identity() {
+        let (mut cluster, policies) = crate::synthetic::cluster(20, 20, 10, 4);
+        let engine = Engine::new(policies);
+        let mode_of = |_: &str| Mode::Enforce;
+        let all = |_: &PodInfo| true;
+        let view = NodeView {
+            is_local: &all,
+            mode_of: &mode_of,
+        };
+        // Labels of its own (an identity of its own), an address another pod has: the
+        // other pod's identity wins the address, this one's is still handed out.
+        let taken = cluster.pods()[0].ips[0];
+        cluster.add_pod(PodInfo {
+            namespace: "ns-0".into(),
+            name: "zzz".into(),
+            node: Some("node-0".into()),
+            labels: [("app".to_string(), "app-1".to_string()), ("only".to_string(), "zzz".to_string())].into(),
+            ips: vec![taken],
+            ports: vec![],
+        });
+        let mut alloc = IdentityAllocator::new();
+        let first = compile_datapath(&cluster, &engine, &view, &mut alloc, SetTable::new());
+        let again = compile_datapath(&cluster, &engine, &view, &mut alloc, first.sets.clone());
+        assert!(again == first, "a recompile of the same cluster changed the datapath state");
     }
 
     #[test]
