@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{drive, flows, ok, root};
+use common::{drive, flows, ok, root, scenario};
 use flows_lab::{
     drive::{Outcome, Report},
     testing::{lab_lock, skip_unless_root},
@@ -50,19 +50,6 @@ impl Drop for Cleanup {
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_dir_all(&self.other);
     }
-}
-
-/// A scenario of `n` allowed TCP attempts, frontend to backend:80.
-fn scenario(dir: &Path, name: &str, n: usize) -> PathBuf {
-    let p = dir.join(format!("{name}.yaml"));
-    std::fs::write(
-        &p,
-        format!(
-            "connections:\n  - {{ name: {name}, from: frontend/frontend, to: {{ service: backend/backend }}, protocol: TCP, port: 80, count: {n}, expect: success }}\n"
-        ),
-    )
-    .expect("scenario");
-    p
 }
 
 /// Source ports of a drive's attempts (each attempt has its own).

@@ -44,3 +44,16 @@ pub fn drive(dir: &Path, scenario: &Path) -> Report {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("drive report: {e}\n{}", String::from_utf8_lossy(&out.stderr)))
 }
+
+/// A scenario of `n` allowed TCP attempts, frontend to backend:80.
+pub fn scenario(dir: &Path, name: &str, n: usize) -> PathBuf {
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &p,
+        format!(
+            "connections:\n  - {{ name: {name}, from: frontend/frontend, to: {{ service: backend/backend }}, protocol: TCP, port: 80, count: {n}, expect: success }}\n"
+        ),
+    )
+    .expect("scenario");
+    p
+}
