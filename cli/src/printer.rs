@@ -144,6 +144,15 @@ fn icmp_name(v6: bool, ty: u32) -> String {
 }
 
 pub fn summary(f: &Flow) -> String {
+    if let Some(u) = &f.l4_unknown {
+        // The datapath could not read the ports: say which protocol and why.
+        let what = match f.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
+            Some(Protocol::Icmpv4(i)) => format!("ICMPv4 {}", icmp_name(false, i.r#type)),
+            Some(Protocol::Icmpv6(i)) => format!("ICMPv6 {}", icmp_name(true, i.r#type)),
+            _ => flows_proto::ip_protocol_name(u.protocol),
+        };
+        return format!("{what} (ports unknown: {})", u.describe());
+    }
     match f.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
         Some(Protocol::Tcp(t)) => {
             let mut flags = Vec::new();

@@ -16,6 +16,29 @@ pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_SCTP: u8 = 132;
 
+/// The protocol of policy keys that decide packets whose transport protocol or ports
+/// could not be established ([`FlowTuple::l4_unknown`]): only NetworkPolicy rules
+/// without `ports` admit them, so only those rules have entries with it. (255 is
+/// reserved by IANA: no packet carries it.)
+pub const PROTO_L4_UNKNOWN: u8 = 255;
+
+/// Why a packet's transport header could not be established ([`FlowTuple::l4_unknown`]).
+/// Such a packet is decided as NetworkPolicy decides a packet of unknown port: only a
+/// rule without `ports` that admits the peer lets it through.
+pub const L4_KNOWN: u8 = 0;
+/// An IPv6 extension-header chain longer than the datapath walks.
+pub const L4_UNKNOWN_EXT_HEADERS: u8 = 1;
+/// A fragment without the transport header: a later fragment whose first fragment was
+/// not seen, or a first fragment too short to hold the header.
+pub const L4_UNKNOWN_FRAGMENT: u8 = 2;
+/// The transport header is cut short (by the IP length or the packet's end).
+pub const L4_UNKNOWN_TRUNCATED: u8 = 3;
+/// An IP protocol without ports that flows reads (GRE, IPIP, ESP, AH, ...).
+pub const L4_UNKNOWN_PROTOCOL: u8 = 4;
+/// An ICMP message that is no echo, no neighbour discovery and no error about a
+/// connection tracked at this point.
+pub const L4_UNKNOWN_ICMP: u8 = 5;
+
 /// Where an event was observed.
 ///
 /// The TC programs sit on the *host* side of a pod's veth: traffic the pod sends arrives
@@ -119,7 +142,11 @@ pub struct FlowTuple {
     pub dport: u16,
     pub proto: u8,
     pub family: u8,
-    pub _pad: [u8; 2],
+    /// `L4_*`: 0 when the ports are the packet's; otherwise why they could not be read
+    /// (the ports are then 0, and the tuple stands for every such packet between the two
+    /// addresses: one attempt, tracked like a datagram flow).
+    pub l4_unknown: u8,
+    pub _pad: u8,
 }
 
 impl FlowTuple {
@@ -131,7 +158,8 @@ impl FlowTuple {
             dport: 0,
             proto: 0,
             family: 0,
-            _pad: [0; 2],
+            l4_unknown: 0,
+            _pad: 0,
         }
     }
 
@@ -144,7 +172,8 @@ impl FlowTuple {
             dport: self.sport,
             proto: self.proto,
             family: self.family,
-            _pad: [0; 2],
+            l4_unknown: self.l4_unknown,
+            _pad: 0,
         }
     }
 }
@@ -192,6 +221,30 @@ pub struct CtEntry {
 /// Key of the per-probe map of tuples seen at pod interfaces, used to decide whether a
 /// kernel drop concerns pod traffic (direction-normalised: the smaller address first).
 pub type DropWatchKey = FlowTuple;
+
+/// Key of the map of first fragments: the fields that identify one IP datagram's
+/// fragments (RFC 791, RFC 8200), so later fragments follow the first one's tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Identification: 16 bits for IPv4, 32 for IPv6.
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// What the first fragment of a datagram carried.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragValue {
+    pub seen_ns: u64,
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u32,
+}
 
 /// Value of the drop watch map.
 #[repr(C)]
@@ -274,19 +327,20 @@ pub mod counter {
     pub const REPLIES: u32 = 2;
     /// Events that did not fit in the ring buffer (lost, counted here).
     pub const RINGBUF_FULL: u32 = 3;
-    /// Packets too short or inconsistent to parse (passed untouched).
+    /// Packets whose IP header cannot be read (passed: the kernel's IP layer drops them).
     pub const MALFORMED: u32 = 4;
     /// Non-IP frames (ARP, LLDP...): passed untouched.
     pub const NON_IP: u32 = 5;
-    /// IP packets with a protocol we do not track (passed untouched).
+    /// IP packets of a protocol without ports that flows reads (decided as L4 unknown).
     pub const OTHER_PROTO: u32 = 6;
-    /// IPv6 packets whose extension-header chain was longer than we walk.
+    /// IPv6 packets whose extension-header chain was longer than we walk (L4 unknown).
     pub const IPV6_EXT_TOO_DEEP: u32 = 7;
     /// Kernel drops of pod traffic reported.
     pub const KERNEL_DROPS: u32 = 8;
     /// Kernel drop events that did not fit in the ring buffer.
     pub const DROP_RINGBUF_FULL: u32 = 9;
-    /// Non-first IP fragments (no L4 header): passed untouched.
+    /// Fragments without a transport header to go by (L4 unknown): later fragments whose
+    /// first was not seen, first fragments too short for the header.
     pub const FRAGMENTS: u32 = 10;
     /// Connection attempts dropped by policy (enforce mode).
     pub const POLICY_DENIED: u32 = 11;
@@ -296,7 +350,16 @@ pub mod counter {
     pub const POLICY_DENIED_PACKETS: u32 = 13;
     /// Established connections re-evaluated after a policy change.
     pub const POLICY_REEVALUATED: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// Packets whose transport header is cut short (L4 unknown).
+    pub const L4_TRUNCATED: u32 = 15;
+    /// Later fragments that followed their first fragment's tuple and verdict.
+    pub const FRAGMENTS_FOLLOWED: u32 = 16;
+    /// ICMP errors about a connection tracked at the point (its verdict applies).
+    pub const ICMP_RELATED: u32 = 17;
+    /// ICMP messages that are no echo, no neighbour discovery and no error of a tracked
+    /// connection (L4 unknown).
+    pub const ICMP_UNRELATED: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "packets",
@@ -314,6 +377,10 @@ pub mod counter {
         "policy_audit",
         "policy_denied_packets",
         "policy_reevaluated",
+        "l4_truncated",
+        "fragments_followed",
+        "icmp_related",
+        "icmp_unrelated",
     ];
 }
 
@@ -346,6 +413,8 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::EndpointValue {}
     unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
 }
 
 #[cfg(test)]
@@ -360,6 +429,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<RawEvent>(), 80);
         assert_eq!(core::mem::size_of::<PolicyKey>(), 12);
         assert_eq!(core::mem::size_of::<EndpointValue>(), 16);
+        assert_eq!(core::mem::size_of::<FragKey>(), 40);
+        assert_eq!(core::mem::size_of::<FragValue>(), 16);
         assert_eq!(core::mem::align_of::<RawEvent>(), 8);
     }
 

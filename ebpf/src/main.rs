@@ -21,10 +21,11 @@ use flows_common::{
     CT_F_REPLY_SEEN,
     CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, DropWatch, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED,
     EVENT_DROP, EVENT_F_REPLY, EVENT_FLOW, EndpointValue, FlowTuple, IDENTITY_ANY, IDENTITY_WORLD,
-    KernelOffsets, MODE_ENFORCE, MODE_OFF, POINT_FROM_ENDPOINT, POINT_FROM_NETWORK,
+    FragKey, FragValue, KernelOffsets, L4_KNOWN, L4_UNKNOWN_EXT_HEADERS, L4_UNKNOWN_FRAGMENT,
+    L4_UNKNOWN_ICMP, L4_UNKNOWN_PROTOCOL, L4_UNKNOWN_TRUNCATED, MODE_ENFORCE, MODE_OFF, POINT_FROM_ENDPOINT, POINT_FROM_NETWORK,
     POINT_KERNEL_DROP, POINT_TO_ENDPOINT, POINT_TO_NETWORK, POLICY_EGRESS_ALLOWED,
     POLICY_EGRESS_EVALUATED, POLICY_INGRESS_ALLOWED, POLICY_INGRESS_EVALUATED, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, RAW_EVENT_SIZE, RawEvent, TCP_ACK, TCP_FIN,
+    PROTO_ICMPV6, PROTO_L4_UNKNOWN, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, RAW_EVENT_SIZE, RawEvent, TCP_ACK, TCP_FIN,
     TCP_RST, TCP_SYN, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED, VERDICT_NONE,
     WATCH_F_POLICY_DROP, counter,
 };
@@ -48,6 +49,30 @@ static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(262_
 /// only pod traffic, once per attempt and reason.
 #[map]
 static DROP_WATCH: LruHashMap<FlowTuple, DropWatch> = LruHashMap::with_max_entries(262_144, 0);
+
+/// First fragments' ports by datagram, for the later fragments (which carry none).
+#[map]
+static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(16_384, 0);
+
+/// Key of UNKNOWN_PASSED.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UnknownPair {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    ifindex: u32,
+}
+
+/// Address pairs (source, destination, interface) between which a packet of unknown L4
+/// passed recently: a new datagram coming back between them is probably its answer,
+/// and is reported as a reply, not as an attempt of the answering pod.
+#[map]
+static UNKNOWN_PASSED: LruHashMap<UnknownPair, u64> = LruHashMap::with_max_entries(16_384, 0);
+
+/// When a packet of unknown L4 last passed anywhere: the new-flow path looks in
+/// UNKNOWN_PASSED only within DATAGRAM_IDLE_NS of it (one array read otherwise).
+#[map]
+static UNKNOWN_PASSED_AT: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -114,8 +139,15 @@ const DATAGRAM_IDLE_NS: u64 = 30_000_000_000;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
-/// IPv6 extension headers walked before giving up (counted, packet passed).
-const MAX_IPV6_EXT: usize = 6;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+/// VLAN tags skipped in the frame's data.
+const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers walked; a longer chain leaves the packet's L4 unknown.
+const MAX_IPV6_EXT: usize = 8;
+/// How long a first fragment's ports are kept for its datagram's later fragments (the
+/// kernel's reassembly timeout, net.ipv4.ipfrag_time, is 30 s).
+const FRAGMENT_TTL_NS: u64 = 30_000_000_000;
 
 #[inline(always)]
 fn count(idx: u32) {
@@ -127,13 +159,35 @@ fn count(idx: u32) {
 
 /// What the parser extracted from one packet.
 struct Packet {
+    /// With `l4_unknown` set, ports are 0 and `proto` is the last protocol read.
     tuple: FlowTuple,
     tcp_flags: u8,
     icmp_type: u8,
     icmp_code: u8,
-    /// ICMP messages that are not echo (errors, neighbour discovery): never an attempt.
-    icmp_control: bool,
+    /// `ICMP_*`: what kind of ICMP message this is, when it is one.
+    icmp: u8,
+    /// `FRAG_*`, and the datagram's identification when fragmented.
+    frag: u8,
+    frag_id: u32,
+    /// Offset of the transport header in the frame.
+    l4: usize,
 }
+
+/// Kinds of ICMP message ([`Packet::icmp`]).
+const ICMP_NONE: u8 = 0;
+/// Echo request or reply: tracked as an attempt (the identifier as both ports).
+const ICMP_ECHO: u8 = 1;
+/// An error quoting a packet: it follows the quoted connection's verdict.
+const ICMP_ERROR: u8 = 2;
+/// Neighbour discovery and multicast listener messages: the link's, never judged.
+const ICMP_LINK: u8 = 3;
+
+/// Fragmentation of a packet ([`Packet::frag`]).
+const FRAG_NONE: u8 = 0;
+/// Offset 0 with more to come: carries the transport header.
+const FRAG_FIRST: u8 = 1;
+/// A later fragment: no transport header of its own.
+const FRAG_LATER: u8 = 2;
 
 #[classifier]
 pub fn flows_from_ep(ctx: TcContext) -> i32 {
@@ -167,14 +221,70 @@ pub fn flows_bench_nop(_ctx: TcContext) -> i32 {
 #[inline(always)]
 fn observe(ctx: &TcContext, point: u8) -> i32 {
     count(counter::PACKETS);
-    match parse(ctx) {
-        Ok(pkt) => track(ctx, point, &pkt),
-        Err(counter_idx) => {
-            // Unparseable packets are never dropped here: they pass and are counted.
-            count(counter_idx);
-            TC_ACT_OK
-        }
+    let mut pkt = Packet {
+        tuple: FlowTuple::zeroed(),
+        tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+        icmp: ICMP_NONE,
+        frag: FRAG_NONE,
+        frag_id: 0,
+        l4: 0,
+    };
+    let parsed = parse(ctx, &mut pkt);
+    if parsed != PARSED {
+        // No IP header to go by (not IP, or one the kernel's IP layer drops itself):
+        // passed and counted.
+        count(parsed);
+        return TC_ACT_OK;
     }
+    // SAFETY: the context's skb pointer is valid for the program's lifetime.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if pkt.frag == FRAG_LATER {
+        follow_first_fragment(&mut pkt);
+    }
+    match pkt.icmp {
+        // The link's own traffic: never judged (IPv6 stops working without it).
+        ICMP_LINK => {
+            count(counter::REPLIES);
+            return TC_ACT_OK;
+        }
+        ICMP_ERROR => match icmp_error_verdict(ctx, &pkt, ifindex) {
+            RELATED_ALLOWED => {
+                count(counter::ICMP_RELATED);
+                return TC_ACT_OK;
+            }
+            RELATED_DENIED => {
+                count(counter::ICMP_RELATED);
+                count(counter::POLICY_DENIED_PACKETS);
+                return TC_ACT_SHOT;
+            }
+            _ => pkt.tuple.l4_unknown = L4_UNKNOWN_ICMP,
+        },
+        _ => {}
+    }
+    if pkt.tuple.l4_unknown != L4_KNOWN {
+        count(match pkt.tuple.l4_unknown {
+            L4_UNKNOWN_EXT_HEADERS => counter::IPV6_EXT_TOO_DEEP,
+            L4_UNKNOWN_FRAGMENT => counter::FRAGMENTS,
+            L4_UNKNOWN_TRUNCATED => counter::L4_TRUNCATED,
+            L4_UNKNOWN_ICMP => counter::ICMP_UNRELATED,
+            _ => counter::OTHER_PROTO,
+        });
+        // One attempt for every such packet between the two addresses (per protocol and
+        // reason), decided with the protocol of unknown L4.
+        pkt.tuple.sport = 0;
+        pkt.tuple.dport = 0;
+        pkt.tcp_flags = 0;
+    }
+    let action = track(ctx, point, &pkt, ifindex);
+    if pkt.frag == FRAG_FIRST && pkt.tuple.l4_unknown == L4_KNOWN {
+        remember_first_fragment(&pkt);
+    }
+    if action == TC_ACT_OK && pkt.tuple.l4_unknown != L4_KNOWN && pkt.tuple.l4_unknown != L4_UNKNOWN_ICMP {
+        note_unknown_passed(&pkt.tuple, ifindex);
+    }
+    action
 }
 
 #[inline(always)]
@@ -182,119 +292,328 @@ fn load<T>(ctx: &TcContext, off: usize) -> Result<T, u32> {
     ctx.load::<T>(off).map_err(|_| counter::MALFORMED)
 }
 
+/// Whether `len` bytes at `off` lie inside both the IP datagram and the frame.
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Result<Packet, u32> {
-    let eth_proto = u16::from_be(load::<u16>(ctx, 12)?);
-    let mut tuple = FlowTuple::zeroed();
-    let l4: usize;
-    let proto: u8;
-    match eth_proto {
-        ETH_P_IP => {
-            let vihl: u8 = load(ctx, ETH_HLEN)?;
-            let ihl = ((vihl & 0x0f) as usize) * 4;
-            if vihl >> 4 != 4 || ihl < 20 {
-                return Err(counter::MALFORMED);
-            }
-            let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
-            if frag & 0x1fff != 0 {
-                return Err(counter::FRAGMENTS);
-            }
-            proto = load(ctx, ETH_HLEN + 9)?;
-            let s: [u8; 4] = load(ctx, ETH_HLEN + 12)?;
-            let d: [u8; 4] = load(ctx, ETH_HLEN + 16)?;
-            tuple.saddr[..4].copy_from_slice(&s);
-            tuple.daddr[..4].copy_from_slice(&d);
-            tuple.family = AF_INET;
-            l4 = ETH_HLEN + ihl;
-        }
-        ETH_P_IPV6 => {
-            let v: u8 = load(ctx, ETH_HLEN)?;
-            if v >> 4 != 6 {
-                return Err(counter::MALFORMED);
-            }
-            tuple.saddr = load(ctx, ETH_HLEN + 8)?;
-            tuple.daddr = load(ctx, ETH_HLEN + 24)?;
-            tuple.family = AF_INET6;
-            let (p, off) = skip_ipv6_ext(ctx, load(ctx, ETH_HLEN + 6)?, ETH_HLEN + 40)?;
-            proto = p;
-            l4 = off;
-        }
-        _ => return Err(counter::NON_IP),
+fn fits(ctx: &TcContext, off: usize, len: usize, ip_end: usize) -> bool {
+    off + len <= ip_end && off + len <= ctx.len() as usize
+}
+
+/// `parse` succeeded (any other value is the counter saying why not).
+const PARSED: u32 = u32::MAX;
+
+/// Fills `pkt` from the frame.
+#[inline(always)]
+fn parse(ctx: &TcContext, pkt: &mut Packet) -> u32 {
+    match try_parse(ctx, pkt) {
+        Ok(()) => PARSED,
+        Err(c) => c,
     }
-    tuple.proto = proto;
-    let mut pkt = Packet {
-        tuple,
-        tcp_flags: 0,
-        icmp_type: 0,
-        icmp_code: 0,
-        icmp_control: false,
+}
+
+#[inline(always)]
+fn try_parse(ctx: &TcContext, pkt: &mut Packet) -> Result<(), u32> {
+    let mut l3 = ETH_HLEN;
+    let mut eth_proto = u16::from_be(load::<u16>(ctx, 12)?);
+    // VLAN tags still in the frame (the kernel takes the outer one into metadata before
+    // TC; a second one stays): the IP packet behind them is judged like any other.
+    for _ in 0..MAX_VLAN_TAGS {
+        if eth_proto != ETH_P_8021Q && eth_proto != ETH_P_8021AD {
+            break;
+        }
+        eth_proto = u16::from_be(load::<u16>(ctx, l3 + 2)?);
+        l3 += 4;
+    }
+    let ip_end = match eth_proto {
+        ETH_P_IP => parse_ipv4(ctx, l3, pkt)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, l3, pkt)?,
+        _ => return Err(counter::NON_IP),
     };
-    match proto {
+    if pkt.tuple.l4_unknown != L4_KNOWN {
+        return Ok(());
+    }
+    if pkt.frag == FRAG_LATER {
+        pkt.tuple.l4_unknown = L4_UNKNOWN_FRAGMENT;
+        return Ok(());
+    }
+    parse_l4(ctx, ip_end, pkt);
+    Ok(())
+}
+
+/// The IPv4 header; returns where the datagram ends.
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, l3: usize, pkt: &mut Packet) -> Result<usize, u32> {
+    let vihl: u8 = load(ctx, l3)?;
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    let total = u16::from_be(load::<u16>(ctx, l3 + 2)?) as usize;
+    if vihl >> 4 != 4 || ihl < 20 || total < ihl {
+        return Err(counter::MALFORMED);
+    }
+    let frag = u16::from_be(load::<u16>(ctx, l3 + 6)?);
+    if frag & 0x3fff != 0 {
+        pkt.frag = if frag & 0x1fff != 0 { FRAG_LATER } else { FRAG_FIRST };
+        pkt.frag_id = u16::from_be(load::<u16>(ctx, l3 + 4)?) as u32;
+    }
+    pkt.tuple.proto = load(ctx, l3 + 9)?;
+    let s: [u8; 4] = load(ctx, l3 + 12)?;
+    let d: [u8; 4] = load(ctx, l3 + 16)?;
+    pkt.tuple.saddr[..4].copy_from_slice(&s);
+    pkt.tuple.daddr[..4].copy_from_slice(&d);
+    pkt.tuple.family = AF_INET;
+    pkt.l4 = l3 + ihl;
+    Ok(l3 + total)
+}
+
+/// The IPv6 header and its extension headers; returns where the datagram ends.
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, l3: usize, pkt: &mut Packet) -> Result<usize, u32> {
+    let v: u8 = load(ctx, l3)?;
+    if v >> 4 != 6 {
+        return Err(counter::MALFORMED);
+    }
+    let payload = u16::from_be(load::<u16>(ctx, l3 + 4)?) as usize;
+    pkt.tuple.saddr = load(ctx, l3 + 8)?;
+    pkt.tuple.daddr = load(ctx, l3 + 24)?;
+    pkt.tuple.family = AF_INET6;
+    pkt.l4 = l3 + 40;
+    // A zero payload length is a jumbogram's: the frame's end is the datagram's.
+    let ip_end = if payload == 0 { ctx.len() as usize } else { l3 + 40 + payload };
+    if skip_ipv6_ext(ctx, load(ctx, l3 + 6)?, pkt, ip_end).is_err() {
+        // A header of the chain cut short: as good as a truncated transport header.
+        pkt.tuple.l4_unknown = L4_UNKNOWN_TRUNCATED;
+    }
+    Ok(ip_end)
+}
+
+/// Walks IPv6 extension headers: sets the upper-layer protocol and its offset, the
+/// fragment header's facts, or `L4_UNKNOWN_EXT_HEADERS` (the protocol is then the
+/// header the walk stopped at).
+#[inline(always)]
+fn skip_ipv6_ext(ctx: &TcContext, mut next: u8, pkt: &mut Packet, ip_end: usize) -> Result<(), u32> {
+    let mut off = pkt.l4;
+    for _ in 0..MAX_IPV6_EXT {
+        let len = match next {
+            // Hop-by-hop, routing, destination options: length in 8-octet units, minus one.
+            0 | 43 | 60 => (load::<u8>(ctx, off + 1)? as usize + 1) * 8,
+            // Fragment header: fixed 8 bytes.
+            44 => {
+                let frag = u16::from_be(load::<u16>(ctx, off + 2)?);
+                pkt.frag_id = u32::from_be(load::<u32>(ctx, off + 4)?);
+                if frag & 0xfff8 != 0 {
+                    // A later fragment: what follows is the middle of a datagram.
+                    pkt.frag = FRAG_LATER;
+                    pkt.tuple.proto = load(ctx, off)?;
+                    pkt.l4 = off + 8;
+                    return Ok(());
+                }
+                if frag & 1 != 0 {
+                    pkt.frag = FRAG_FIRST;
+                }
+                8
+            }
+            // Authentication header: length in 4-octet units, minus two.
+            51 => (load::<u8>(ctx, off + 1)? as usize + 2) * 4,
+            _ => {
+                pkt.tuple.proto = next;
+                pkt.l4 = off;
+                return Ok(());
+            }
+        };
+        if !fits(ctx, off, len, ip_end) {
+            return Err(counter::MALFORMED);
+        }
+        next = load(ctx, off)?;
+        off += len;
+    }
+    pkt.tuple.proto = next;
+    pkt.l4 = off;
+    if matches!(next, 0 | 43 | 60 | 44 | 51) {
+        pkt.tuple.l4_unknown = L4_UNKNOWN_EXT_HEADERS;
+    }
+    Ok(())
+}
+
+/// The transport header: ports, TCP flags, ICMP type; or why it cannot be read.
+#[inline(always)]
+fn parse_l4(ctx: &TcContext, ip_end: usize, pkt: &mut Packet) {
+    let l4 = pkt.l4;
+    let need = match pkt.tuple.proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        PROTO_SCTP => 12,
+        PROTO_ICMP | PROTO_ICMPV6 => 8,
+        _ => {
+            pkt.tuple.l4_unknown = L4_UNKNOWN_PROTOCOL;
+            return;
+        }
+    };
+    if !fits(ctx, l4, need, ip_end) {
+        // A first fragment must carry the whole header (RFC 1858's tiny fragments).
+        pkt.tuple.l4_unknown = if pkt.frag == FRAG_FIRST {
+            L4_UNKNOWN_FRAGMENT
+        } else {
+            L4_UNKNOWN_TRUNCATED
+        };
+        return;
+    }
+    if parse_l4_fields(ctx, pkt).is_err() {
+        pkt.tuple.l4_unknown = L4_UNKNOWN_TRUNCATED;
+    }
+}
+
+#[inline(always)]
+fn parse_l4_fields(ctx: &TcContext, pkt: &mut Packet) -> Result<(), u32> {
+    let l4 = pkt.l4;
+    match pkt.tuple.proto {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
             pkt.tuple.sport = u16::from_be(load::<u16>(ctx, l4)?);
             pkt.tuple.dport = u16::from_be(load::<u16>(ctx, l4 + 2)?);
-            if proto == PROTO_TCP {
+            if pkt.tuple.proto == PROTO_TCP {
                 pkt.tcp_flags = load(ctx, l4 + 13)?;
             }
         }
-        PROTO_ICMP | PROTO_ICMPV6 => {
+        proto => {
             pkt.icmp_type = load(ctx, l4)?;
             pkt.icmp_code = load(ctx, l4 + 1)?;
-            let echo = if proto == PROTO_ICMP {
-                pkt.icmp_type == 8 || pkt.icmp_type == 0
-            } else {
-                pkt.icmp_type == 128 || pkt.icmp_type == 129
-            };
-            if echo {
+            pkt.icmp = icmp_kind(proto, pkt.icmp_type);
+            if pkt.icmp == ICMP_ECHO {
                 // The echo identifier plays the role of both ports, so a request and its
                 // reply map onto one conntrack entry.
                 let id = u16::from_be(load::<u16>(ctx, l4 + 4)?);
                 pkt.tuple.sport = id;
                 pkt.tuple.dport = id;
-            } else {
-                pkt.icmp_control = true;
+            } else if pkt.icmp == ICMP_NONE {
+                pkt.tuple.l4_unknown = L4_UNKNOWN_ICMP;
             }
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn icmp_kind(proto: u8, ty: u8) -> u8 {
+    if proto == PROTO_ICMP {
+        match ty {
+            0 | 8 => ICMP_ECHO,
+            // Destination unreachable, source quench, redirect, time exceeded, parameter
+            // problem: each quotes the packet it is about.
+            3 | 4 | 5 | 11 | 12 => ICMP_ERROR,
+            _ => ICMP_NONE,
+        }
+    } else {
+        match ty {
+            128 | 129 => ICMP_ECHO,
+            1..=4 => ICMP_ERROR,
+            // Multicast listener, router and neighbour discovery, inverse discovery,
+            // SEND, multicast router discovery.
+            130..=137 | 141..=143 | 148..=153 => ICMP_LINK,
+            _ => ICMP_NONE,
+        }
+    }
+}
+
+/// How an ICMP error relates to the connections tracked at this point.
+const UNRELATED: u8 = 0;
+const RELATED_ALLOWED: u8 = 1;
+const RELATED_DENIED: u8 = 2;
+
+/// The verdict of the connection an ICMP error quotes, when that connection is tracked
+/// at this interface. Out of line: the quoted tuple needs stack of its own.
+#[inline(never)]
+fn icmp_error_verdict(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> u8 {
+    let mut key = CtKey {
+        tuple: FlowTuple::zeroed(),
+        ifindex,
+    };
+    if quoted_tuple(ctx, pkt, &mut key.tuple).is_err() {
+        return UNRELATED;
+    }
+    if must_swap(&key.tuple) {
+        key.tuple = key.tuple.reversed();
+    }
+    match unsafe { CONNTRACK.get(&key) } {
+        Some(e) if e.flags & CT_F_DENIED != 0 => RELATED_DENIED,
+        Some(_) => RELATED_ALLOWED,
+        None => UNRELATED,
+    }
+}
+
+/// The tuple of the packet an ICMP error quotes (its IP header and the first 8 bytes
+/// of its transport header, after the error's own 8 bytes).
+#[inline(always)]
+fn quoted_tuple(ctx: &TcContext, pkt: &Packet, t: &mut FlowTuple) -> Result<(), u32> {
+    let ip = pkt.l4 + 8;
+    let l4 = if pkt.tuple.family == AF_INET {
+        let vihl: u8 = load(ctx, ip)?;
+        if vihl >> 4 != 4 {
+            return Err(counter::MALFORMED);
+        }
+        t.proto = load(ctx, ip + 9)?;
+        let s: [u8; 4] = load(ctx, ip + 12)?;
+        let d: [u8; 4] = load(ctx, ip + 16)?;
+        t.saddr[..4].copy_from_slice(&s);
+        t.daddr[..4].copy_from_slice(&d);
+        ip + ((vihl & 0x0f) as usize) * 4
+    } else {
+        // The quoted packet's extension headers are not walked: such an error counts
+        // as unrelated.
+        t.proto = load(ctx, ip + 6)?;
+        t.saddr = load(ctx, ip + 8)?;
+        t.daddr = load(ctx, ip + 24)?;
+        ip + 40
+    };
+    t.family = pkt.tuple.family;
+    match t.proto {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            t.sport = u16::from_be(load::<u16>(ctx, l4)?);
+            t.dport = u16::from_be(load::<u16>(ctx, l4 + 2)?);
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let id = u16::from_be(load::<u16>(ctx, l4 + 4)?);
+            t.sport = id;
+            t.dport = id;
         }
         _ => return Err(counter::OTHER_PROTO),
     }
-    Ok(pkt)
+    Ok(())
 }
 
-/// Walks IPv6 extension headers; returns the upper-layer protocol and its offset.
-#[inline(always)]
-fn skip_ipv6_ext(ctx: &TcContext, mut next: u8, mut off: usize) -> Result<(u8, usize), u32> {
-    for _ in 0..MAX_IPV6_EXT {
-        match next {
-            // Hop-by-hop, routing, destination options: length in 8-octet units, minus one.
-            0 | 43 | 60 => {
-                let nh: u8 = load(ctx, off)?;
-                let len: u8 = load(ctx, off + 1)?;
-                next = nh;
-                off += (len as usize + 1) * 8;
-            }
-            // Fragment header: fixed 8 bytes; a non-first fragment has no L4 header.
-            44 => {
-                let nh: u8 = load(ctx, off)?;
-                let frag = u16::from_be(load::<u16>(ctx, off + 2)?);
-                if frag & 0xfff8 != 0 {
-                    return Err(counter::FRAGMENTS);
-                }
-                next = nh;
-                off += 8;
-            }
-            // Authentication header: length in 4-octet units, minus two.
-            51 => {
-                let nh: u8 = load(ctx, off)?;
-                let len: u8 = load(ctx, off + 1)?;
-                next = nh;
-                off += (len as usize + 2) * 4;
-            }
-            _ => return Ok((next, off)),
+/// A later fragment takes the ports of its datagram's first fragment (seen at most
+/// `FRAGMENT_TTL_NS` ago), and with them that connection's verdict; without one it
+/// stays L4 unknown.
+#[inline(never)]
+fn follow_first_fragment(pkt: &mut Packet) {
+    let key = frag_key(pkt);
+    if let Some(v) = unsafe { FRAGMENTS.get(&key) } {
+        let now = unsafe { bpf_ktime_get_ns() };
+        if now.saturating_sub(v.seen_ns) <= FRAGMENT_TTL_NS {
+            pkt.tuple.sport = v.sport;
+            pkt.tuple.dport = v.dport;
+            pkt.tuple.l4_unknown = L4_KNOWN;
+            count(counter::FRAGMENTS_FOLLOWED);
         }
     }
-    match next {
-        0 | 43 | 60 | 44 | 51 => Err(counter::IPV6_EXT_TOO_DEEP),
-        _ => Ok((next, off)),
+}
+
+#[inline(never)]
+fn remember_first_fragment(pkt: &Packet) {
+    let v = FragValue {
+        seen_ns: unsafe { bpf_ktime_get_ns() },
+        sport: pkt.tuple.sport,
+        dport: pkt.tuple.dport,
+        _pad: 0,
+    };
+    let _ = FRAGMENTS.insert(&frag_key(pkt), &v, 0);
+}
+
+#[inline(always)]
+fn frag_key(pkt: &Packet) -> FragKey {
+    FragKey {
+        saddr: pkt.tuple.saddr,
+        daddr: pkt.tuple.daddr,
+        id: pkt.frag_id,
+        proto: pkt.tuple.proto,
+        family: pkt.tuple.family,
+        _pad: [0; 2],
     }
 }
 
@@ -381,9 +700,12 @@ fn decide(t: &FlowTuple, ingress: bool, reverse: bool, v: &mut Verdict) {
     } else {
         (&t.saddr, &t.daddr, t.dport)
     };
-    let port = match t.proto {
-        PROTO_TCP | PROTO_UDP | PROTO_SCTP => dport,
-        _ => 0,
+    // A packet of unknown L4 is decided as NetworkPolicy decides one of unknown port:
+    // only rules without ports have entries for PROTO_L4_UNKNOWN.
+    let (proto, port) = match t.proto {
+        _ if t.l4_unknown != L4_KNOWN => (PROTO_L4_UNKNOWN, 0),
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => (t.proto, dport),
+        p => (p, 0),
     };
     let mut denied = false;
     let mut enforce = false;
@@ -391,7 +713,7 @@ fn decide(t: &FlowTuple, ingress: bool, reverse: bool, v: &mut Verdict) {
         if let Some(ep) = unsafe { ENDPOINTS.get(&addr_key(dst, t.family)) } {
             if ep.mode != MODE_OFF {
                 let (evaluated, allowed, set) =
-                    side(ep, DIR_INGRESS, identity_of(src, t.family), t.proto, port);
+                    side(ep, DIR_INGRESS, identity_of(src, t.family), proto, port);
                 if evaluated {
                     v.policy |= POLICY_INGRESS_EVALUATED;
                     v.ingress_set = set;
@@ -408,7 +730,7 @@ fn decide(t: &FlowTuple, ingress: bool, reverse: bool, v: &mut Verdict) {
     if let Some(ep) = unsafe { ENDPOINTS.get(&addr_key(src, t.family)) } {
         if ep.mode != MODE_OFF {
             let (evaluated, allowed, set) =
-                side(ep, DIR_EGRESS, identity_of(dst, t.family), t.proto, port);
+                side(ep, DIR_EGRESS, identity_of(dst, t.family), proto, port);
             if evaluated {
                 v.policy |= POLICY_EGRESS_EVALUATED;
                 v.egress_set = set;
@@ -447,17 +769,10 @@ fn enforcing(point: u8) -> bool {
 }
 
 #[inline(always)]
-fn track(ctx: &TcContext, point: u8, pkt: &Packet) -> i32 {
-    if pkt.icmp_control {
-        // Errors and neighbour discovery belong to other flows or to the link: never a
-        // new attempt. Counted with the replies they mostly are.
-        count(counter::REPLIES);
-        return TC_ACT_OK;
-    }
-    // SAFETY: the context's skb pointer is valid for the program's lifetime.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+fn track(ctx: &TcContext, point: u8, pkt: &Packet, ifindex: u32) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
-    let tcp = pkt.tuple.proto == PROTO_TCP;
+    // Without its header a TCP packet has no flags to go by: tracked like a datagram.
+    let tcp = pkt.tuple.proto == PROTO_TCP && pkt.tuple.l4_unknown == L4_KNOWN;
     let fin_rst = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     let rev = policy_rev();
 
@@ -584,7 +899,8 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet) -> i32 {
     // The uplink reports only policy decisions; pod interfaces report every attempt.
     if point != POINT_TO_NETWORK || v.verdict != VERDICT_NONE {
         count(counter::NEW_FLOWS);
-        emit_flow(ctx, point, pkt, ifindex, now, 0, &v);
+        let flags = if !tcp && answers_unknown(&pkt.tuple, ifindex, now) { EVENT_F_REPLY } else { 0 };
+        emit_flow(ctx, point, pkt, ifindex, now, flags, &v);
     }
     match v.verdict {
         VERDICT_DENIED => {
@@ -632,18 +948,70 @@ fn midstream(ctx: &TcContext, point: u8, pkt: &Packet, key: &CtKey, orig_swapped
         entry.flags |= CT_F_DENIED;
     }
     let _ = CONNTRACK.insert(key, &entry, 0);
+    let flags = if v.verdict != VERDICT_NONE && answers_unknown(&pkt.tuple, key.ifindex, now) {
+        EVENT_F_REPLY
+    } else {
+        0
+    };
     match v.verdict {
         VERDICT_DENIED => {
             count(counter::POLICY_DENIED);
-            emit_flow(ctx, point, pkt, key.ifindex, now, 0, &v);
+            emit_flow(ctx, point, pkt, key.ifindex, now, flags, &v);
             TC_ACT_SHOT
         }
         VERDICT_AUDIT => {
             count(counter::POLICY_AUDIT);
-            emit_flow(ctx, point, pkt, key.ifindex, now, 0, &v);
+            emit_flow(ctx, point, pkt, key.ifindex, now, flags, &v);
             TC_ACT_OK
         }
         _ => TC_ACT_OK,
+    }
+}
+
+/// Remembers that a packet of unknown L4 passed from `t.saddr` to `t.daddr` here.
+#[inline(never)]
+fn note_unknown_passed(t: &FlowTuple, ifindex: u32) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pair = UnknownPair {
+        saddr: t.saddr,
+        daddr: t.daddr,
+        ifindex,
+    };
+    // Refreshed at most once a second: a tunnel's every packet need not write the map.
+    if let Some(seen) = UNKNOWN_PASSED.get_ptr_mut(&pair) {
+        // SAFETY: map value pointer valid until the program exits.
+        let seen = unsafe { &mut *seen };
+        if now.saturating_sub(*seen) < 1_000_000_000 {
+            return;
+        }
+        *seen = now;
+    } else {
+        let _ = UNKNOWN_PASSED.insert(&pair, &now, 0);
+    }
+    if let Some(p) = UNKNOWN_PASSED_AT.get_ptr_mut(0) {
+        // SAFETY: array slot pointer valid until the program exits; a racing writer
+        // stores a time just as recent.
+        unsafe { *p = now };
+    }
+}
+
+/// Whether a packet that looks like a new attempt from `t.saddr` goes back to where a
+/// packet of unknown L4 came from recently: then it is most likely that packet's answer
+/// (an attempt the datapath could not read), and the record must not blame its sender.
+#[inline(never)]
+fn answers_unknown(t: &FlowTuple, ifindex: u32, now: u64) -> bool {
+    let last = UNKNOWN_PASSED_AT.get(0).copied().unwrap_or(0);
+    if last == 0 || now.saturating_sub(last) > DATAGRAM_IDLE_NS {
+        return false;
+    }
+    let pair = UnknownPair {
+        saddr: t.daddr,
+        daddr: t.saddr,
+        ifindex,
+    };
+    match unsafe { UNKNOWN_PASSED.get(&pair) } {
+        Some(seen) => now.saturating_sub(*seen) <= DATAGRAM_IDLE_NS,
+        None => false,
     }
 }
 

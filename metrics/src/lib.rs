@@ -84,6 +84,7 @@ fn protocol_name(f: &Flow) -> &'static str {
         Some(layer4::Protocol::Sctp(_)) => "sctp",
         Some(layer4::Protocol::Icmpv4(_)) => "icmpv4",
         Some(layer4::Protocol::Icmpv6(_)) => "icmpv6",
+        // Ports unread or a protocol without them (the flow's l4_unknown says which).
         None => "other",
     }
 }

@@ -11,7 +11,8 @@ use std::{
 };
 
 use flows_common::{
-    AF_INET, AF_INET6, EVENT_DROP, EVENT_F_REPLY, EVENT_FLOW, POINT_FROM_ENDPOINT,
+    AF_INET, AF_INET6, EVENT_DROP, EVENT_F_REPLY, EVENT_FLOW, L4_KNOWN, L4_UNKNOWN_EXT_HEADERS,
+    L4_UNKNOWN_FRAGMENT, L4_UNKNOWN_ICMP, L4_UNKNOWN_PROTOCOL, L4_UNKNOWN_TRUNCATED, POINT_FROM_ENDPOINT,
     POINT_KERNEL_DROP, POINT_TO_ENDPOINT, POINT_TO_NETWORK, POLICY_EGRESS_ALLOWED,
     POLICY_EGRESS_EVALUATED, POLICY_INGRESS_ALLOWED, POLICY_INGRESS_EVALUATED, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RAW_EVENT_SIZE, RawEvent, TCP_ACK, TCP_CWR,
@@ -20,9 +21,27 @@ use flows_common::{
 };
 use flows_policy::compile::SetTable;
 use flows_proto::{
-    EventType, Flow, Icmpv4, Icmpv6, Interface, Ip, IpVersion, Layer4, ObservationPoint, Policy,
+    EventType, Flow, Icmpv4, Icmpv6, Interface, Ip, IpVersion, L4Unknown, L4UnknownReason, Layer4,
+    ObservationPoint, Policy,
     Sctp, Tcp, TcpFlags, TrafficDirection, Udp, Verdict, layer4,
 };
+
+/// Why the datapath could not read a packet's ports (None: it could).
+fn l4_unknown(reason: u8, proto: u8) -> Option<L4Unknown> {
+    let reason = match reason {
+        L4_KNOWN => return None,
+        L4_UNKNOWN_EXT_HEADERS => L4UnknownReason::ExtensionHeaders,
+        L4_UNKNOWN_FRAGMENT => L4UnknownReason::Fragment,
+        L4_UNKNOWN_TRUNCATED => L4UnknownReason::Truncated,
+        L4_UNKNOWN_PROTOCOL => L4UnknownReason::Protocol,
+        L4_UNKNOWN_ICMP => L4UnknownReason::Icmp,
+        _ => L4UnknownReason::Unspecified,
+    };
+    Some(L4Unknown {
+        reason: reason as i32,
+        protocol: u32::from(proto),
+    })
+}
 
 /// Drop reason of connections denied by NetworkPolicy in enforce mode.
 pub const POLICY_DENIED: &str = "POLICY_DENIED";
@@ -202,7 +221,10 @@ impl Decoder {
             (point, _) => return Err(DecodeError::UnknownPoint { point }),
         };
         let t = &raw.tuple;
+        let l4_unknown = l4_unknown(t.l4_unknown, t.proto);
         let l4 = match t.proto {
+            // Ports the datapath could not read are not reported as ports 0.
+            PROTO_TCP | PROTO_UDP | PROTO_SCTP if l4_unknown.is_some() => None,
             PROTO_TCP => Some(layer4::Protocol::Tcp(Tcp {
                 source_port: t.sport as u32,
                 destination_port: t.dport as u32,
@@ -286,7 +308,8 @@ impl Decoder {
                 destination: dst.to_string(),
                 ip_version: version as i32,
             }),
-            l4: Some(Layer4 { protocol: l4 }),
+            l4: l4.map(|p| Layer4 { protocol: Some(p) }),
+            l4_unknown,
             traffic_direction: direction as i32,
             is_reply,
             observation_point: point as i32,

@@ -31,6 +31,11 @@ pub enum Protocol {
     /// without ports admit them, as the datapath does.
     Icmp,
     Icmpv6,
+    /// A packet whose transport protocol or ports could not be read (IPv6 extension
+    /// headers beyond the datapath's walk, fragments without the header, headers cut
+    /// short) or of a protocol NetworkPolicy cannot name (GRE, ESP, ...): as for a port
+    /// no rule can name, only rules without ports admit it.
+    L4Unknown,
 }
 
 impl Protocol {
@@ -42,6 +47,7 @@ impl Protocol {
             Protocol::Sctp => 132,
             Protocol::Icmp => 1,
             Protocol::Icmpv6 => 58,
+            Protocol::L4Unknown => flows_common::PROTO_L4_UNKNOWN,
         }
     }
 
@@ -50,6 +56,7 @@ impl Protocol {
         match s {
             "ICMPv4" | "ICMP" => Some(Protocol::Icmp),
             "ICMPv6" => Some(Protocol::Icmpv6),
+            "L4-UNKNOWN" => Some(Protocol::L4Unknown),
             _ => Protocol::parse(s),
         }
     }
@@ -75,6 +82,7 @@ impl Protocol {
             Protocol::Sctp => "SCTP",
             Protocol::Icmp => "ICMPv4",
             Protocol::Icmpv6 => "ICMPv6",
+            Protocol::L4Unknown => "L4-UNKNOWN",
         }
     }
 }
@@ -363,7 +371,7 @@ impl CompiledPolicy {
     ) -> Vec<Grant> {
         // A rule without ports admits every protocol, ICMP included (NetworkPolicy itself
         // names only TCP, UDP and SCTP; this is what CNIs do for port-less rules).
-        const ALL: [u8; 5] = [6, 17, 132, 1, 58];
+        const ALL: [u8; 6] = [6, 17, 132, 1, 58, flows_common::PROTO_L4_UNKNOWN];
         let mut out = Vec::new();
         for r in self.rules(ingress) {
             // A rule without peers matches every peer; but an egress named port must be

@@ -49,3 +49,78 @@ pub fn system_time(t: &Timestamp) -> Option<std::time::SystemTime> {
             .checked_add(std::time::Duration::from_nanos(t.nanos as u64))
     }
 }
+
+/// IP protocol numbers and the names flows prints and stores for them (IANA's keywords;
+/// ICMP as "ICMPv4", as the rest of flows names it).
+const IP_PROTOCOLS: [(u8, &str); 22] = [
+    (0, "HOPOPT"),
+    (1, "ICMPv4"),
+    (2, "IGMP"),
+    (4, "IPIP"),
+    (6, "TCP"),
+    (17, "UDP"),
+    (41, "IPv6"),
+    (43, "IPv6-Route"),
+    (44, "IPv6-Frag"),
+    (46, "RSVP"),
+    (47, "GRE"),
+    (50, "ESP"),
+    (51, "AH"),
+    (58, "ICMPv6"),
+    (59, "IPv6-NoNxt"),
+    (60, "IPv6-Opts"),
+    (89, "OSPF"),
+    (103, "PIM"),
+    (112, "VRRP"),
+    (115, "L2TP"),
+    (132, "SCTP"),
+    (137, "MPLS-in-IP"),
+];
+
+/// The name of an IP protocol number ("GRE"; "IP-253" for one without a name here).
+pub fn ip_protocol_name(number: u32) -> String {
+    IP_PROTOCOLS
+        .iter()
+        .find(|(n, _)| u32::from(*n) == number)
+        .map(|(_, name)| name.to_string())
+        .unwrap_or_else(|| format!("IP-{number}"))
+}
+
+/// The number of a name [`ip_protocol_name`] gives (case-insensitive).
+pub fn ip_protocol_number(name: &str) -> Option<u32> {
+    if let Some(n) = IP_PROTOCOLS.iter().find(|(_, p)| p.eq_ignore_ascii_case(name)) {
+        return Some(u32::from(n.0));
+    }
+    let n: u32 = name.strip_prefix("IP-")?.parse().ok()?;
+    (n <= 255).then_some(n)
+}
+
+impl L4Unknown {
+    /// Why the ports are unknown, in a few words.
+    pub fn describe(&self) -> &'static str {
+        match L4UnknownReason::try_from(self.reason) {
+            Ok(L4UnknownReason::ExtensionHeaders) => "too many IPv6 extension headers",
+            Ok(L4UnknownReason::Fragment) => "fragment without transport header",
+            Ok(L4UnknownReason::Truncated) => "transport header cut short",
+            Ok(L4UnknownReason::Protocol) => "protocol without ports",
+            Ok(L4UnknownReason::Icmp) => "ICMP of no tracked connection",
+            _ => "transport header unknown",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_names_round_trip() {
+        for n in 0..=255u32 {
+            assert_eq!(ip_protocol_number(&ip_protocol_name(n)), Some(n), "{n}");
+        }
+        assert_eq!(ip_protocol_name(47), "GRE");
+        assert_eq!(ip_protocol_number("gre"), Some(47));
+        assert_eq!(ip_protocol_number("IP-256"), None);
+        assert_eq!(ip_protocol_number("IP-x"), None);
+    }
+}

@@ -7,7 +7,8 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use flows_proto::{
-    Endpoint, EventType, Flow, Icmpv4, Icmpv6, Ip, IpVersion, Layer4, ObservationPoint, Policy,
+    Endpoint, EventType, Flow, Icmpv4, Icmpv6, Ip, IpVersion, L4Unknown, L4UnknownReason, Layer4,
+    ObservationPoint, Policy,
     Sctp, Service, Tcp, TcpFlags, TrafficDirection, Udp, Verdict, Workload, layer4,
 };
 use serde::{Deserialize, Serialize};
@@ -57,6 +58,8 @@ pub struct FlowRow {
     pub ingress_denied_by: Vec<String>,
     pub egress_denied_by: Vec<String>,
     pub packet_length: u32,
+    /// The flow's `l4_unknown` reason (as its enum names it), or empty.
+    pub l4_unknown: String,
 }
 
 impl Default for FlowRow {
@@ -103,6 +106,7 @@ impl Default for FlowRow {
             ingress_denied_by: Vec::new(),
             egress_denied_by: Vec::new(),
             packet_length: 0,
+            l4_unknown: String::new(),
         }
     }
 }
@@ -256,7 +260,11 @@ impl FlowRow {
                 Ok(IpVersion::Ipv6) => 6,
                 _ => 0,
             },
-            protocol: PROTOCOLS.get(protocol).copied().unwrap_or("").to_string(),
+            protocol: match &f.l4_unknown {
+                // The ports are unknown: the IP protocol by name.
+                Some(u) if protocol == usize::MAX => flows_proto::ip_protocol_name(u.protocol),
+                _ => PROTOCOLS.get(protocol).copied().unwrap_or("").to_string(),
+            },
             src_ip: v6(&ip.source),
             dst_ip: v6(&ip.destination),
             src_port: u16::try_from(sport).unwrap_or(0),
@@ -287,6 +295,7 @@ impl FlowRow {
             ingress_denied_by: policies(&f.ingress_denied_by),
             egress_denied_by: policies(&f.egress_denied_by),
             packet_length: f.packet_length,
+            l4_unknown: l4_unknown_name(&f.l4_unknown),
         }
     }
 
@@ -374,8 +383,25 @@ impl FlowRow {
             source_service: unservice(&self.src_service),
             destination_service: unservice(&self.dst_service),
             packet_length: self.packet_length,
+            l4_unknown: self.l4_unknown(),
             ..Default::default()
         }
+    }
+
+    /// The flow's `l4_unknown` from the reason and protocol columns.
+    fn l4_unknown(&self) -> Option<L4Unknown> {
+        if self.l4_unknown.is_empty() {
+            return None;
+        }
+        let protocol = match self.protocol.as_str() {
+            "ICMPv4" => 1,
+            "ICMPv6" => 58,
+            p => flows_proto::ip_protocol_number(p).unwrap_or(0),
+        };
+        Some(L4Unknown {
+            reason: L4UnknownReason::from_str_name(&self.l4_unknown).unwrap_or(L4UnknownReason::Unspecified) as i32,
+            protocol,
+        })
     }
 
     /// Appends the row in RowBinary, in column order.
@@ -438,6 +464,17 @@ impl FlowRow {
         arr(out, &self.ingress_denied_by);
         arr(out, &self.egress_denied_by);
         out.extend_from_slice(&self.packet_length.to_le_bytes());
+        s(out, &self.l4_unknown);
+    }
+}
+
+fn l4_unknown_name(u: &Option<L4Unknown>) -> String {
+    match u {
+        Some(u) => L4UnknownReason::try_from(u.reason)
+            .unwrap_or(L4UnknownReason::Unspecified)
+            .as_str_name()
+            .to_string(),
+        None => String::new(),
     }
 }
 
@@ -547,6 +584,7 @@ impl FlowRow {
         row.ingress_denied_by = r.strings()?;
         row.egress_denied_by = r.strings()?;
         row.packet_length = u32::from_le_bytes(r.fixed()?);
+        row.l4_unknown = r.string()?;
         Ok(row)
     }
 }

@@ -127,6 +127,15 @@ pub fn migrations(db: &str) -> Vec<(u32, Vec<String>)> {
                 .map(|t| format!("ALTER TABLE {db}.{t} MODIFY SETTING non_replicated_deduplication_window = {DEDUP_WINDOW}"))
                 .collect(),
         ),
+        (
+            // Why a flow's ports are unknown (the flow's l4_unknown reason; empty when
+            // they are known); `protocol` then names the IP protocol. Last column, as
+            // FlowRow's field order requires.
+            3,
+            vec![format!(
+                "ALTER TABLE {db}.flows ADD COLUMN IF NOT EXISTS l4_unknown LowCardinality(String) DEFAULT ''"
+            )],
+        ),
     ]
 }
 

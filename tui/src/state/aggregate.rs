@@ -92,7 +92,10 @@ pub fn port_name(f: &Flow) -> String {
         Some(Protocol::Sctp(s)) => format!("{}/SCTP", s.destination_port),
         Some(Protocol::Icmpv4(_)) => "ICMPv4".into(),
         Some(Protocol::Icmpv6(_)) => "ICMPv6".into(),
-        None => "-".into(),
+        None => match &f.l4_unknown {
+            Some(u) => format!("{}/?", flows_proto::ip_protocol_name(u.protocol)),
+            None => "-".into(),
+        },
     }
 }
 
