@@ -651,6 +651,30 @@ mod tests {
     }
 
     #[test]
+    fn unreadable_ports_keep_their_protocol_and_reason() {
+        for (l4, unknown, protocol) in [
+            (None, L4Unknown { reason: L4UnknownReason::Protocol as i32, protocol: 47 }, "GRE"),
+            (None, L4Unknown { reason: L4UnknownReason::ExtensionHeaders as i32, protocol: 60 }, "IPv6-Opts"),
+            (
+                Some(Layer4 { protocol: Some(layer4::Protocol::Icmpv4(Icmpv4 { r#type: 3, code: 1, echo_id: 0 })) }),
+                L4Unknown { reason: L4UnknownReason::Icmp as i32, protocol: 1 },
+                "ICMPv4",
+            ),
+        ] {
+            let mut f = sample();
+            f.l4 = l4;
+            f.l4_unknown = Some(unknown);
+            let row = FlowRow::from_flow(&f);
+            assert_eq!(row.protocol, protocol);
+            assert!(row.l4_unknown.starts_with("L4_UNKNOWN_REASON_"), "{}", row.l4_unknown);
+            assert_eq!(row.to_flow(), f);
+            let mut buf = Vec::new();
+            row.encode(&mut buf);
+            assert_eq!(FlowRow::decode(&mut buf.as_slice()).expect("decode"), row);
+        }
+    }
+
+    #[test]
     fn world_and_unknown_ends_group_by_address() {
         let mut f = sample();
         f.destination = Some(Endpoint { is_world: true, labels: vec!["reserved:world".into()], ..Default::default() });

@@ -88,6 +88,11 @@ fn recorded(t: i64) -> Vec<Flow> {
     for i in 0..3 {
         v.push(flow(t + (40 + i) * 1_000_000, 40 + i as u32, api(), Some(web()), "10.244.1.77", 41_000, Verdict::Forwarded, true));
     }
+    // A packet whose ports the datapath could not read (GRE): its protocol by name.
+    let mut gre = flow(t + 35 * 1_000_000, 35, web(), Some(api()), "10.244.1.10", 0, Verdict::Forwarded, false);
+    gre.l4 = None;
+    gre.l4_unknown = Some(flows_proto::L4Unknown { reason: flows_proto::L4UnknownReason::Protocol as i32, protocol: 47 });
+    v.push(gre);
     v.push(flow(t - 3 * 86_400_000_000_000, 98, api(), Some(db()), "10.244.2.9", 5432, Verdict::Dropped, false));
     v.push(flow(t - 10 * 86_400_000_000_000, 99, api(), Some(db()), "10.244.2.9", 5432, Verdict::Dropped, false));
     v
@@ -107,7 +112,7 @@ async fn count(store: &Store, table: &str, cond: &str) -> u64 {
 }
 
 async fn suite(store: &Store, what: &str) {
-    assert_eq!(store.schema_version().await.expect("version"), 2, "{what}");
+    assert_eq!(store.schema_version().await.expect("version"), 3, "{what}");
     let tables = store
         .select_json(&format!("SELECT name FROM system.tables WHERE database = '{}' ORDER BY name", store.database()))
         .await
@@ -171,7 +176,7 @@ async fn suite(store: &Store, what: &str) {
     assert_eq!(all.iter().map(|r| r.flows).sum::<u64>(), 8, "{what}");
 
     // Rollups: attempts without replies, per minute and hour, the expired one included.
-    assert_eq!(count(store, "flows_1m", "1").await, 19, "{what}");
+    assert_eq!(count(store, "flows_1m", "1").await, 20, "{what}");
     assert_eq!(count(store, "flows_1h", "verdict = 'DROPPED'").await, 9, "{what}");
 
     let usage = store.disk_usage().await.expect("usage");
@@ -305,7 +310,7 @@ async fn embedded_engine() {
     drop(store);
     let store = Store::open(&config, "flows", Retention::default()).await.expect("reopen");
     assert_eq!(count(&store, "flows", "1").await, recorded(0).len() as u64 - 1);
-    assert_eq!(count(&store, "schema_migrations", "1").await, 2, "each migration applied once");
+    assert_eq!(count(&store, "schema_migrations", "1").await, 3, "each migration applied once");
     drop(store);
     shorter_retention(&config, "embedded").await;
     let _ = std::fs::remove_dir_all(&dir);
