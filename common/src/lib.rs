@@ -261,6 +261,9 @@ pub struct DropWatch {
 /// The TC program dropped this tuple for policy and reported it: the kernel's own
 /// report of that drop (reason TC_INGRESS/TC_EGRESS) would repeat it.
 pub const WATCH_F_POLICY_DROP: u32 = 1;
+/// The attempt's first packet had its tuple swapped to make the key: a dropped packet
+/// that normalises the other way is its answer.
+pub const WATCH_F_ORIG_SWAPPED: u32 = 2;
 
 /// One record in the ring buffer: 80 bytes, 8-aligned.
 #[repr(C)]

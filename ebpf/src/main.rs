@@ -27,7 +27,7 @@ use flows_common::{
     POLICY_EGRESS_EVALUATED, POLICY_INGRESS_ALLOWED, POLICY_INGRESS_EVALUATED, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_L4_UNKNOWN, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, RAW_EVENT_SIZE, RawEvent, TCP_ACK, TCP_FIN,
     TCP_RST, TCP_SYN, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED, VERDICT_NONE,
-    WATCH_F_POLICY_DROP, counter,
+    WATCH_F_ORIG_SWAPPED, WATCH_F_POLICY_DROP, counter,
 };
 
 /// 4 MiB: ~58k events of 72 bytes before user space must catch up.
@@ -783,7 +783,9 @@ fn track(ctx: &TcContext, point: u8, pkt: &Packet, ifindex: u32) -> i32 {
         tuple: pkt.tuple,
         ifindex,
     };
-    let swapped = must_swap(&key.tuple);
+    // An ICMP message of no tracked connection answers nothing and is answered by
+    // nothing: each direction is its own attempt, decided on its own.
+    let swapped = pkt.tuple.l4_unknown != L4_UNKNOWN_ICMP && must_swap(&key.tuple);
     if swapped {
         core::mem::swap(&mut key.tuple.saddr, &mut key.tuple.daddr);
         core::mem::swap(&mut key.tuple.sport, &mut key.tuple.dport);
@@ -1105,12 +1107,15 @@ fn must_swap(t: &FlowTuple) -> bool {
 
 #[inline(always)]
 fn watch_for_drops(t: &FlowTuple, now: u64) {
+    let swapped = must_swap(t);
     let w = DropWatch {
         reported_reason: 0,
-        flags: 0,
+        // Which way the attempt goes, so a drop of its answer is reported as a reply.
+        flags: if swapped { WATCH_F_ORIG_SWAPPED } else { 0 },
         last_seen_ns: now,
     };
-    let _ = DROP_WATCH.insert(&normalised(t), &w, 0);
+    let key = if swapped { t.reversed() } else { *t };
+    let _ = DROP_WATCH.insert(&key, &w, 0);
 }
 
 #[btf_tracepoint(function = "kfree_skb")]
@@ -1228,6 +1233,10 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     w.reported_reason = reason;
+    if must_swap(&ev.tuple) != (w.flags & WATCH_F_ORIG_SWAPPED != 0) {
+        // Against the attempt's direction: its answer (the kernel dropped a reply).
+        ev.flags = EVENT_F_REPLY;
+    }
 
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.kind = EVENT_DROP;

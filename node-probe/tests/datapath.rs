@@ -545,6 +545,9 @@ fn crafted_packets_are_decided_by_rules_without_ports() {
     let stranger = &v4(B4, A4, PROTO_TCP, &l4_tcp(80, 9, TCP_SYN | TCP_ACK))[14..14 + 28];
     assert_eq!(to_ep(&mut h, &v4(A4, B4, PROTO_ICMP, &icmp_error(3, stranger))), TC_ACT_SHOT);
     denied_once(&mut h, "unrelated ICMP error", L4_UNKNOWN_ICMP, PROTO_ICMP);
+    let stranger6 = &v6(B6, A6, &[], PROTO_TCP, &l4_tcp(80, 9, TCP_SYN | TCP_ACK))[14..14 + 48];
+    assert_eq!(to_ep(&mut h, &v6(A6, B6, &[], PROTO_ICMPV6, &icmp_error(1, stranger6))), TC_ACT_SHOT);
+    denied_once(&mut h, "unrelated ICMPv6 error", L4_UNKNOWN_ICMP, PROTO_ICMPV6);
     let denied_syn = &v4(A4, B4, PROTO_TCP, &l4_tcp(41000, 22, TCP_SYN))[14..14 + 28];
     assert_eq!(to_ep(&mut h, &v4(A4, B4, PROTO_ICMP, &icmp_error(11, denied_syn))), TC_ACT_SHOT);
     assert!(h.events().is_empty(), "part of the denied attempt, already reported");
