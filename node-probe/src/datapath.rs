@@ -749,7 +749,7 @@ pub struct TestHarness {
 impl TestHarness {
     pub fn new() -> Result<TestHarness, DatapathError> {
         let mut ebpf = load_object(Btf::from_sys_fs()?.kernel_offsets()?, false, (u32::MAX, u32::MAX))?;
-        for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT, PROG_BENCH_NOP] {
+        for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT, PROG_TO_NETWORK, PROG_BENCH_NOP] {
             classifier(&mut ebpf, name)?.load().map_err(prog_err(name))?;
         }
         let DatapathMaps {

@@ -327,38 +327,11 @@ fn malformed_and_truncated_packets_pass_and_are_counted() {
 /// SYN on its tuple afterwards is decided as a new attempt.
 #[test]
 fn mid_stream_packets_do_not_bypass_policy() {
-    use flows_policy::{
-        Cluster, Engine, Manifests, PodInfo,
-        compile::{IdentityAllocator, Mode, NodeView, SetTable, compile_datapath},
-    };
     if !root() {
         return;
     }
-    let build = |policies: &str| {
-        let m = Manifests::parse([("p.yaml", policies)]).expect("policies");
-        let mut c = Cluster::new();
-        for (ns, name, ip) in [("a", "client", A4), ("b", "server", B4)] {
-            c.add_pod(PodInfo {
-                namespace: ns.into(),
-                name: name.into(),
-                node: Some("n".into()),
-                labels: Default::default(),
-                ips: vec![std::net::IpAddr::from(ip)],
-                ports: vec![],
-            });
-        }
-        let engine = Engine::new(m.policies);
-        compile_datapath(
-            &c,
-            &engine,
-            &NodeView {
-                is_local: &|_| true,
-                mode_of: &|_| Mode::Enforce,
-            },
-            &mut IdentityAllocator::new(),
-            SetTable::new(),
-        )
-    };
+    let (a, b) = (ips(A4, None), ips(B4, None));
+    let build = |policies: &str| compiled(policies, &[("a", "client", &a), ("b", "server", &b)]);
     const DENY_B_INGRESS: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: b}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n";
     const DENY_A_INGRESS: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: a}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n";
 
@@ -386,16 +359,49 @@ fn mid_stream_packets_do_not_bypass_policy() {
 
 const TC_ACT_SHOT: u32 = 2;
 
+/// The datapath state of `policies` over these pods (namespace, name, addresses), all on
+/// this node, enforced.
+fn compiled(policies: &str, pods: &[(&str, &str, &[std::net::IpAddr])]) -> flows_policy::compile::DatapathState {
+    use flows_policy::{
+        Cluster, Engine, Manifests, PodInfo,
+        compile::{IdentityAllocator, Mode, NodeView, SetTable, compile_datapath},
+    };
+    let m = Manifests::parse([("p.yaml", policies)]).expect("policies");
+    let mut c = Cluster::new();
+    for (ns, name, ips) in pods {
+        c.add_pod(PodInfo {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            node: Some("n".into()),
+            labels: Default::default(),
+            ips: ips.to_vec(),
+            ports: vec![],
+        });
+    }
+    compile_datapath(
+        &c,
+        &Engine::new(m.policies),
+        &NodeView {
+            is_local: &|_| true,
+            mode_of: &|_| Mode::Enforce,
+        },
+        &mut IdentityAllocator::new(),
+        SetTable::new(),
+    )
+}
+
+fn ips(v4: [u8; 4], v6: Option<[u8; 16]>) -> Vec<std::net::IpAddr> {
+    let mut out = vec![std::net::IpAddr::from(v4)];
+    out.extend(v6.map(std::net::IpAddr::from));
+    out
+}
+
 const C4: [u8; 4] = [10, 244, 2, 4];
 const C6: [u8; 16] = [0xfd, 0, 0, 0x10, 0x2, 0x44, 0, 2, 0, 0, 0, 0, 0, 0, 0, 4];
 
 /// a/client; b/server admits a's pods on TCP 80 and UDP 53 only; c/open admits them
 /// with a rule without ports. Everything on this node, enforced.
 fn crafted_policy() -> flows_policy::compile::DatapathState {
-    use flows_policy::{
-        Cluster, Engine, Manifests, PodInfo,
-        compile::{IdentityAllocator, Mode, NodeView, SetTable, compile_datapath},
-    };
     const POLICIES: &str = "\
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -411,28 +417,8 @@ spec:
   podSelector: {}
   ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: a}}}]}]
 ";
-    let m = Manifests::parse([("p.yaml", POLICIES)]).expect("policies");
-    let mut c = Cluster::new();
-    for (ns, name, ip4, ip6) in [("a", "client", A4, A6), ("b", "server", B4, B6), ("c", "open", C4, C6)] {
-        c.add_pod(PodInfo {
-            namespace: ns.into(),
-            name: name.into(),
-            node: Some("n".into()),
-            labels: Default::default(),
-            ips: vec![std::net::IpAddr::from(ip4), std::net::IpAddr::from(ip6)],
-            ports: vec![],
-        });
-    }
-    compile_datapath(
-        &c,
-        &Engine::new(m.policies),
-        &NodeView {
-            is_local: &|_| true,
-            mode_of: &|_| Mode::Enforce,
-        },
-        &mut IdentityAllocator::new(),
-        SetTable::new(),
-    )
+    let (a, b, c) = (ips(A4, Some(A6)), ips(B4, Some(B6)), ips(C4, Some(C6)));
+    compiled(POLICIES, &[("a", "client", &a), ("b", "server", &b), ("c", "open", &c)])
 }
 
 /// An IPv4 packet with the fragment field and identification given (`payload` is what
@@ -569,4 +555,38 @@ fn crafted_packets_are_decided_by_rules_without_ports() {
     let c = h.counters().expect("counters");
     assert_eq!(c[counter::FRAGMENTS_FOLLOWED as usize], 2);
     assert_eq!(c[counter::ICMP_RELATED as usize], 2);
+}
+
+/// At the node's uplink (the egress policy of local pods towards other nodes and the
+/// world) a packet of unknown L4 is decided the same way: a pod whose egress names
+/// ports sends nothing unreadable.
+#[test]
+fn the_uplink_decides_unreadable_packets_by_egress_policy() {
+    use flows_common::VERDICT_DENIED;
+    use flows_node_probe::datapath::PROG_TO_NETWORK;
+    if !root() {
+        return;
+    }
+    const EGRESS: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: out, namespace: a}\nspec: {podSelector: {}, policyTypes: [Egress], egress: [{ports: [{port: 80}]}]}\n";
+    let a = ips(A4, Some(A6));
+    let state = compiled(EGRESS, &[("a", "client", &a)]);
+    let mut h = TestHarness::new().expect("load");
+    h.apply_policy(state).expect("policy");
+    let up = |h: &mut TestHarness, p: &[u8]| h.run_timed(PROG_TO_NETWORK, p).expect("run").0;
+    // Out to the world on the port the policy names: allowed.
+    assert_eq!(up(&mut h, &v4(A4, B4, PROTO_TCP, &l4_tcp(42000, 80, TCP_SYN))), TC_ACT_OK);
+    let _ = h.events();
+    // GRE, and a SYN to port 80 behind nine extension headers: dropped, reported as the
+    // pod's attempt with its egress policy.
+    assert_eq!(up(&mut h, &v4(A4, B4, 47, &[0u8; 16])), TC_ACT_SHOT);
+    let chain: Vec<(u8, Vec<u8>)> = (0..9).map(|_| (60, opts_header(1))).collect();
+    assert_eq!(up(&mut h, &v6(A6, B6, &chain, PROTO_TCP, &l4_tcp(42001, 80, TCP_SYN))), TC_ACT_SHOT);
+    let ev = h.events();
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    for e in &ev {
+        assert_eq!(e.verdict, VERDICT_DENIED);
+        assert_ne!(e.tuple.l4_unknown, 0);
+        assert_ne!(e.egress_set, 0, "names the isolating egress policy");
+        assert!(e.tuple.saddr[..4] == A4 || e.tuple.saddr == A6);
+    }
 }
