@@ -22,7 +22,7 @@ use flows_policy::{
 };
 use flows_proto::{AttemptGroup, AttemptsRequest, Verdict, history_client::HistoryClient};
 
-use crate::observe::parse_time;
+use crate::time::parse_time;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HistoryArgs {
@@ -138,11 +138,11 @@ fn load_cluster(h: &HistoryArgs) -> anyhow::Result<ClusterContext> {
     } else {
         h.manifests.clone()
     };
-    let files = crate::policy::manifest_files(&paths)?;
+    let files = crate::manifests::manifest_files(&paths)?;
     let m = if files.is_empty() {
         flows_policy::Manifests::default()
     } else {
-        crate::policy::read_manifests(&paths)?
+        crate::manifests::read_manifests(&paths)?
     };
     let mut inventory = Inventory::new();
     for p in &paths {
@@ -194,8 +194,7 @@ fn party(p: Option<&flows_proto::AttemptParty>) -> Option<Party> {
 }
 
 fn ns_of(t: &Option<flows_proto::Timestamp>) -> i64 {
-    t.map(|t| t.seconds.saturating_mul(1_000_000_000).saturating_add(i64::from(t.nanos)))
-        .unwrap_or(0)
+    t.as_ref().map(flows_proto::timestamp_nanos).unwrap_or(0)
 }
 
 /// An observation from the History API's form; None for a group policy cannot judge
@@ -247,7 +246,7 @@ async fn history(h: &HistoryArgs) -> anyhow::Result<History> {
         let rows = store.attempts(&q).await.context("reading attempts from the store")?;
         (rows.into_iter().map(flows_store::AttemptRow::into_proto).collect::<Vec<_>>(), spec.clone())
     } else {
-        let server = match (&h.server, crate::labprobes::relay_address(&lab_dir(h))) {
+        let server = match (&h.server, crate::lab::probes::relay_address(&lab_dir(h))) {
             (Some(s), _) => s.clone(),
             (None, Some(r)) => r,
             (None, None) => bail!("no history: give --server (a relay started with --store) or --store, or start the lab with --probes"),
@@ -416,7 +415,7 @@ fn apply(current: &[CompiledPolicy], proposed: Vec<CompiledPolicy>, replace: boo
 
 /// `flows policy check`. Ok(false) when something allowed would become denied.
 pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
-    let proposed = crate::policy::read_manifests(&args.paths)?;
+    let proposed = crate::manifests::read_manifests(&args.paths)?;
     if proposed.policies.is_empty() {
         bail!("no NetworkPolicy in {:?}", args.paths);
     }

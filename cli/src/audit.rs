@@ -6,7 +6,7 @@ use std::io::Write;
 use anyhow::bail;
 use flows_proto::{AuditGroup, AuditRequest, Timestamp, Verdict, history_client::HistoryClient};
 
-use crate::{filters::FilterArgs, observe::parse_time};
+use crate::{filters::FilterArgs, time::parse_time};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuditFormat {
@@ -129,7 +129,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
     let deny_list = crate::filters::deny_list(&args.not)?;
     crate::filters::validate(&allow_list, &deny_list)?;
     let lab_dir = args.lab_state.clone().unwrap_or_else(flows_lab::state::default_dir);
-    let server = match (&args.server, crate::labprobes::relay_address(&lab_dir)) {
+    let server = match (&args.server, crate::lab::probes::relay_address(&lab_dir)) {
         (Some(s), _) => s.clone(),
         (None, Some(r)) => r,
         (None, None) => bail!("no relay: give --server host:port (a relay started with --store), or start the lab with --probes"),

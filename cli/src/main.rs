@@ -7,11 +7,11 @@ mod connect;
 mod kubesync;
 mod filters;
 mod lab;
-mod labpolicy;
-mod labprobes;
+mod manifests;
 mod observe;
 mod policy;
 mod printer;
+mod time;
 mod tui;
 
 use clap::{Parser, Subcommand};

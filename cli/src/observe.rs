@@ -2,13 +2,14 @@
 
 use std::{io::Write, path::PathBuf, time::Duration};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use flows_proto::{
-    Flow, GetFlowsRequest, GetFlowsResponse, Timestamp, get_flows_response::ResponseTypes,
+    Flow, GetFlowsRequest, GetFlowsResponse, get_flows_response::ResponseTypes,
     observer_client::ObserverClient,
 };
 
 use crate::{
+    time::parse_time,
     filters::FilterArgs,
     printer::{Format, Printer},
 };
@@ -59,23 +60,6 @@ pub struct ObserveArgs {
     /// out of the command line before parsing; see `filters::split_not`).
     #[arg(skip)]
     pub not: Vec<std::ffi::OsString>,
-}
-
-/// Parses `--since`/`--until`: "5m"-style durations before now, or RFC 3339.
-pub fn parse_time(s: &str, now: std::time::SystemTime) -> anyhow::Result<Timestamp> {
-    let s = s.trim();
-    if let Ok(d) = humantime::parse_duration(s) {
-        let t = now
-            .checked_sub(d)
-            .with_context(|| format!("{s:?} reaches before the epoch"))?;
-        return Ok(flows_proto::timestamp(t));
-    }
-    match humantime::parse_rfc3339_weak(s) {
-        Ok(t) => Ok(flows_proto::timestamp(t)),
-        Err(_) => bail!(
-            "invalid time {s:?}: expected a duration such as 5m or 1h30m, or RFC 3339 such as 2026-11-22T04:00:00Z"
-        ),
-    }
 }
 
 pub fn request(args: &ObserveArgs) -> anyhow::Result<GetFlowsRequest> {
@@ -173,14 +157,14 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         .lab_state
         .clone()
         .unwrap_or_else(flows_lab::state::default_dir);
-    let relay = crate::labprobes::relay_address(&lab_dir);
+    let relay = crate::lab::probes::relay_address(&lab_dir);
     let servers = if !args.server.is_empty() {
         args.server.clone()
     } else if let Some(relay) = &relay {
         // The lab's relay: every node, merged in time order, with addresses named.
         vec![relay.clone()]
     } else {
-        let lab = crate::labprobes::addresses(&lab_dir);
+        let lab = crate::lab::probes::addresses(&lab_dir);
         if lab.is_empty() {
             vec!["127.0.0.1:4245".to_string()]
         } else {

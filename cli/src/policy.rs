@@ -5,8 +5,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, bail};
-use flows_policy::{Cluster, Endpoint, Engine, Manifests, Protocol};
+use anyhow::Context;
+use flows_policy::{Cluster, Endpoint, Engine, Protocol};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -39,40 +39,6 @@ pub enum PolicyCommand {
 }
 
 /// Manifest files: the files given, and *.yaml, *.yml, *.json in directories (sorted).
-pub fn manifest_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
-                .with_context(|| format!("reading directory {}", p.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| {
-                    f.extension()
-                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
-                })
-                .collect();
-            found.sort();
-            out.extend(found);
-        } else {
-            out.push(p.clone());
-        }
-    }
-    Ok(out)
-}
-
-pub fn read_manifests(paths: &[PathBuf]) -> anyhow::Result<Manifests> {
-    let files = manifest_files(paths)?;
-    if files.is_empty() {
-        bail!("no manifest files found in {paths:?}");
-    }
-    let mut texts = Vec::new();
-    for f in &files {
-        let t = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        texts.push((f.display().to_string(), t));
-    }
-    Ok(Manifests::parse(texts.iter().map(|(n, t)| (n.as_str(), t.as_str())))?)
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AttemptLine {
@@ -136,7 +102,7 @@ pub fn eval_line(cluster: &Cluster, engine: &Engine, line: &str) -> Result<serde
 }
 
 fn eval(manifests: &[PathBuf], flows: &Path) -> anyhow::Result<bool> {
-    let m = read_manifests(manifests)?;
+    let m = crate::manifests::read_manifests(manifests)?;
     let engine = m.engine();
     let input: Box<dyn BufRead> = if flows == Path::new("-") {
         Box::new(std::io::stdin().lock())

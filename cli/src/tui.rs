@@ -38,7 +38,7 @@ pub async fn run(args: TuiArgs) -> anyhow::Result<()> {
         (Some(path), _) => flows_tui::Source::File { path: path.clone(), rate: args.rate },
         (None, server) => {
             let dir = args.lab_state.clone().unwrap_or_else(flows_lab::state::default_dir);
-            let addr = match (server, crate::labprobes::relay_address(&dir)) {
+            let addr = match (server, crate::lab::probes::relay_address(&dir)) {
                 (Some(s), _) => s.clone(),
                 (None, Some(r)) => r,
                 (None, None) => bail!("no server: give --server host:port or --input-file, or start the lab with --probes"),

@@ -1,11 +1,13 @@
 //! Flow logic without I/O: [`filter::FilterSet`] (FlowFilter allow and deny lists, as
 //! Hubble defines them), [`selector::LabelSelector`] (kubectl's selector syntax) and
 //! [`enrich`] (annotation through getter traits, and what a node can filter before it),
-//! [`jsonl`] (flows as JSON lines: the printed form and its reader).
+//! [`jsonl`] (flows as JSON lines: the printed form and its reader), [`request`] (what
+//! makes a GetFlowsRequest valid, for every server).
 
 pub mod enrich;
 pub mod filter;
 pub mod jsonl;
+pub mod request;
 pub mod selector;
 
 pub use filter::{FilterError, FilterSet};

@@ -98,9 +98,6 @@ pub struct ProbeConfig {
     pub pin_dir: Option<PathBuf>,
 }
 
-/// Largest gRPC request the Observer API decodes: a GetFlowsRequest is a few filters,
-/// so anything near this is hostile or a mistake and is refused (OUT_OF_RANGE).
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 fn netns_inode(path: &PathBuf) -> Result<u32, ProbeError> {
     std::fs::metadata(path)

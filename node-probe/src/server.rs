@@ -8,17 +8,24 @@ use flows_proto::{
     observer_server::Observer,
 };
 use futures::Stream;
-use flows_proto::Timestamp;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use flows_flow::FilterSet;
+use flows_flow::{
+    FilterSet,
+    request::{self, Window},
+};
+use flows_proto::{Timestamp, timestamp_nanos};
 
 use crate::{
     ring::{Entry, FlowRing, Read},
     stats::ProbeStats,
 };
+
+/// Largest gRPC request the Observer API decodes: a GetFlowsRequest is a few filters,
+/// so anything near this is hostile or a mistake and is refused (OUT_OF_RANGE).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Responses buffered per client before the sending task waits for the client. While it
 /// waits it falls behind in the ring and is told so with a LostEvent.
@@ -35,63 +42,25 @@ pub struct ObserverService {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
-fn ts_key(t: &Timestamp) -> (i64, i32) {
-    (t.seconds, t.nanos)
+/// Whether an entry is inside the request's window (one without a time: always).
+fn in_window(w: &Window, e: &Entry) -> bool {
+    e.time().is_none_or(|t| w.contains(timestamp_nanos(t)))
 }
 
-/// The time window of a request.
-#[derive(Clone, Copy, Default)]
-struct Window {
-    since: Option<(i64, i32)>,
-    until: Option<(i64, i32)>,
-}
-
-impl Window {
-    fn contains(&self, e: &Entry) -> bool {
-        let Some(t) = e.time().map(ts_key) else {
-            return true;
-        };
-        self.since.is_none_or(|s| t >= s) && self.until.is_none_or(|u| t < u)
-    }
-
-    fn is_past(&self, e: &Entry) -> bool {
-        match (self.until, e.time().map(ts_key)) {
-            (Some(u), Some(t)) => t >= u,
-            _ => false,
-        }
-    }
+fn past_window(w: &Window, e: &Entry) -> bool {
+    e.time().is_some_and(|t| w.is_past(timestamp_nanos(t)))
 }
 
 fn validate(req: &GetFlowsRequest) -> Result<(Window, FilterSet), Status> {
-    // Built once per request; a bad filter is the client's error, named.
-    let filters = FilterSet::new(&req.allow_list, &req.deny_list)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    if req.first && req.follow {
-        return Err(Status::invalid_argument(
-            "`first` and `follow` cannot be combined",
-        ));
-    }
-    let w = Window {
-        since: req.since.as_ref().map(ts_key),
-        until: req.until.as_ref().map(ts_key),
-    };
-    if let (Some(s), Some(u)) = (w.since, w.until) {
-        if s > u {
-            return Err(Status::invalid_argument("`since` is after `until`"));
-        }
-    }
-    if let Some(t) = req.since.as_ref().or(req.until.as_ref()) {
-        if t.nanos < 0 || t.nanos >= 1_000_000_000 {
-            return Err(Status::invalid_argument("timestamp nanos out of range"));
-        }
-    }
-    Ok((w, filters))
+    // Built once per request; a bad request is the client's error, named.
+    let v = request::validate(req).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok((v.window, v.filters))
 }
 
 /// Whether an entry goes to the client: flows by the filters, losses always (they are
 /// what makes a gap visible).
 fn wanted(e: &Entry, w: &Window, filters: &FilterSet) -> bool {
-    w.contains(e)
+    in_window(w, e)
         && match e {
             Entry::Flow(f) => filters.matches(f),
             Entry::Lost(..) => true,
@@ -164,7 +133,7 @@ impl ObserverService {
     /// what tests serve.
     pub fn into_server(self) -> flows_proto::observer_server::ObserverServer<Self> {
         flows_proto::observer_server::ObserverServer::new(self)
-            .max_decoding_message_size(crate::probe::MAX_REQUEST_BYTES)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 }
 
@@ -199,7 +168,7 @@ impl Observer for ObserverService {
                 match ring.read(cursor) {
                     Read::Entry(e) => {
                         cursor += 1;
-                        if window.is_past(&e) {
+                        if past_window(&window, &e) {
                             return;
                         }
                         if wanted(&e, &window, &filters)
@@ -277,6 +246,7 @@ impl Observer for ObserverService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flows_proto::Timestamp;
     use flows_proto::Flow;
 
     fn ring_with(n: u32) -> FlowRing {
@@ -326,10 +296,10 @@ mod tests {
             since: Some(Timestamp { seconds: 110, nanos: 0 }),
             ..Default::default()
         };
-        assert_eq!(lens(&history(&r, &since_follow, Window { since: Some((110, 0)), until: None }, &f).0), vec![10, 11]);
+        assert_eq!(lens(&history(&r, &since_follow, Window { since: Some(110_000_000_000), until: None }, &f).0), vec![10, 11]);
         let win = Window {
-            since: Some((106, 0)),
-            until: Some((109, 0)),
+            since: Some(106_000_000_000),
+            until: Some(109_000_000_000),
         };
         assert_eq!(lens(&history(&r, &req(0, false, false), win, &f).0), vec![6, 7, 8]);
     }

@@ -86,10 +86,7 @@ impl Clock {
 
     pub fn to_timestamp(self, mono_ns: u64) -> flows_proto::Timestamp {
         let t = mono_ns as i128 + self.offset_ns;
-        flows_proto::Timestamp {
-            seconds: t.div_euclid(1_000_000_000) as i64,
-            nanos: t.rem_euclid(1_000_000_000) as i32,
-        }
+        flows_proto::timestamp_from_nanos(t.clamp(i64::MIN as i128, i64::MAX as i128) as i64)
     }
 }
 

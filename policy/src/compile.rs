@@ -26,10 +26,12 @@ use crate::{
     selector::Labels,
 };
 
-/// Identity of any peer (rules without `from`/`to`).
-pub const IDENTITY_ANY: u32 = 0;
-/// Addresses outside the cluster that no ipBlock mentions.
-pub const IDENTITY_WORLD: u32 = 2;
+pub use crate::eval::Member;
+
+/// Identity of any peer (rules without `from`/`to`): the datapath's number.
+pub const IDENTITY_ANY: u32 = flows_common::IDENTITY_ANY;
+/// Addresses outside the cluster that no ipBlock mentions: the datapath's number.
+pub const IDENTITY_WORLD: u32 = flows_common::IDENTITY_WORLD;
 /// First number handed out to computed identities.
 pub const IDENTITY_FIRST: u32 = 256;
 
@@ -75,13 +77,6 @@ pub enum IdentityKey {
     },
 }
 
-/// What policies can see of an identity: a representative pod (all its pods are alike
-/// for every selector) or none for the world, and the ipBlocks its addresses are in.
-#[derive(Debug, Clone)]
-pub struct Member<'a> {
-    pub pod: Option<&'a PodInfo>,
-    pub blocks: Vec<(Cidr, Vec<Cidr>)>,
-}
 
 /// Hands out identity and endpoint numbers, stable for as long as their key stays in
 /// use, so that a change renumbers nothing else (and rewrites no unrelated entry).

@@ -367,7 +367,7 @@ impl CompiledPolicy {
         cluster: &Cluster,
         subject: &PodInfo,
         ingress: bool,
-        members: &BTreeMap<u32, crate::compile::Member>,
+        members: &BTreeMap<u32, Member>,
     ) -> Vec<Grant> {
         // A rule without ports admits every protocol, ICMP included (NetworkPolicy itself
         // names only TCP, UDP and SCTP; this is what CNIs do for port-less rules).
@@ -379,7 +379,7 @@ impl CompiledPolicy {
             let egress_named = !ingress
                 && r.ports.iter().any(|p| matches!(p.port, PortMatch::Named(_)));
             let peers: Vec<(u32, Option<&PodInfo>)> = match (&r.peers, egress_named) {
-                (None, false) => vec![(crate::compile::IDENTITY_ANY, None)],
+                (None, false) => vec![(flows_common::IDENTITY_ANY, None)],
                 _ => members
                     .iter()
                     .filter(|(_, m)| {
@@ -445,6 +445,14 @@ impl CompiledPolicy {
         }
         out
     }
+}
+
+/// What policies can see of an identity: a representative pod (all its pods are alike
+/// for every selector) or none for the world, and the ipBlocks its addresses are in.
+#[derive(Debug, Clone)]
+pub struct Member<'a> {
+    pub pod: Option<&'a PodInfo>,
+    pub blocks: Vec<(Cidr, Vec<Cidr>)>,
 }
 
 /// One thing a policy allows: a peer identity, protocol and port range.

@@ -36,6 +36,21 @@ pub fn timestamp_now() -> Timestamp {
     timestamp(std::time::SystemTime::now())
 }
 
+/// Nanoseconds since the epoch of a Timestamp, saturating at the ends of i64 (about the
+/// years 1677 and 2262). The one conversion every crate uses.
+pub fn timestamp_nanos(t: &Timestamp) -> i64 {
+    let ns = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
+    ns.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+}
+
+/// The Timestamp of nanoseconds since the epoch (nanos always in 0..1e9).
+pub fn timestamp_from_nanos(ns: i64) -> Timestamp {
+    Timestamp {
+        seconds: ns.div_euclid(1_000_000_000),
+        nanos: ns.rem_euclid(1_000_000_000) as i32,
+    }
+}
+
 /// The SystemTime of a Timestamp (None when out of range).
 pub fn system_time(t: &Timestamp) -> Option<std::time::SystemTime> {
     if !(0..1_000_000_000).contains(&t.nanos) {
@@ -112,6 +127,17 @@ impl L4Unknown {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nanoseconds_round_trip_and_saturate() {
+        for ns in [0, 1, -1, 999_999_999, -1_000_000_001, i64::MAX, i64::MIN] {
+            let t = timestamp_from_nanos(ns);
+            assert!((0..1_000_000_000).contains(&t.nanos));
+            assert_eq!(timestamp_nanos(&t), ns);
+        }
+        assert_eq!(timestamp_nanos(&Timestamp { seconds: i64::MAX, nanos: 5 }), i64::MAX);
+        assert_eq!(timestamp_nanos(&Timestamp { seconds: i64::MIN, nanos: 0 }), i64::MIN);
+    }
 
     #[test]
     fn protocol_names_round_trip() {

@@ -24,6 +24,7 @@ use flows_proto::{
 use flows_relay::{
     peers::{Backoff, PeerSet},
     server::RelayService,
+    stream::Merger,
 };
 
 const PODS: usize = 4_000;
@@ -150,13 +151,15 @@ async fn run(peers: usize, index: Option<SharedIndex>) {
     let specs: Vec<String> = addrs.iter().enumerate().map(|(i, a)| format!("node-{i}={a}")).collect();
     let set = PeerSet::fixed(&specs, Backoff::default());
     let svc = RelayService {
-        peers: set,
-        index: index.clone(),
-        metrics: Arc::new(Metrics::new()),
-        sort_window: Duration::from_millis(300),
-        sort_buffer: 10_000,
+        merger: Arc::new(Merger {
+            peers: set,
+            index: index.clone(),
+            metrics: Arc::new(Metrics::new()),
+            sort_window: Duration::from_millis(300),
+            sort_buffer: 10_000,
+            store: None,
+        }),
         started: Instant::now(),
-        store: None,
         sink: None,
         shutdown: None,
     };

@@ -1,15 +1,20 @@
 //! The flows relay: one Observer API for the whole cluster.
 //!
 //! [`peers`] keeps a connection to every node-probe (backoff, health checks); [`merge`]
-//! orders flows from several nodes with a bounded sort window; [`server`] serves the same
-//! Observer API as a node-probe, so every client works against either, annotated from
-//! the cluster index (`flows-k8s`); [`sink`] writes every flow to the store
-//! (`flows-store`), which also answers history and audit requests.
+//! orders flows from several nodes with a bounded sort window; [`stream`] answers one
+//! request from every node and the store, annotated from the cluster index
+//! (`flows-k8s`); [`server`] serves it as the same Observer API a node-probe has, so
+//! every client works against either; [`sink`] writes every flow to the store
+//! (`flows-store`); [`history`] serves the audit and attempts from it; [`run`] is the
+//! whole relay from its configuration.
 
+pub mod history;
 pub mod merge;
 pub mod peers;
+pub mod run;
 pub mod server;
 pub mod sink;
+pub mod stream;
 
 /// Largest gRPC request the relay decodes (filters, history queries): anything near it
 /// is hostile or a mistake and is refused with OUT_OF_RANGE.

@@ -1,23 +1,14 @@
-//! flows-relay: thin binary over the `flows_relay` library.
+//! flows-relay: flags into a [`RelayConfig`], then [`flows_relay::run::run`] until SIGTERM.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, RwLock},
-    time::Duration,
-    time::Instant,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use flows_proto::observer_server::ObserverServer;
-use flows_k8s::{Cidr, ClusterIndex, manifests::ManifestSource, watch::SharedIndex};
-use flows_proto::history_server::HistoryServer;
 use flows_relay::{
-    peers::{self, PeerSet},
-    server::{HistoryService, RelayService},
-    sink::{SinkConfig, SinkStats, WhenFull},
+    run::{Discovery, IndexSource, KubeAccess, RelayConfig, StoreSettings},
+    sink::{SinkConfig, WhenFull},
 };
-use flows_store::{Retention, Store, StoreConfig};
+use flows_store::Retention;
 
 #[derive(Parser)]
 #[command(name = "flows-relay", version, about = "flows relay: every node-probe's flows, merged")]
@@ -123,6 +114,64 @@ struct Args {
     peer_tls_server_name: Option<String>,
 }
 
+impl Args {
+    fn config(self) -> RelayConfig {
+        let kube = match (&self.kubernetes_api, self.kubernetes || self.discover_namespace.is_some()) {
+            (Some(url), _) => Some(KubeAccess::Url(url.clone())),
+            (None, true) => Some(KubeAccess::Default),
+            (None, false) => None,
+        };
+        let index = match (&self.manifests, self.kubernetes || self.kubernetes_api.is_some()) {
+            (Some(path), _) => IndexSource::Manifests(path.clone()),
+            (None, true) => IndexSource::Kubernetes,
+            (None, false) => IndexSource::None,
+        };
+        let store = self.store.clone().map(|spec| StoreSettings {
+            spec,
+            database: self.store_database.clone(),
+            user: self.store_user.clone(),
+            password: self.store_password.clone(),
+            chdb_library: self.chdb_lib.clone().unwrap_or_else(flows_store::chdb::default_library),
+            retention: Retention {
+                raw_days: self.retention_raw_days,
+                minute_days: self.retention_minute_days,
+                hour_days: self.retention_hour_days,
+            },
+            sink: SinkConfig {
+                batch_rows: self.store_batch_rows.max(1),
+                flush: Duration::from_millis(self.store_flush_ms),
+                buffer_rows: self.store_buffer_rows.max(1),
+                when_full: self.store_when_full,
+                ..Default::default()
+            },
+        });
+        RelayConfig {
+            peers: self.peers,
+            discovery: self.discover_namespace.map(|namespace| Discovery {
+                namespace,
+                selector: self.discover_selector,
+                port: self.discover_port,
+            }),
+            kube,
+            index,
+            cluster_cidrs: self.cluster_cidr,
+            listen: self.listen,
+            sort_window: Duration::from_millis(self.sort_window_ms),
+            sort_buffer: self.sort_buffer,
+            metrics_listen: self.metrics_listen,
+            store,
+            ready_file: self.ready_file,
+            tls: self.tls,
+            peer_tls: flows_tls::ClientTlsArgs {
+                tls_ca: self.peer_tls_ca,
+                tls_client_cert: self.peer_tls_cert,
+                tls_client_key: self.peer_tls_key,
+                tls_server_name: self.peer_tls_server_name,
+            },
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -131,191 +180,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    let cidrs = args
-        .cluster_cidr
-        .iter()
-        .map(|c| Cidr::parse(c).with_context(|| format!("--cluster-cidr {c:?}: expected an address/length")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let kube = if let Some(url) = &args.kubernetes_api {
-        Some(flows_k8s::watch::client_for(url)?)
-    } else if args.kubernetes || args.discover_namespace.is_some() {
-        Some(flows_k8s::watch::client().await?)
-    } else {
-        None
-    };
-    // Certificates are read before anything connects or listens: a bad file is an
-    // error at start, not a handshake failure later.
-    let server_tls = args.tls.to_config()?.map(|t| t.load()).transpose()?;
-    let peer_tls = flows_tls::ClientTlsArgs {
-        tls_ca: args.peer_tls_ca.clone(),
-        tls_client_cert: args.peer_tls_cert.clone(),
-        tls_client_key: args.peer_tls_key.clone(),
-        tls_server_name: args.peer_tls_server_name.clone(),
-    }
-    .to_config()
-    .context("--peer-tls-*")?;
-    let dialer = flows_tls::Dialer::new(peer_tls.as_ref())?;
-    let peers = PeerSet::with_dialer(&args.peers, peers::Backoff::default(), dialer);
-    if let (Some(ns), Some(client)) = (&args.discover_namespace, &kube) {
-        let mut found = flows_k8s::discover::probes(client.clone(), ns, &args.discover_selector, args.discover_port);
-        let set = peers.clone();
-        tokio::spawn(async move {
-            loop {
-                let now = found.borrow_and_update().clone();
-                tracing::info!(probes = now.len(), "node-probes discovered");
-                set.set(&now);
-                if found.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
-    let index = if let Some(path) = &args.manifests {
-        let mut source = ManifestSource::new(path.clone(), cidrs);
-        let first = source
-            .reload()
-            .with_context(|| format!("reading the manifests in {}", path.display()))?
-            .unwrap_or_default();
-        let index: SharedIndex = Arc::new(RwLock::new(first));
-        let shared = index.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(2));
-            loop {
-                tick.tick().await;
-                match source.reload() {
-                    Ok(Some(fresh)) => {
-                        tracing::info!(sizes = ?fresh.sizes(), "manifests read again");
-                        *shared.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-                    }
-                    Ok(None) => {}
-                    // Keep the index there is; say what is wrong with the new files.
-                    Err(e) => tracing::warn!(error = %e, "manifests not read again"),
-                }
-            }
-        });
-        Some(index)
-    } else if let (true, Some(client)) = (args.kubernetes || args.kubernetes_api.is_some(), &kube) {
-        let index: SharedIndex = Arc::new(RwLock::new(ClusterIndex::new(cidrs)));
-        let mut progress = flows_k8s::watch::start(client.clone(), index.clone());
-        tokio::spawn(async move {
-            if progress.wait_for(|p| p.synced()).await.is_ok() {
-                tracing::info!("Kubernetes index synced");
-            }
-        });
-        Some(index)
-    } else {
-        None
-    };
-    let metrics = Arc::new(flows_metrics::Metrics::new());
-    if let Some(addr) = args.metrics_listen {
-        tokio::spawn(flows_metrics::serve(addr, metrics.clone()));
-        // Node states, refreshed for scrapes.
-        let (set, m) = (peers.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let ps = set.snapshot();
-                let up = ps.iter().filter(|p| p.client().is_some()).count() as i64;
-                m.set_nodes(up, ps.len() as i64 - up);
-            }
-        });
-    }
-    let store = match &args.store {
-        None => None,
-        Some(spec) => {
-            let config = StoreConfig::parse(
-                spec,
-                args.chdb_lib.clone().unwrap_or_else(flows_store::chdb::default_library),
-                args.store_user.clone(),
-                args.store_password.clone(),
-            )?;
-            let retention = Retention {
-                raw_days: args.retention_raw_days,
-                minute_days: args.retention_minute_days,
-                hour_days: args.retention_hour_days,
-            };
-            let s = Store::open(&config, &args.store_database, retention)
-                .await
-                .context("opening the store")?;
-            tracing::info!(embedded = s.is_embedded(), database = %args.store_database, "store open");
-            Some(Arc::new(s))
-        }
-    };
-    let sink_stats = store.as_ref().map(|_| Arc::new(SinkStats::default()));
-    let (stop_clients, client_stop) = tokio::sync::watch::channel(false);
-    let svc = Arc::new(RelayService {
-        peers,
-        index,
-        metrics: metrics.clone(),
-        sort_window: Duration::from_millis(args.sort_window_ms),
-        sort_buffer: args.sort_buffer,
-        started: Instant::now(),
-        store: store.clone(),
-        sink: sink_stats.clone(),
-        shutdown: Some(client_stop.clone()),
-    });
-    let (stop_sink, sink_stop) = tokio::sync::watch::channel(false);
-    let sink = match (&store, &sink_stats) {
-        (Some(store), Some(stats)) => {
-            let config = SinkConfig {
-                batch_rows: args.store_batch_rows.max(1),
-                flush: Duration::from_millis(args.store_flush_ms),
-                buffer_rows: args.store_buffer_rows.max(1),
-                when_full: args.store_when_full,
-                ..Default::default()
-            };
-            Some(tokio::spawn(flows_relay::sink::run(
-                svc.clone(),
-                store.clone(),
-                config,
-                stats.clone(),
-                metrics.clone(),
-                sink_stop,
-            )))
-        }
-        _ => None,
-    };
+    let config = Args::parse().config();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let local = listener.local_addr().context("listen address")?;
-    if let Some(path) = &args.ready_file {
-        std::fs::write(path, local.to_string())
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    tracing::info!(listen = %local, "relay serving");
-    let history = store.clone().map(|store| HistoryServer::new(HistoryService { store }));
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = server_tls {
-        builder = builder.tls_config(tls).context("TLS")?;
-    }
-    let served = builder
-        .add_service(ObserverServer::from_arc(svc).max_decoding_message_size(flows_relay::MAX_REQUEST_BYTES))
-        .add_optional_service(history.map(|h| h.max_decoding_message_size(flows_relay::MAX_REQUEST_BYTES)))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-                tracing::info!("shutting down: ending client streams");
-                let _ = stop_clients.send(true);
-            },
-        )
-        .await;
-    if let Some(path) = &args.ready_file {
-        let _ = std::fs::remove_file(path);
-    }
-    // What the store writer holds is written (or counted lost) before exit.
-    let _ = stop_sink.send(true);
-    if let Some(s) = sink {
-        let _ = s.await;
-    }
-    served.context("serving")?;
-    Ok(())
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    Ok(flows_relay::run::run(config, shutdown).await?)
 }

@@ -17,11 +17,11 @@ use std::{
     time::Duration,
 };
 
-use flows_proto::{GetFlowsRequest, Timestamp, get_flows_response::ResponseTypes};
+use flows_proto::{GetFlowsRequest, get_flows_response::ResponseTypes};
 use flows_store::{FlowRow, Store};
 use tokio::sync::{mpsc, watch};
 
-use crate::server::RelayService;
+use crate::stream::Merger;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WhenFull {
@@ -78,7 +78,7 @@ impl SinkStats {
 /// Runs the writer until `stop` turns true, then flushes what it holds (within `flush`
 /// plus one try) and counts the rest as lost.
 pub async fn run(
-    relay: Arc<RelayService>,
+    relay: Arc<Merger>,
     store: Arc<Store>,
     config: SinkConfig,
     stats: Arc<SinkStats>,
@@ -89,13 +89,7 @@ pub async fn run(
     let writer = tokio::spawn(write(store.clone(), rx, config.clone(), stats.clone(), metrics.clone()));
     // Resume after the newest stored flow: the nodes replay what they still hold.
     let since = match store.last_time().await {
-        Ok(Some(t)) => {
-            let t = t + 1;
-            Some(Timestamp {
-                seconds: t.div_euclid(1_000_000_000),
-                nanos: t.rem_euclid(1_000_000_000) as i32,
-            })
-        }
+        Ok(Some(t)) => Some(flows_proto::timestamp_from_nanos(t.saturating_add(1))),
         Ok(None) => None,
         Err(e) => {
             tracing::warn!(error = %e, "reading the newest stored flow; following from now");

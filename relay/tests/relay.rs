@@ -23,6 +23,7 @@ use flows_k8s::{ClusterIndex, manifests, watch::SharedIndex};
 use flows_relay::{
     peers::{self, PeerSet},
     server::RelayService,
+    stream::Merger,
 };
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -122,13 +123,15 @@ async fn relay_with(
         },
     );
     let svc = RelayService {
-        peers: set.clone(),
-        index,
-        metrics: metrics.clone(),
-        sort_window: Duration::from_millis(300),
-        sort_buffer: 1000,
+        merger: Arc::new(Merger {
+            peers: set.clone(),
+            index,
+            metrics: metrics.clone(),
+            sort_window: Duration::from_millis(300),
+            sort_buffer: 1000,
+            store: None,
+        }),
         started: Instant::now(),
-        store: None,
         sink: None,
         shutdown: None,
     };

@@ -20,6 +20,7 @@ use flows_proto::{Flow, Ip, IpVersion, ServerStatusRequest, observer_server::Obs
 use flows_relay::{
     peers::{Backoff, PeerSet},
     server::RelayService,
+    stream::Merger,
     sink::{self, SinkConfig, SinkStats, WhenFull},
 };
 use flows_store::{Retention, Store, StoreConfig};
@@ -79,14 +80,17 @@ async fn relay_with(addr: std::net::SocketAddr, store: Arc<Store>, buffer_rows: 
     );
     let stats = Arc::new(SinkStats::default());
     let metrics = Arc::new(Metrics::new());
-    let svc = Arc::new(RelayService {
+    let merger = Arc::new(Merger {
         peers,
         index: None,
         metrics: metrics.clone(),
         sort_window: Duration::from_millis(100),
         sort_buffer: 10_000,
-        started: Instant::now(),
         store: Some(store.clone()),
+    });
+    let svc = Arc::new(RelayService {
+        merger: merger.clone(),
+        started: Instant::now(),
         sink: Some(stats.clone()),
         shutdown: None,
     });
@@ -110,7 +114,7 @@ async fn relay_with(addr: std::net::SocketAddr, store: Arc<Store>, buffer_rows: 
         when_full,
         max_backoff: Duration::from_secs(2),
     };
-    let sink = tokio::spawn(sink::run(svc.clone(), store, config, stats.clone(), metrics, stopped));
+    let sink = tokio::spawn(sink::run(merger, store, config, stats.clone(), metrics, stopped));
     Relay { svc, stats, stop, sink }
 }
 

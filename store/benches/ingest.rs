@@ -75,6 +75,7 @@ fn batch(start: u64, n: usize, t0: i64) -> Vec<FlowRow> {
                 ingress_denied_by: if denied { vec![format!("NetworkPolicy:ns-{}/default-deny", dst % 20)] } else { Vec::new() },
                 egress_denied_by: Vec::new(),
                 packet_length: 60,
+                l4_unknown: String::new(),
             }
         })
         .collect()

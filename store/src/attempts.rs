@@ -102,10 +102,7 @@ impl AttemptSide {
 impl AttemptRow {
     /// The History API's form.
     pub fn into_proto(self) -> flows_proto::AttemptGroup {
-        let ts = |ns: i64| flows_proto::Timestamp {
-            seconds: ns.div_euclid(1_000_000_000),
-            nanos: ns.rem_euclid(1_000_000_000) as i32,
-        };
+        let ts = flows_proto::timestamp_from_nanos;
         flows_proto::AttemptGroup {
             source: Some(self.src.into_proto()),
             destination: Some(self.dst.into_proto()),

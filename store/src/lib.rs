@@ -14,7 +14,7 @@ pub mod audit;
 pub mod chdb;
 pub mod row;
 pub mod schema;
-pub mod sql;
+mod sql;
 
 use std::path::PathBuf;
 
@@ -22,6 +22,22 @@ pub use attempts::{AttemptQuery, AttemptRow, AttemptSide};
 pub use audit::{AuditQuery, AuditRow};
 pub use row::FlowRow;
 pub use schema::Retention;
+
+/// Which stored flows to read: FlowFilter allow and deny lists (as `flows observe`
+/// takes them), a time window, and how many of the first or last ones.
+#[derive(Debug, Clone, Default)]
+pub struct FlowQuery {
+    pub allow: Vec<flows_proto::FlowFilter>,
+    pub deny: Vec<flows_proto::FlowFilter>,
+    /// Nanoseconds since the epoch, inclusive.
+    pub since: Option<i64>,
+    /// Nanoseconds since the epoch, exclusive.
+    pub until: Option<i64>,
+    /// At most this many flows (0: all).
+    pub number: u64,
+    /// The last `number` ones rather than the first (still returned oldest first).
+    pub last: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -311,14 +327,16 @@ impl Store {
         }
     }
 
-    /// Flows matching `where_sql` (see [`sql`]), oldest first, at most `limit` (0: all);
-    /// with `newest`, the last `limit` ones (still returned oldest first).
-    pub async fn flows(&self, where_sql: &str, limit: u64, newest: bool) -> Result<Vec<flows_proto::Flow>, StoreError> {
+    /// The flows a [`FlowQuery`] asks for, oldest first.
+    pub async fn flows(&self, query: &FlowQuery) -> Result<Vec<flows_proto::Flow>, StoreError> {
+        let newest = query.last;
         let order = if newest { "DESC" } else { "ASC" };
-        let lim = if limit > 0 { format!(" LIMIT {limit}") } else { String::new() };
+        let lim = if query.number > 0 { format!(" LIMIT {}", query.number) } else { String::new() };
         let q = format!(
-            "SELECT * FROM {}.flows WHERE {where_sql} ORDER BY time {order}{lim}",
-            self.db
+            "SELECT * FROM {}.flows WHERE {} AND {} ORDER BY time {order}{lim}",
+            self.db,
+            sql::condition(&query.allow, &query.deny)?,
+            sql::time_range(query.since, query.until),
         );
         let bytes = self.fetch(&q, "RowBinary").await?;
         let mut rest = bytes.as_slice();

@@ -230,10 +230,7 @@ impl FlowRow {
     /// As [`FlowRow::from_flow`], taking the flow's strings instead of copying them.
     pub fn from_owned(mut f: Flow) -> FlowRow {
         let ip = f.ip.take().unwrap_or_default();
-        let time = f
-            .time
-            .map(|t| t.seconds.saturating_mul(1_000_000_000).saturating_add(i64::from(t.nanos)))
-            .unwrap_or(0);
+        let time = f.time.as_ref().map(flows_proto::timestamp_nanos).unwrap_or(0);
         let (protocol, sport, dport, tflags) = match f.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
             Some(layer4::Protocol::Tcp(t)) => (0, t.source_port, t.destination_port, t.flags.as_ref().map(flags).unwrap_or(0)),
             Some(layer4::Protocol::Udp(u)) => (1, u.source_port, u.destination_port, 0),
@@ -352,10 +349,7 @@ impl FlowRow {
             _ => None,
         };
         Flow {
-            time: Some(flows_proto::Timestamp {
-                seconds: self.time.div_euclid(1_000_000_000),
-                nanos: self.time.rem_euclid(1_000_000_000) as i32,
-            }),
+            time: Some(flows_proto::timestamp_from_nanos(self.time)),
             uuid: self.uuid.clone(),
             node_name: self.node.clone(),
             verdict: i32::from(self.verdict),

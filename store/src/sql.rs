@@ -49,14 +49,16 @@ fn ip_cond(col: &str, s: &str) -> Result<String, StoreError> {
         None => (s, None),
     };
     let ip: std::net::IpAddr = addr.trim().parse().map_err(|_| bad())?;
-    let (v6, max, offset) = match ip {
-        std::net::IpAddr::V4(a) => (a.to_ipv6_mapped(), 32, 96),
-        std::net::IpAddr::V6(a) => (a, 128, 0),
+    // An address matches its own family only (as FlowFilter has it): IPv4 is stored
+    // v4-mapped, so `::/0` would otherwise take every IPv4 flow too.
+    let (v6, max, offset, version) = match ip {
+        std::net::IpAddr::V4(a) => (a.to_ipv6_mapped(), 32, 96, 4),
+        std::net::IpAddr::V6(a) => (a, 128, 0, 6),
     };
     Ok(match len {
-        None => format!("{col} = toIPv6({})", quote(&v6.to_string())),
+        None => format!("(ip_version = {version} AND {col} = toIPv6({}))", quote(&v6.to_string())),
         Some(l) if l <= max => format!(
-            "isIPAddressInRange(toString({col}), {})",
+            "(ip_version = {version} AND isIPAddressInRange(toString({col}), {}))",
             quote(&format!("{v6}/{}", l + offset))
         ),
         Some(_) => return Err(bad()),

@@ -13,7 +13,7 @@ use flows_proto::{
     Endpoint, EventType, Flow, FlowFilter, Ip, IpVersion, Layer4, Policy, Service, Tcp, TcpFlags, Timestamp,
     TrafficDirection, Verdict, Workload, layer4,
 };
-use flows_store::{AttemptQuery, AuditQuery, FlowRow, Retention, Store, StoreConfig, sql};
+use flows_store::{AttemptQuery, AuditQuery, FlowQuery, FlowRow, Retention, Store, StoreConfig};
 
 fn now_ns() -> i64 {
     SystemTime::now()
@@ -133,19 +133,20 @@ async fn suite(store: &Store, what: &str) {
     assert_eq!(store.last_time().await.expect("last"), Some(t + 42 * 1_000_000), "{what}");
 
     // Read back: what was stored is what comes out, in time order.
-    let back = store.flows("1", 0, false).await.expect("flows");
+    let back = store.flows(&FlowQuery::default()).await.expect("flows");
     let mut want: Vec<Flow> = rows.iter().filter(|r| r.uuid != "f-99").map(FlowRow::to_flow).collect();
     want.sort_by_key(|f| f.time.map(|t| (t.seconds, t.nanos)));
     assert_eq!(back, want, "{what}");
-    let last2 = store.flows("1", 2, true).await.expect("last two");
+    let last2 = store.flows(&FlowQuery { number: 2, last: true, ..Default::default() }).await.expect("last two");
     assert_eq!(last2.iter().map(|f| f.uuid.as_str()).collect::<Vec<_>>(), ["f-41", "f-42"], "{what}");
     // History filters as `flows observe` takes them.
-    let cond = sql::condition(
-        &[FlowFilter { source_workload: vec!["deployment/api".into()], destination_port: vec!["5000-6000".into()], ..Default::default() }],
-        &[FlowFilter { source_ip: vec!["10.244.1.0/30".into()], ..Default::default() }],
-    )
-    .expect("condition");
-    let got = store.flows(&format!("{cond} AND {}", sql::time_range(Some(t - 1), None)), 0, false).await.expect("filtered");
+    let query = FlowQuery {
+        allow: vec![FlowFilter { source_workload: vec!["deployment/api".into()], destination_port: vec!["5000-6000".into()], ..Default::default() }],
+        deny: vec![FlowFilter { source_ip: vec!["10.244.1.0/30".into()], ..Default::default() }],
+        since: Some(t - 1),
+        ..Default::default()
+    };
+    let got = store.flows(&query).await.expect("filtered");
     // f-0..f-4 come from 10.244.1.2-6; the deny list removes .2 and .3.
     assert_eq!(got.iter().map(|f| f.uuid.as_str()).collect::<Vec<_>>(), ["f-2", "f-3", "f-4"], "{what}");
 

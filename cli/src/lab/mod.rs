@@ -1,5 +1,8 @@
 //! `flows lab ...`: the lab's command line (thin: the work is in flows-lab).
 
+pub mod policy;
+pub mod probes;
+
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -87,7 +90,7 @@ pub enum LabCommand {
     /// NetworkPolicies and enforcement modes (watched by the lab's node-probes).
     Policy {
         #[command(subcommand)]
-        command: crate::labpolicy::LabPolicyCommand,
+        command: crate::lab::policy::LabPolicyCommand,
         #[command(flatten)]
         dir: StateDir,
     },
@@ -142,7 +145,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             dir,
         } => up(paths, nodes, probes, tls, &store, &dir.state_dir),
         LabCommand::Down { dir } => down(&dir.state_dir),
-        LabCommand::Policy { command, dir } => crate::labpolicy::run(&dir.state_dir, command),
+        LabCommand::Policy { command, dir } => crate::lab::policy::run(&dir.state_dir, command),
         LabCommand::Status { output, dir } => status(&dir.state_dir, output),
         LabCommand::Exec {
             target,
@@ -157,24 +160,24 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
         } => drive(&dir.state_dir, &scenario, output, concurrency),
         LabCommand::Probe { action, dir } => match action {
             ProbeAction::Start { node } => {
-                let addr = crate::labprobes::start_one(&dir.state_dir, &node)?;
+                let addr = crate::lab::probes::start_one(&dir.state_dir, &node)?;
                 println!("node-probe of {node} serving on {addr}");
                 Ok(())
             }
             ProbeAction::Stop { node } => {
-                crate::labprobes::stop_one(&dir.state_dir, &node)?;
+                crate::lab::probes::stop_one(&dir.state_dir, &node)?;
                 println!("node-probe of {node} stopped");
                 Ok(())
             }
         },
         LabCommand::Relay { action, dir } => match action {
             RelayAction::Start => {
-                let addr = crate::labprobes::restart_relay(&dir.state_dir)?;
+                let addr = crate::lab::probes::restart_relay(&dir.state_dir)?;
                 println!("relay serving on {addr}");
                 Ok(())
             }
             RelayAction::Stop => {
-                crate::labprobes::stop_relay(&dir.state_dir)?;
+                crate::lab::probes::stop_relay(&dir.state_dir)?;
                 println!("relay stopped");
                 Ok(())
             }
@@ -203,7 +206,7 @@ fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, tls: bool, store: &str, d
         ],
     };
     let mut state = flows_lab::up(&opts)?;
-    crate::labpolicy::reset(dir)?;
+    crate::lab::policy::reset(dir)?;
     if tls {
         let spec = flows_tls::certs::CertSpec {
             probe_names: vec![flows_lab::state::LAB_PROBE_NAME.into()],
@@ -219,12 +222,12 @@ fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, tls: bool, store: &str, d
         println!("mutual TLS: certificates in {}", tls_dir.display());
     }
     if probes {
-        crate::labprobes::set_relay_store(dir, (store != "embedded").then_some(store))?;
+        crate::lab::probes::set_relay_store(dir, (store != "embedded").then_some(store))?;
         // All or nothing: a lab whose probes did not start is taken down again.
-        match crate::labprobes::start(dir, &state) {
+        match crate::lab::probes::start(dir, &state) {
             Ok(addrs) => {
                 println!("node-probes serving on {}", addrs.join(", "));
-                match crate::labprobes::start_relay(dir, &state, &addrs) {
+                match crate::lab::probes::start_relay(dir, &state, &addrs) {
                     Ok(relay) => println!("relay serving on {relay}"),
                     Err(e) => {
                         if let Err(e2) = flows_lab::down(dir) {
@@ -253,7 +256,7 @@ fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, tls: bool, store: &str, d
 
 fn down(dir: &Path) -> anyhow::Result<()> {
     let report = flows_lab::down(dir)?;
-    crate::labpolicy::reset(dir)?;
+    crate::lab::policy::reset(dir)?;
     let t = &report.teardown;
     if report.stopped.is_empty()
         && t.netns_removed.is_empty()
@@ -295,7 +298,7 @@ fn status(dir: &Path, output: Output) -> anyhow::Result<()> {
     match output {
         Output::Json => {
             let mut value = serde_json::to_value(&state)?;
-            let probes: Vec<serde_json::Value> = crate::labprobes::addresses(dir)
+            let probes: Vec<serde_json::Value> = crate::lab::probes::addresses(dir)
                 .into_iter()
                 .map(|addr| serde_json::json!({ "addr": addr.trim() }))
                 .collect();

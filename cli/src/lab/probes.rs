@@ -132,7 +132,7 @@ fn wait_ready(node: &str, ready: &Path, log: &Path, deadline: Instant) -> anyhow
 /// Starts a node-probe on every node and waits until all serve; returns their addresses.
 pub fn start(dir: &Path, state: &State) -> anyhow::Result<Vec<String>> {
     // What the probes enforce: the lab's namespaces and pods, and applied policies.
-    crate::labpolicy::write_cluster(dir, state)?;
+    crate::lab::policy::write_cluster(dir, state)?;
     let mut waiting = Vec::new();
     for node in &state.nodes {
         let (ready, log) = spawn_probe(dir, state, node)?;

@@ -77,7 +77,7 @@ pub fn write_cluster(dir: &Path, state: &State) -> anyhow::Result<()> {
 }
 
 fn apply(dir: &Path, paths: &[PathBuf]) -> anyhow::Result<()> {
-    let files = crate::policy::manifest_files(paths)?;
+    let files = crate::manifests::manifest_files(paths)?;
     if files.is_empty() {
         bail!("no policy files in {paths:?}");
     }

@@ -1,0 +1,576 @@
+//! The relay's merged stream: every node-probe's flows for one request, annotated,
+//! filtered and in time order. A request is answered in steps: the history part (the
+//! nodes' rings, then the store, which reaches further back), then, when it follows,
+//! the live part (every node's stream through one sort window, nodes joining and
+//! leaving). Clients of the Observer API and the relay's own store writer read it.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use flows_flow::{
+    FilterSet,
+    enrich::{annotate, node_side},
+    request,
+};
+use flows_k8s::watch::SharedIndex;
+use flows_proto::{
+    GetFlowsRequest, GetFlowsResponse, NodeState, NodeStatusEvent, Timestamp,
+    get_flows_response::ResponseTypes, timestamp_from_nanos, timestamp_nanos,
+};
+use flows_store::Store;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::{
+    merge::{Nanos, SortWindow},
+    peers::{Peer, PeerSet},
+};
+
+/// What a merged stream is made from: the nodes, who addresses belong to, the store.
+pub struct Merger {
+    pub peers: Arc<PeerSet>,
+    /// Who each address belongs to (Kubernetes watchers or manifests); none: flows go
+    /// out as the nodes sent them.
+    pub index: Option<SharedIndex>,
+    /// Flows and losses forwarded, counted for Prometheus.
+    pub metrics: Arc<flows_metrics::Metrics>,
+    /// How long a flow waits for earlier flows from other nodes.
+    pub sort_window: Duration,
+    /// Flows held for sorting at most; beyond, the oldest go out at once.
+    pub sort_buffer: usize,
+    /// Flow history, read for requests reaching further back than the nodes' rings.
+    pub store: Option<Arc<Store>>,
+}
+
+type Out = mpsc::Sender<Result<GetFlowsResponse, Status>>;
+
+/// What every reader of one request shares: the full filter, applied after annotation.
+struct Pipeline {
+    index: Option<SharedIndex>,
+    filters: FilterSet,
+}
+
+impl Pipeline {
+    /// Annotates a flow and says whether the client wants it; other messages pass.
+    fn admit(&self, m: &mut GetFlowsResponse) -> bool {
+        let Some(ResponseTypes::Flow(f)) = &mut m.response_types else { return true };
+        if let Some(idx) = &self.index {
+            // A poisoned lock means a panic mid-update; the index is still usable.
+            let idx = idx.read().unwrap_or_else(|e| e.into_inner());
+            annotate(f, &*idx, &*idx);
+        }
+        self.filters.matches(f)
+    }
+}
+
+/// Flows the history part of a follow request already sent, which the live part must not
+/// send again: those named, and (after a `last N` cut) everything before the cut.
+#[derive(Default)]
+struct Sent {
+    uuids: HashSet<String>,
+    before: Nanos,
+}
+
+impl Sent {
+    fn skip(&self, m: &GetFlowsResponse) -> bool {
+        match &m.response_types {
+            Some(ResponseTypes::Flow(f)) => nanos(&f.time) < self.before || self.uuids.contains(&f.uuid),
+            _ => false,
+        }
+    }
+}
+
+fn nanos(t: &Option<Timestamp>) -> Nanos {
+    t.as_ref().map(|t| Nanos::from(timestamp_nanos(t))).unwrap_or(0)
+}
+
+/// The Timestamp of a sort-window time (wide, so sums of hostile times cannot overflow).
+fn timestamp(ns: Nanos) -> Timestamp {
+    timestamp_from_nanos(ns.clamp(Nanos::from(i64::MIN), Nanos::from(i64::MAX)) as i64)
+}
+
+fn now_nanos() -> Nanos {
+    nanos(&Some(flows_proto::timestamp_now()))
+}
+
+fn node_status(state: NodeState, nodes: Vec<String>, message: String) -> GetFlowsResponse {
+    GetFlowsResponse {
+        time: Some(flows_proto::timestamp_now()),
+        node_name: String::new(),
+        response_types: Some(ResponseTypes::NodeStatus(NodeStatusEvent {
+            state_change: state as i32,
+            node_names: nodes,
+            message,
+        })),
+    }
+}
+
+enum Merged {
+    Item(GetFlowsResponse),
+    Status(GetFlowsResponse),
+}
+
+/// Reads one peer's stream for a follow request. When the stream breaks it says so
+/// in-band, retries with backoff (the channel reconnects underneath), resumes from the
+/// last flow it passed on, and says when the node is back.
+async fn follow_peer(
+    peer: Arc<Peer>,
+    req: GetFlowsRequest,
+    pipeline: Arc<Pipeline>,
+    sent: Arc<Sent>,
+    tx: mpsc::Sender<Merged>,
+) {
+    let mut state = peer.state.clone();
+    let mut req = req;
+    // Down when the request starts: it was announced then, so announce its return too.
+    let mut was_down = peer.client().is_none();
+    let mut delay = Duration::from_millis(100);
+    let mut last: Option<Timestamp> = None;
+    loop {
+        let mut client = loop {
+            if let Some(c) = peer.client() {
+                break c;
+            }
+            if state.changed().await.is_err() {
+                return;
+            }
+        };
+        let opened = client.get_flows(req.clone()).await;
+        let why = match opened {
+            Ok(resp) => {
+                if was_down {
+                    was_down = false;
+                    let msg = format!("{} is back", peer.name());
+                    let ev = node_status(NodeState::Connected, vec![peer.name()], msg);
+                    if tx.send(Merged::Status(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                delay = Duration::from_millis(100);
+                let mut s = resp.into_inner();
+                loop {
+                    match s.message().await {
+                        Ok(Some(mut m)) => {
+                            if let Some(ResponseTypes::Flow(f)) = &m.response_types {
+                                last = f.time;
+                            }
+                            if sent.skip(&m) || !pipeline.admit(&mut m) {
+                                continue;
+                            }
+                            if tx.send(Merged::Item(m)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break "stream ended".to_string(),
+                        Err(e) => break e.message().to_string(),
+                    }
+                }
+            }
+            Err(e) => e.message().to_string(),
+        };
+        if tx.is_closed() {
+            return;
+        }
+        if !was_down {
+            was_down = true;
+            let ev = node_status(
+                NodeState::Unavailable,
+                vec![peer.name()],
+                format!("{}: {why}", peer.name()),
+            );
+            if tx.send(Merged::Status(ev)).await.is_err() {
+                return;
+            }
+        }
+        // When it is back: everything it still holds after the last flow passed on.
+        req.number = 0;
+        req.first = false;
+        if let Some(t) = last {
+            // One nanosecond after it.
+            req.since = Some(timestamp_from_nanos(timestamp_nanos(&t).saturating_add(1)));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = tx.closed() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn unavailable(peers: &[Arc<Peer>]) -> Vec<String> {
+    peers
+        .iter()
+        .filter(|p| p.client().is_none())
+        .map(|p| p.name())
+        .collect()
+}
+
+/// Every connected node's answer to `req`, annotated and filtered, in time order, cut
+/// to `number` flows (the first or the last ones). Nodes that fail are reported in-band.
+async fn history(
+    peers: &[Arc<Peer>],
+    req: &GetFlowsRequest,
+    pipeline: &Pipeline,
+    number: u64,
+    first: bool,
+) -> Vec<GetFlowsResponse> {
+    let mut all = Vec::new();
+    let calls = peers.iter().filter_map(|p| Some((p.name(), p.client()?))).map(|(name, mut c)| {
+        let r = req.clone();
+        async move {
+            let read = async {
+                let mut out = Vec::new();
+                let mut s = c.get_flows(r).await?.into_inner();
+                while let Some(m) = s.message().await? {
+                    out.push(m);
+                }
+                Ok::<_, Status>(out)
+            };
+            (name, read.await)
+        }
+    });
+    // Nodes failing the same way are one event naming them all.
+    let mut errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, r) in futures::future::join_all(calls).await {
+        match r {
+            Ok(v) => all.extend(v.into_iter().filter_map(|mut m| pipeline.admit(&mut m).then_some(m))),
+            Err(e) => errors.entry(e.message().to_string()).or_default().push(name),
+        }
+    }
+    for (why, nodes) in errors {
+        let msg = format!("reading {}: {why}", nodes.join(", "));
+        all.push(node_status(NodeState::Error, nodes, msg));
+    }
+    all.sort_by_key(|m| nanos(&m.time));
+    limit(all, number, first)
+}
+
+/// Keeps the first or last `number` flows (0: all) of a time-ordered list, and every
+/// message that is not a flow.
+fn limit(mut all: Vec<GetFlowsResponse>, number: u64, first: bool) -> Vec<GetFlowsResponse> {
+    let n = number as usize;
+    let is_flow = |m: &GetFlowsResponse| matches!(m.response_types, Some(ResponseTypes::Flow(_)));
+    if n > 0 && all.iter().filter(|m| is_flow(m)).count() > n {
+        let mut kept = 0;
+        let mut keep = |m: &GetFlowsResponse| {
+            !is_flow(m) || {
+                kept += 1;
+                kept <= n
+            }
+        };
+        let marks: Vec<bool> = if first {
+            all.iter().map(&mut keep).collect()
+        } else {
+            let mut v: Vec<bool> = all.iter().rev().map(&mut keep).collect();
+            v.reverse();
+            v
+        };
+        all = all.into_iter().zip(marks).filter(|(_, k)| *k).map(|(m, _)| m).collect();
+    }
+    all
+}
+
+/// Adds the store's flows for the same request to what the nodes answered: the store
+/// reaches further back than the nodes' rings. Flows both hold are sent once.
+async fn with_stored(
+    store: &Store,
+    mut out: Vec<GetFlowsResponse>,
+    req: &GetFlowsRequest,
+    until: Option<Timestamp>,
+) -> Vec<GetFlowsResponse> {
+    let query = flows_store::FlowQuery {
+        allow: req.allow_list.clone(),
+        deny: req.deny_list.clone(),
+        since: req.since.as_ref().map(timestamp_nanos),
+        until: until.as_ref().map(timestamp_nanos),
+        number: req.number,
+        last: !req.first,
+    };
+    match store.flows(&query).await {
+        Ok(stored) => {
+            let seen: HashSet<String> = out
+                .iter()
+                .filter_map(|m| match &m.response_types {
+                    Some(ResponseTypes::Flow(f)) => Some(f.uuid.clone()),
+                    _ => None,
+                })
+                .collect();
+            let fresh: Vec<_> = stored.into_iter().filter(|f| !seen.contains(&f.uuid)).collect();
+            if !fresh.is_empty() {
+                let first = fresh.first().and_then(|f| f.time);
+                let msg = format!(
+                    "{} flows from the store ({}), which reaches further back than the nodes' rings",
+                    fresh.len(),
+                    if store.is_embedded() { "embedded" } else { "clickhouse" },
+                );
+                out.push(GetFlowsResponse {
+                    time: first,
+                    node_name: String::new(),
+                    response_types: Some(ResponseTypes::NodeStatus(NodeStatusEvent {
+                        state_change: NodeState::Connected as i32,
+                        node_names: vec!["store".into()],
+                        message: msg,
+                    })),
+                });
+                out.extend(fresh.into_iter().map(|f| GetFlowsResponse {
+                    time: f.time,
+                    node_name: f.node_name.clone(),
+                    response_types: Some(ResponseTypes::Flow(f)),
+                }));
+                out.sort_by_key(|m| nanos(&m.time));
+            }
+            limit(out, req.number, req.first)
+        }
+        Err(e) => {
+            out.push(node_status(NodeState::Error, vec!["store".into()], format!("reading the store: {e}")));
+            out
+        }
+    }
+}
+
+/// How far back the live part of a follow request reads again, for flows that were
+/// stamped before the history part was read but reached their node's ring after it.
+const LATE_ARRIVAL: Nanos = 2_000_000_000;
+
+
+impl Merger {
+    /// The merged, annotated and filtered answer to `req`, as the Observer API streams it
+    /// (clients, and the relay's own store writer).
+    pub fn stream(&self, req: GetFlowsRequest) -> Result<mpsc::Receiver<Result<GetFlowsResponse, Status>>, Status> {
+        let valid = request::validate(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // What the nodes can filter themselves; the rest is filtered here, after
+        // annotation, and then counts can only be applied here.
+        let side = node_side(&req.allow_list, &req.deny_list);
+        let node_req = GetFlowsRequest {
+            allow_list: side.allow,
+            deny_list: side.deny,
+            number: if side.exact { req.number } else { 0 },
+            ..req.clone()
+        };
+        let run = Run {
+            req,
+            node_req,
+            pipeline: Arc::new(Pipeline {
+                index: self.index.clone(),
+                filters: valid.filters,
+            }),
+            peers: self.peers.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            sort_window: self.sort_window,
+            sort_buffer: self.sort_buffer,
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(run.answer(tx));
+        Ok(rx)
+    }
+}
+
+/// One request being answered.
+struct Run {
+    req: GetFlowsRequest,
+    /// The request as the nodes get it (the filters they can apply).
+    node_req: GetFlowsRequest,
+    pipeline: Arc<Pipeline>,
+    peers: Arc<PeerSet>,
+    store: Option<Arc<Store>>,
+    metrics: Arc<flows_metrics::Metrics>,
+    sort_window: Duration,
+    sort_buffer: usize,
+}
+
+impl Run {
+    /// Counts and sends one message; false when the client has gone.
+    async fn send(&self, tx: &Out, m: GetFlowsResponse) -> bool {
+        match &m.response_types {
+            Some(ResponseTypes::Flow(f)) => self.metrics.observe(f),
+            Some(ResponseTypes::LostEvents(l)) => self.metrics.lost(
+                flows_proto::LostEventSource::try_from(l.source).unwrap_or_default(),
+                l.num_events_lost,
+            ),
+            _ => {}
+        }
+        tx.send(Ok(m)).await.is_ok()
+    }
+
+    async fn answer(self, tx: Out) {
+        let peers = self.peers.snapshot();
+        let down = unavailable(&peers);
+        if !down.is_empty() {
+            let msg = format!("unavailable: {}", down.join(", "));
+            if !self.send(&tx, node_status(NodeState::Unavailable, down, msg)).await {
+                return;
+            }
+        }
+        let t0 = now_nanos();
+        let with_history = !self.req.follow || self.req.number > 0 || self.req.since.is_some();
+        let mut sent = Sent::default();
+        if with_history {
+            match self.history(&peers, &tx, t0).await {
+                Some(s) => sent = s,
+                None => return,
+            }
+        }
+        if self.req.follow {
+            self.follow(tx, t0, with_history, sent).await;
+        }
+    }
+
+    /// The history part: the nodes' rings and the store, up to `t0` when following.
+    /// Returns what a follow request's live part must not send again (None: the client
+    /// has gone).
+    async fn history(&self, peers: &[Arc<Peer>], tx: &Out, t0: Nanos) -> Option<Sent> {
+        let req = &self.req;
+        let mut hreq = GetFlowsRequest {
+            follow: false,
+            ..self.node_req.clone()
+        };
+        if req.follow {
+            hreq.until = Some(timestamp(t0));
+        }
+        let mut out = history(peers, &hreq, &self.pipeline, req.number, req.first).await;
+        if let Some(store) = &self.store {
+            out = with_stored(store, out, req, hreq.until).await;
+        }
+        let mut sent = Sent::default();
+        if req.follow {
+            let flows = out.iter().filter_map(|m| match &m.response_types {
+                Some(ResponseTypes::Flow(f)) => Some(f),
+                _ => None,
+            });
+            for f in flows.clone() {
+                // Only recent ones can come again.
+                if nanos(&f.time) >= t0 - LATE_ARRIVAL {
+                    sent.uuids.insert(f.uuid.clone());
+                }
+            }
+            if req.number > 0 && flows.clone().count() as u64 >= req.number {
+                sent.before = flows.map(|f| nanos(&f.time)).min().unwrap_or(0);
+            }
+        }
+        for m in out {
+            if !self.send(tx, m).await {
+                return None;
+            }
+        }
+        Some(sent)
+    }
+
+    /// The live part: every node's stream into one sort window, nodes joining and
+    /// leaving, until the client goes.
+    async fn follow(self, tx: Out, t0: Nanos, with_history: bool, sent: Sent) {
+        let mut live = GetFlowsRequest {
+            follow: true,
+            number: 0,
+            first: false,
+            until: None,
+            ..self.node_req.clone()
+        };
+        if with_history {
+            let floor = nanos(&self.req.since).max(t0 - LATE_ARRIVAL);
+            live.since = Some(timestamp(floor));
+        }
+        let (mtx, mut mrx) = mpsc::channel::<Merged>(4096);
+        let mut readers = Readers {
+            live,
+            sent: Arc::new(sent),
+            pipeline: self.pipeline.clone(),
+            tx: mtx,
+            by_peer: HashMap::new(),
+            joined_later: false,
+        };
+        let mut set = self.peers.subscribe();
+        let mut refresh = true;
+        let mut w: SortWindow<GetFlowsResponse> = SortWindow::new(self.sort_window, self.sort_buffer);
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            if refresh {
+                refresh = false;
+                let current = set.borrow_and_update().clone();
+                for ev in readers.update(current) {
+                    if !self.send(&tx, ev).await {
+                        return;
+                    }
+                }
+            }
+            let out: Vec<GetFlowsResponse> = tokio::select! {
+                m = mrx.recv() => match m {
+                    Some(Merged::Item(m)) if matches!(m.response_types, Some(ResponseTypes::Flow(_))) => {
+                        let at = nanos(&m.time);
+                        w.push(at, m)
+                    }
+                    // Losses and node changes are news: no reason to hold them.
+                    Some(Merged::Item(m)) | Some(Merged::Status(m)) => vec![m],
+                    // `readers` holds a sender itself: the channel cannot end.
+                    None => return,
+                },
+                r = set.changed() => {
+                    // The set's owner holds its sender as long as requests run.
+                    refresh = r.is_ok();
+                    Vec::new()
+                }
+                _ = tick.tick() => w.ready(now_nanos()),
+                _ = tx.closed() => return,
+            };
+            for m in out {
+                if !self.send(&tx, m).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The live readers of one request, one per node; they stop when this is dropped.
+struct Readers {
+    live: GetFlowsRequest,
+    sent: Arc<Sent>,
+    pipeline: Arc<Pipeline>,
+    tx: mpsc::Sender<Merged>,
+    by_peer: HashMap<usize, (String, tokio::task::AbortHandle)>,
+    /// After the first set, a node that joins is read from when it joins.
+    joined_later: bool,
+}
+
+impl Readers {
+    /// Starts reading the nodes that joined, stops those that left; returns the events
+    /// that say who left.
+    fn update(&mut self, current: Vec<Arc<Peer>>) -> Vec<GetFlowsResponse> {
+        let ids: HashSet<usize> = current.iter().map(|p| Arc::as_ptr(p) as usize).collect();
+        let gone: Vec<usize> = self.by_peer.keys().filter(|k| !ids.contains(k)).copied().collect();
+        let mut events = Vec::new();
+        for k in gone {
+            if let Some((name, h)) = self.by_peer.remove(&k) {
+                h.abort();
+                events.push(node_status(NodeState::Gone, vec![name.clone()], format!("{name} left")));
+            }
+        }
+        for p in current {
+            let k = Arc::as_ptr(&p) as usize;
+            if self.by_peer.contains_key(&k) {
+                continue;
+            }
+            let r = if self.joined_later {
+                GetFlowsRequest { since: None, ..self.live.clone() }
+            } else {
+                self.live.clone()
+            };
+            let name = p.name();
+            let h = tokio::spawn(follow_peer(p, r, self.pipeline.clone(), self.sent.clone(), self.tx.clone()));
+            self.by_peer.insert(k, (name, h.abort_handle()));
+        }
+        self.joined_later = true;
+        events
+    }
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        for (_, h) in self.by_peer.values() {
+            h.abort();
+        }
+    }
+}
