@@ -215,264 +215,35 @@ const DNS_PORT: u16 = 53;
 pub fn suggest(observations: &[Observation], inventory: &Inventory, opts: &SuggestOptions) -> Suggestion {
     let mut inv = inventory.clone();
     inv.observe(observations);
-
-    // Workloads and their pods' labels, per namespace.
-    let mut ns_pods: BTreeMap<String, Vec<(String, Labels, WorkloadId)>> = BTreeMap::new();
-    for p in inv.pods() {
-        let w = WorkloadId::of(&p.namespace, &p.name, &p.labels, p.owner.as_ref());
-        ns_pods
-            .entry(p.namespace.clone())
-            .or_default()
-            .push((p.name.clone(), p.labels.clone(), w));
-    }
-
-    let scope: BTreeSet<String> = if opts.namespaces.is_empty() {
-        observations
-            .iter()
-            .flat_map(|o| [&o.src, &o.dst])
-            .filter_map(|p| match p {
-                Party::Pod(p) if !p.namespace.starts_with("kube-") => Some(p.namespace.clone()),
-                _ => None,
-            })
-            .collect()
-    } else {
-        opts.namespaces.iter().cloned().collect()
-    };
-    let targeted = |w: &WorkloadId| {
-        scope.contains(&w.namespace) && opts.workload.as_deref().is_none_or(|t| w.matches(t))
-    };
-
-    let allowed = |o: &Observation| {
-        o.outcome == Outcome::Allowed || (opts.include_audit && o.outcome == Outcome::Audit)
-    };
-    let peer_of = |p: &Party| match p {
-        Party::Pod(p) => PeerKey::Pods(WorkloadId::of_party(p)),
-        Party::Address { ip, .. } => PeerKey::Block(cidr_of(
-            *ip,
-            if ip.is_ipv4() { opts.world_prefix_v4 } else { opts.world_prefix_v6 },
-        )),
-    };
-
-    let mut by_target: BTreeMap<WorkloadId, Sections> = BTreeMap::new();
-    let mut triples: BTreeSet<(String, String, String, String, Protocol, u16)> = BTreeSet::new();
-    for o in observations.iter().filter(|o| allowed(o)) {
-        let port = if o.protocol.has_ports() { PortKey::Port(o.protocol, o.port) } else { PortKey::Any };
-        let mut touched = false;
-        if let Party::Pod(p) = &o.src {
-            let w = WorkloadId::of_party(p);
-            if targeted(&w) {
-                let u = by_target
-                    .entry(w)
-                    .or_default()
-                    .entry((Section::Egress, peer_of(&o.dst)))
-                    .or_default();
-                u.ports.insert(port);
-                u.observed.push(o);
-                u.icmp |= port == PortKey::Any;
-                if matches!(o.dst, Party::Pod(_)) && o.port == DNS_PORT && matches!(o.protocol, Protocol::Udp | Protocol::Tcp) {
-                    u.dns = true;
-                    u.ports.insert(PortKey::Port(Protocol::Udp, DNS_PORT));
-                    u.ports.insert(PortKey::Port(Protocol::Tcp, DNS_PORT));
-                }
-                touched = true;
-            }
-        }
-        if let Party::Pod(p) = &o.dst {
-            let w = WorkloadId::of_party(p);
-            if targeted(&w) {
-                let u = by_target
-                    .entry(w)
-                    .or_default()
-                    .entry((Section::Ingress, peer_of(&o.src)))
-                    .or_default();
-                u.ports.insert(port);
-                u.observed.push(o);
-                u.icmp |= port == PortKey::Any;
-                touched = true;
-            }
-        }
-        if touched {
-            let (sn, sw) = party_names(&o.src);
-            let (dn, dw) = party_names(&o.dst);
-            triples.insert((sn, sw, dn, dw, o.protocol, o.port));
-        }
-    }
-
-    // Selectors, once per workload.
-    let mut choices: BTreeMap<WorkloadId, Choice> = BTreeMap::new();
-    let mut choice_of = |w: &WorkloadId| -> Choice {
-        choices
-            .entry(w.clone())
-            .or_insert_with(|| {
-                let pods = ns_pods.get(&w.namespace).map(Vec::as_slice).unwrap_or_default();
-                let members: Vec<&Labels> = pods.iter().filter(|(_, _, pw)| pw == w).map(|(_, l, _)| l).collect();
-                let others: Vec<(&str, &Labels)> = pods
-                    .iter()
-                    .filter(|(_, _, pw)| pw != w)
-                    .map(|(n, l, _)| (n.as_str(), l))
-                    .collect();
-                select::choose(&members, &others)
-            })
-            .clone()
-    };
-
+    let scope = scope(observations, opts);
+    let targeted = |w: &WorkloadId| scope.contains(&w.namespace) && opts.workload.as_deref().is_none_or(|t| w.matches(t));
+    // 1. What each targeted workload was seen to use, per direction and peer.
+    let (mut by_target, triples) = collect(observations, opts, &targeted);
+    // 2. Selectors, chosen once per workload.
+    let mut selectors = Selectors::new(&inv);
     let mut out = Suggestion {
         triples: triples.len(),
         ..Default::default()
     };
-    let mut warned: BTreeSet<WorkloadId> = BTreeSet::new();
-    let mut warn_choice = |w: &WorkloadId, c: &Choice, warnings: &mut Vec<String>| {
-        if !c.exact() && warned.insert(w.clone()) {
-            warnings.push(format!(
-                "{}/{} ({}): no stable label set selects exactly its pods; {} also selects {}",
-                w.namespace,
-                w.name(),
-                w.kind(),
-                selector_text(&c.labels),
-                c.also_selects.join(", ")
-            ));
-        }
-    };
-
-    // Names: allow-<workload>, or allow-<kind>-<workload> where two kinds share a name.
-    let mut name_count: BTreeMap<(String, String), usize> = BTreeMap::new();
-    for w in by_target.keys() {
-        *name_count.entry((w.namespace.clone(), w.name())).or_default() += 1;
-    }
+    // 3. One allow policy per targeted workload.
     let mut allow: BTreeMap<(String, String), (NetworkPolicy, Vec<Explanation>)> = BTreeMap::new();
-    let targets: Vec<WorkloadId> = if opts.workload.is_some() {
-        // The named workload gets its (isolating) policy even when nothing was allowed.
-        let mut t: BTreeSet<WorkloadId> = by_target.keys().cloned().collect();
-        for pods in ns_pods.values() {
-            for (_, _, w) in pods {
-                if targeted(w) {
-                    t.insert(w.clone());
-                }
-            }
-        }
-        t.into_iter().collect()
-    } else {
-        by_target.keys().cloned().collect()
-    };
-    for w in targets {
+    let names = policy_names(by_target.keys());
+    for w in targets(&by_target, &selectors, opts, &targeted) {
         let sections = by_target.remove(&w).unwrap_or_default();
-        let base = if name_count.get(&(w.namespace.clone(), w.name())).copied().unwrap_or(0) > 1 {
-            format!("allow-{}-{}", w.kind().to_ascii_lowercase(), w.name())
-        } else {
-            format!("allow-{}", w.name())
-        };
-        let name = dns_name(&base);
-        let id = format!("{}/{}", w.namespace, name);
-        let own = choice_of(&w);
-        warn_choice(&w, &own, &mut out.warnings);
-        let mut explanations = vec![Explanation {
-            policy: id.clone(),
-            section: "policy".into(),
-            rule: 0,
-            text: format!(
-                "selects {} {} in {} by {}",
-                w.kind(),
-                w.name(),
-                w.namespace,
-                selector_text(&own.labels)
-            ),
-            flows: Vec::new(),
-        }];
-        let mut ingress = Vec::new();
-        let mut egress = Vec::new();
-        for section in [Section::Ingress, Section::Egress] {
-            // Peers with the same ports share a rule.
-            let mut rules: BTreeMap<BTreeSet<PortKey>, Vec<(&PeerKey, &PeerUse)>> = BTreeMap::new();
-            for ((s, peer), u) in &sections {
-                if *s == section {
-                    let ports = if u.icmp { BTreeSet::from([PortKey::Any]) } else { u.ports.clone() };
-                    rules.entry(ports).or_default().push((peer, u));
-                }
-            }
-            for (i, (ports, peers)) in rules.iter().enumerate() {
-                let mut rendered = Vec::new();
-                let mut texts = Vec::new();
-                let mut observed: Vec<&Observation> = Vec::new();
-                let mut notes = Vec::new();
-                for (peer, u) in peers {
-                    let (p, text) = render_peer(peer, &w.namespace, &mut choice_of, &mut warn_choice, &mut out.warnings);
-                    rendered.push(p);
-                    texts.push(text);
-                    observed.extend(u.observed.iter().copied());
-                    if u.dns {
-                        notes.push("DNS: UDP and TCP 53 (resolvers fall back to TCP)");
-                    }
-                    if u.icmp {
-                        notes.push("ICMP was seen and no NetworkPolicy port names it: every port and protocol from this peer");
-                    }
-                }
-                notes.dedup();
-                let port_list = render_ports(ports);
-                let mut text = format!(
-                    "{} {} on {}",
-                    if section == Section::Ingress { "from" } else { "to" },
-                    texts.join(" or "),
-                    ports_text(&port_list)
-                );
-                for n in notes {
-                    text.push_str("; ");
-                    text.push_str(n);
-                }
-                explanations.push(Explanation {
-                    policy: id.clone(),
-                    section: if section == Section::Ingress { "ingress" } else { "egress" }.into(),
-                    rule: i,
-                    text,
-                    flows: summarize(&observed),
-                });
-                let ports = (!port_list.is_empty()).then_some(port_list);
-                match section {
-                    Section::Ingress => ingress.push(NetworkPolicyIngressRule {
-                        from: Some(rendered),
-                        ports,
-                    }),
-                    Section::Egress => egress.push(NetworkPolicyEgressRule {
-                        to: Some(rendered),
-                        ports,
-                    }),
-                }
-            }
-        }
-        let mut types = Vec::new();
-        if !ingress.is_empty() || opts.workload.is_some() {
-            types.push("Ingress".to_string());
-        }
-        if !egress.is_empty() || opts.workload.is_some() {
-            types.push("Egress".to_string());
-        }
-        let np = NetworkPolicy {
-            metadata: meta(&name, &w.namespace),
-            spec: Some(NetworkPolicySpec {
-                pod_selector: Some(match_labels(&own.labels)),
-                policy_types: Some(types),
-                ingress: (!ingress.is_empty()).then_some(ingress),
-                egress: (!egress.is_empty()).then_some(egress),
-            }),
-        };
-        allow.insert((w.namespace.clone(), name), (np, explanations));
+        let name = names.get(&w).cloned().unwrap_or_else(|| dns_name(&format!("allow-{}", w.name())));
+        let rendered = allow_policy(&w, &name, &sections, &mut selectors, opts.workload.is_some(), &mut out.warnings);
+        allow.insert((w.namespace.clone(), name), rendered);
     }
-
+    // 4. Per namespace: its default deny (unless one workload was asked for), then its
+    //    allow policies.
     let namespaces: BTreeSet<String> = if opts.workload.is_some() {
         allow.keys().map(|(ns, _)| ns.clone()).collect()
     } else {
-        scope.clone()
+        scope
     };
     for ns in namespaces {
         if opts.workload.is_none() {
-            out.policies.push(NetworkPolicy {
-                metadata: meta("default-deny", &ns),
-                spec: Some(NetworkPolicySpec {
-                    pod_selector: Some(LabelSelector::default()),
-                    policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
-                    ingress: None,
-                    egress: None,
-                }),
-            });
+            out.policies.push(default_deny(&ns));
             out.explanations.push(Explanation {
                 policy: format!("{ns}/default-deny"),
                 section: "policy".into(),
@@ -490,6 +261,277 @@ pub fn suggest(observations: &[Observation], inventory: &Inventory, opts: &Sugge
         }
     }
     out
+}
+
+/// The namespaces advice is for: those asked for, else every namespace with an observed
+/// pod (the system's own aside).
+fn scope(observations: &[Observation], opts: &SuggestOptions) -> BTreeSet<String> {
+    if !opts.namespaces.is_empty() {
+        return opts.namespaces.iter().cloned().collect();
+    }
+    observations
+        .iter()
+        .flat_map(|o| [&o.src, &o.dst])
+        .filter_map(|p| match p {
+            Party::Pod(p) if !p.namespace.starts_with("kube-") => Some(p.namespace.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+type Triple = (String, String, String, String, Protocol, u16);
+
+/// What each targeted workload used: per (direction, peer), the ports and the flows
+/// that show it; and the distinct (source, destination, protocol, port) triples.
+fn collect<'a>(
+    observations: &'a [Observation],
+    opts: &SuggestOptions,
+    targeted: &impl Fn(&WorkloadId) -> bool,
+) -> (BTreeMap<WorkloadId, Sections<'a>>, BTreeSet<Triple>) {
+    let allowed = |o: &Observation| o.outcome == Outcome::Allowed || (opts.include_audit && o.outcome == Outcome::Audit);
+    let peer_of = |p: &Party| match p {
+        Party::Pod(p) => PeerKey::Pods(WorkloadId::of_party(p)),
+        Party::Address { ip, .. } => PeerKey::Block(cidr_of(
+            *ip,
+            if ip.is_ipv4() { opts.world_prefix_v4 } else { opts.world_prefix_v6 },
+        )),
+    };
+    let mut by_target: BTreeMap<WorkloadId, Sections> = BTreeMap::new();
+    let mut triples = BTreeSet::new();
+    for o in observations.iter().filter(|o| allowed(o)) {
+        let port = if o.protocol.has_ports() { PortKey::Port(o.protocol, o.port) } else { PortKey::Any };
+        let mut touched = false;
+        for (me, peer, section) in [(&o.src, &o.dst, Section::Egress), (&o.dst, &o.src, Section::Ingress)] {
+            let Party::Pod(p) = me else { continue };
+            let w = WorkloadId::of_party(p);
+            if !targeted(&w) {
+                continue;
+            }
+            let u = by_target.entry(w).or_default().entry((section, peer_of(peer))).or_default();
+            u.ports.insert(port);
+            u.observed.push(o);
+            u.icmp |= port == PortKey::Any;
+            let dns = section == Section::Egress
+                && matches!(o.dst, Party::Pod(_))
+                && o.port == DNS_PORT
+                && matches!(o.protocol, Protocol::Udp | Protocol::Tcp);
+            if dns {
+                u.dns = true;
+                u.ports.insert(PortKey::Port(Protocol::Udp, DNS_PORT));
+                u.ports.insert(PortKey::Port(Protocol::Tcp, DNS_PORT));
+            }
+            touched = true;
+        }
+        if touched {
+            let (sn, sw) = party_names(&o.src);
+            let (dn, dw) = party_names(&o.dst);
+            triples.insert((sn, sw, dn, dw, o.protocol, o.port));
+        }
+    }
+    (by_target, triples)
+}
+
+/// Label selectors for workloads, chosen once each, with one warning per workload no
+/// stable label set selects exactly.
+struct Selectors {
+    /// Per namespace: (pod, labels, workload).
+    ns_pods: BTreeMap<String, Vec<(String, Labels, WorkloadId)>>,
+    choices: BTreeMap<WorkloadId, Choice>,
+    warned: BTreeSet<WorkloadId>,
+}
+
+impl Selectors {
+    fn new(inv: &Inventory) -> Selectors {
+        let mut ns_pods: BTreeMap<String, Vec<(String, Labels, WorkloadId)>> = BTreeMap::new();
+        for p in inv.pods() {
+            let w = WorkloadId::of(&p.namespace, &p.name, &p.labels, p.owner.as_ref());
+            ns_pods.entry(p.namespace.clone()).or_default().push((p.name.clone(), p.labels.clone(), w));
+        }
+        Selectors {
+            ns_pods,
+            choices: BTreeMap::new(),
+            warned: BTreeSet::new(),
+        }
+    }
+
+    /// The selector of `w`'s pods; a warning the first time it is not exact.
+    fn choose(&mut self, w: &WorkloadId, warnings: &mut Vec<String>) -> Choice {
+        let ns_pods = &self.ns_pods;
+        let c = self
+            .choices
+            .entry(w.clone())
+            .or_insert_with(|| {
+                let pods = ns_pods.get(&w.namespace).map(Vec::as_slice).unwrap_or_default();
+                let members: Vec<&Labels> = pods.iter().filter(|(_, _, pw)| pw == w).map(|(_, l, _)| l).collect();
+                let others: Vec<(&str, &Labels)> = pods.iter().filter(|(_, _, pw)| pw != w).map(|(n, l, _)| (n.as_str(), l)).collect();
+                select::choose(&members, &others)
+            })
+            .clone();
+        if !c.exact() && self.warned.insert(w.clone()) {
+            warnings.push(format!(
+                "{}/{} ({}): no stable label set selects exactly its pods; {} also selects {}",
+                w.namespace,
+                w.name(),
+                w.kind(),
+                selector_text(&c.labels),
+                c.also_selects.join(", ")
+            ));
+        }
+        c
+    }
+}
+
+/// Names: allow-<workload>, or allow-<kind>-<workload> where two kinds share a name.
+fn policy_names<'a>(workloads: impl Iterator<Item = &'a WorkloadId> + Clone) -> BTreeMap<WorkloadId, String> {
+    let mut count: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for w in workloads.clone() {
+        *count.entry((w.namespace.clone(), w.name())).or_default() += 1;
+    }
+    workloads
+        .map(|w| {
+            let base = if count.get(&(w.namespace.clone(), w.name())).copied().unwrap_or(0) > 1 {
+                format!("allow-{}-{}", w.kind().to_ascii_lowercase(), w.name())
+            } else {
+                format!("allow-{}", w.name())
+            };
+            (w.clone(), dns_name(&base))
+        })
+        .collect()
+}
+
+/// The workloads that get a policy: those seen; with a named workload, also that one
+/// when nothing it did was allowed (it gets its isolating policy all the same).
+fn targets(
+    by_target: &BTreeMap<WorkloadId, Sections>,
+    selectors: &Selectors,
+    opts: &SuggestOptions,
+    targeted: &impl Fn(&WorkloadId) -> bool,
+) -> Vec<WorkloadId> {
+    let mut t: BTreeSet<WorkloadId> = by_target.keys().cloned().collect();
+    if opts.workload.is_some() {
+        for pods in selectors.ns_pods.values() {
+            t.extend(pods.iter().filter(|(_, _, w)| targeted(w)).map(|(_, _, w)| w.clone()));
+        }
+    }
+    t.into_iter().collect()
+}
+
+/// One workload's allow policy and what each of its parts stands for.
+fn allow_policy(
+    w: &WorkloadId,
+    name: &str,
+    sections: &Sections,
+    selectors: &mut Selectors,
+    isolate_both: bool,
+    warnings: &mut Vec<String>,
+) -> (NetworkPolicy, Vec<Explanation>) {
+    let id = format!("{}/{}", w.namespace, name);
+    let own = selectors.choose(w, warnings);
+    let mut explanations = vec![Explanation {
+        policy: id.clone(),
+        section: "policy".into(),
+        rule: 0,
+        text: format!("selects {} {} in {} by {}", w.kind(), w.name(), w.namespace, selector_text(&own.labels)),
+        flows: Vec::new(),
+    }];
+    let mut ingress = Vec::new();
+    let mut egress = Vec::new();
+    for section in [Section::Ingress, Section::Egress] {
+        for (rendered, ports, explanation) in rules(&id, &w.namespace, section, sections, selectors, warnings) {
+            explanations.push(explanation);
+            match section {
+                Section::Ingress => ingress.push(NetworkPolicyIngressRule { from: Some(rendered), ports }),
+                Section::Egress => egress.push(NetworkPolicyEgressRule { to: Some(rendered), ports }),
+            }
+        }
+    }
+    let mut types = Vec::new();
+    if !ingress.is_empty() || isolate_both {
+        types.push("Ingress".to_string());
+    }
+    if !egress.is_empty() || isolate_both {
+        types.push("Egress".to_string());
+    }
+    let np = NetworkPolicy {
+        metadata: meta(name, &w.namespace),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(match_labels(&own.labels)),
+            policy_types: Some(types),
+            ingress: (!ingress.is_empty()).then_some(ingress),
+            egress: (!egress.is_empty()).then_some(egress),
+        }),
+    };
+    (np, explanations)
+}
+
+/// The rules of one direction: peers with the same ports share a rule.
+fn rules(
+    id: &str,
+    policy_ns: &str,
+    section: Section,
+    sections: &Sections,
+    selectors: &mut Selectors,
+    warnings: &mut Vec<String>,
+) -> Vec<(Vec<NetworkPolicyPeer>, Option<Vec<NetworkPolicyPort>>, Explanation)> {
+    let mut rules: BTreeMap<BTreeSet<PortKey>, Vec<(&PeerKey, &PeerUse)>> = BTreeMap::new();
+    for ((s, peer), u) in sections {
+        if *s == section {
+            let ports = if u.icmp { BTreeSet::from([PortKey::Any]) } else { u.ports.clone() };
+            rules.entry(ports).or_default().push((peer, u));
+        }
+    }
+    let mut out = Vec::new();
+    for (i, (ports, peers)) in rules.iter().enumerate() {
+        let mut rendered = Vec::new();
+        let mut texts = Vec::new();
+        let mut observed: Vec<&Observation> = Vec::new();
+        let mut notes = Vec::new();
+        for (peer, u) in peers {
+            let (p, text) = render_peer(peer, policy_ns, selectors, warnings);
+            rendered.push(p);
+            texts.push(text);
+            observed.extend(u.observed.iter().copied());
+            if u.dns {
+                notes.push("DNS: UDP and TCP 53 (resolvers fall back to TCP)");
+            }
+            if u.icmp {
+                notes.push("ICMP was seen and no NetworkPolicy port names it: every port and protocol from this peer");
+            }
+        }
+        notes.dedup();
+        let port_list = render_ports(ports);
+        let mut text = format!(
+            "{} {} on {}",
+            if section == Section::Ingress { "from" } else { "to" },
+            texts.join(" or "),
+            ports_text(&port_list)
+        );
+        for n in notes {
+            text.push_str("; ");
+            text.push_str(n);
+        }
+        let explanation = Explanation {
+            policy: id.to_string(),
+            section: if section == Section::Ingress { "ingress" } else { "egress" }.into(),
+            rule: i,
+            text,
+            flows: summarize(&observed),
+        };
+        out.push((rendered, (!port_list.is_empty()).then_some(port_list), explanation));
+    }
+    out
+}
+
+fn default_deny(ns: &str) -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: meta("default-deny", ns),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector::default()),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            ingress: None,
+            egress: None,
+        }),
+    }
 }
 
 fn meta(name: &str, namespace: &str) -> ObjectMeta {
@@ -518,8 +560,7 @@ fn selector_text(labels: &Labels) -> String {
 fn render_peer(
     peer: &PeerKey,
     policy_ns: &str,
-    choice_of: &mut impl FnMut(&WorkloadId) -> Choice,
-    warn: &mut impl FnMut(&WorkloadId, &Choice, &mut Vec<String>),
+    selectors: &mut Selectors,
     warnings: &mut Vec<String>,
 ) -> (NetworkPolicyPeer, String) {
     match peer {
@@ -534,8 +575,7 @@ fn render_peer(
             cidr.clone(),
         ),
         PeerKey::Pods(w) => {
-            let c = choice_of(w);
-            warn(w, &c, warnings);
+            let c = selectors.choose(w, warnings);
             let ns = (w.namespace != policy_ns).then(|| LabelSelector {
                 match_labels: Some(BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), w.namespace.clone())])),
                 match_expressions: None,
