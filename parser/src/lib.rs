@@ -26,6 +26,40 @@ use flows_proto::{
     Sctp, Tcp, TcpFlags, TrafficDirection, Udp, Verdict, layer4,
 };
 
+/// The transport part of a record (none for a protocol without ports, or ports the
+/// datapath could not read).
+fn layer4(raw: &RawEvent, ports_unknown: bool) -> Option<layer4::Protocol> {
+    let t = &raw.tuple;
+    match t.proto {
+        // Ports the datapath could not read are not reported as ports 0.
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP if ports_unknown => None,
+        PROTO_TCP => Some(layer4::Protocol::Tcp(Tcp {
+            source_port: t.sport as u32,
+            destination_port: t.dport as u32,
+            flags: Some(tcp_flags(raw.tcp_flags)),
+        })),
+        PROTO_UDP => Some(layer4::Protocol::Udp(Udp {
+            source_port: t.sport as u32,
+            destination_port: t.dport as u32,
+        })),
+        PROTO_SCTP => Some(layer4::Protocol::Sctp(Sctp {
+            source_port: t.sport as u32,
+            destination_port: t.dport as u32,
+        })),
+        PROTO_ICMP => Some(layer4::Protocol::Icmpv4(Icmpv4 {
+            r#type: raw.icmp_type as u32,
+            code: raw.icmp_code as u32,
+            echo_id: t.sport as u32,
+        })),
+        PROTO_ICMPV6 => Some(layer4::Protocol::Icmpv6(Icmpv6 {
+            r#type: raw.icmp_type as u32,
+            code: raw.icmp_code as u32,
+            echo_id: t.sport as u32,
+        })),
+        _ => None,
+    }
+}
+
 /// Why the datapath could not read a packet's ports (None: it could).
 fn l4_unknown(reason: u8, proto: u8) -> Option<L4Unknown> {
     let reason = match reason {
@@ -156,6 +190,15 @@ impl Decoder {
             .collect()
     }
 
+    /// (allowed by, denied by) for one side of a policy decision.
+    fn side(&self, raw: &RawEvent, evaluated: u8, allowed: u8, set: u32) -> (Vec<Policy>, Vec<Policy>) {
+        match (raw.policy & evaluated != 0, raw.policy & allowed != 0) {
+            (false, _) => (Vec::new(), Vec::new()),
+            (true, true) => (self.policies(set), Vec::new()),
+            (true, false) => (Vec::new(), self.policies(set)),
+        }
+    }
+
     pub fn set_clock(&mut self, clock: Clock) {
         self.clock = clock;
     }
@@ -219,34 +262,7 @@ impl Decoder {
         };
         let t = &raw.tuple;
         let l4_unknown = l4_unknown(t.l4_unknown, t.proto);
-        let l4 = match t.proto {
-            // Ports the datapath could not read are not reported as ports 0.
-            PROTO_TCP | PROTO_UDP | PROTO_SCTP if l4_unknown.is_some() => None,
-            PROTO_TCP => Some(layer4::Protocol::Tcp(Tcp {
-                source_port: t.sport as u32,
-                destination_port: t.dport as u32,
-                flags: Some(tcp_flags(raw.tcp_flags)),
-            })),
-            PROTO_UDP => Some(layer4::Protocol::Udp(Udp {
-                source_port: t.sport as u32,
-                destination_port: t.dport as u32,
-            })),
-            PROTO_SCTP => Some(layer4::Protocol::Sctp(Sctp {
-                source_port: t.sport as u32,
-                destination_port: t.dport as u32,
-            })),
-            PROTO_ICMP => Some(layer4::Protocol::Icmpv4(Icmpv4 {
-                r#type: raw.icmp_type as u32,
-                code: raw.icmp_code as u32,
-                echo_id: t.sport as u32,
-            })),
-            PROTO_ICMPV6 => Some(layer4::Protocol::Icmpv6(Icmpv6 {
-                r#type: raw.icmp_type as u32,
-                code: raw.icmp_code as u32,
-                echo_id: t.sport as u32,
-            })),
-            _ => None,
-        };
+        let l4 = layer4(raw, l4_unknown.is_some());
         let interface = if raw.ifindex != 0 {
             let name = self
                 .ifnames
@@ -270,22 +286,8 @@ impl Decoder {
         } else {
             String::new()
         };
-        let (mut ingress_allowed_by, mut ingress_denied_by) = (Vec::new(), Vec::new());
-        if raw.policy & POLICY_INGRESS_EVALUATED != 0 {
-            if raw.policy & POLICY_INGRESS_ALLOWED != 0 {
-                ingress_allowed_by = self.policies(raw.ingress_set);
-            } else {
-                ingress_denied_by = self.policies(raw.ingress_set);
-            }
-        }
-        let (mut egress_allowed_by, mut egress_denied_by) = (Vec::new(), Vec::new());
-        if raw.policy & POLICY_EGRESS_EVALUATED != 0 {
-            if raw.policy & POLICY_EGRESS_ALLOWED != 0 {
-                egress_allowed_by = self.policies(raw.egress_set);
-            } else {
-                egress_denied_by = self.policies(raw.egress_set);
-            }
-        }
+        let (ingress_allowed_by, ingress_denied_by) = self.side(raw, POLICY_INGRESS_EVALUATED, POLICY_INGRESS_ALLOWED, raw.ingress_set);
+        let (egress_allowed_by, egress_denied_by) = self.side(raw, POLICY_EGRESS_EVALUATED, POLICY_EGRESS_ALLOWED, raw.egress_set);
         let (source, destination) = match self.endpoints.read() {
             Ok(ix) => (ix.get(&src).cloned(), ix.get(&dst).cloned()),
             Err(_) => (None, None),

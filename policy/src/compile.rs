@@ -323,6 +323,55 @@ pub fn compile_datapath(
     sets: SetTable,
 ) -> DatapathState {
     let mut sets = sets;
+    let (ipcache, members) = identities(cluster, engine, alloc);
+
+    let mut endpoints = BTreeMap::new();
+    let mut policy = BTreeMap::new();
+    let mut local: Vec<&PodInfo> = cluster.pods().iter().filter(|p| (node.is_local)(p)).collect();
+    local.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    // Every local pod's number is in use, addresses or not: a pod without one yet (or
+    // whose address another pod took) must keep its number, or each recompile renumbers
+    // it and rewrites all of its policy entries.
+    let mut used_endpoints: BTreeSet<u32> = BTreeSet::new();
+    for pod in local {
+        let endpoint = alloc.endpoint(pod);
+        used_endpoints.insert(endpoint);
+        let isolation = [Direction::Ingress, Direction::Egress]
+            .map(|dir| pod_direction(cluster, engine, pod, endpoint, dir, &members, &mut sets, &mut policy));
+        for ip in &pod.ips {
+            endpoints.insert(
+                *ip,
+                EndpointEntry {
+                    endpoint,
+                    pod: (pod.namespace.clone(), pod.name.clone()),
+                    mode: (node.mode_of)(&pod.namespace),
+                    ingress_isolation: isolation[0],
+                    egress_isolation: isolation[1],
+                },
+            );
+        }
+    }
+    // Every identity this compile handed out is in use, also one whose pod lost its
+    // address to another pod in the ipcache: forgotten, it would be renumbered on each
+    // recompile (and every entry naming it rewritten).
+    let used: BTreeSet<u32> = members.keys().copied().collect();
+    alloc.retain(&used, &used_endpoints);
+    DatapathState {
+        ipcache,
+        endpoints,
+        policy,
+        sets,
+    }
+}
+
+/// Every address's identity (pods' own, and the world's prefixes: ipBlocks, their
+/// excepts, the default routes), and per identity a representative pod (None for the
+/// world) with the ipBlocks it is in.
+fn identities<'a>(
+    cluster: &'a Cluster,
+    engine: &Engine,
+    alloc: &mut IdentityAllocator,
+) -> (BTreeMap<Cidr, u32>, BTreeMap<u32, Member<'a>>) {
     let blocks = blocks(engine);
     let named: Vec<String> = engine
         .policies()
@@ -390,98 +439,76 @@ pub fn compile_datapath(
             blocks: in_blocks,
         });
     }
+    (ipcache, members)
+}
 
-    let mut endpoints = BTreeMap::new();
-    let mut policy = BTreeMap::new();
-    let mut local: Vec<&PodInfo> = cluster.pods().iter().filter(|p| (node.is_local)(p)).collect();
-    local.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    // Every local pod's number is in use, addresses or not: a pod without one yet (or
-    // whose address another pod took) must keep its number, or each recompile renumbers
-    // it and rewrites all of its policy entries.
-    let mut used_endpoints: BTreeSet<u32> = BTreeSet::new();
-    for pod in local {
-        let endpoint = alloc.endpoint(pod);
-        used_endpoints.insert(endpoint);
-        let mut isolation = [None, None];
-        for (di, dir) in [Direction::Ingress, Direction::Egress].into_iter().enumerate() {
-            let selecting: Vec<&CompiledPolicy> = engine
-                .policies()
-                .filter(|p| p.selects(pod) && p.affects(dir == Direction::Ingress))
-                .collect();
-            if selecting.is_empty() {
-                continue;
-            }
-            isolation[di] = Some(sets.id(&selecting.iter().map(|p| p.id.clone()).collect()));
-            // (identity, protocol) → port intervals with the allowing policy.
-            let mut grants: BTreeMap<(u32, u8), Vec<(u16, u16, PolicyRef)>> = BTreeMap::new();
-            for p in &selecting {
-                for g in p.grants(cluster, pod, dir == Direction::Ingress, &members) {
-                    grants
-                        .entry((g.identity, g.protocol))
-                        .or_default()
-                        .push((g.from, g.to, p.id.clone()));
-                }
-            }
-            // Fold ANY-peer grants into each specific identity's, so that the first
-            // (specific) lookup alone names every allowing policy.
-            let any: Vec<((u32, u8), Vec<(u16, u16, PolicyRef)>)> = grants
-                .iter()
-                .filter(|((id, _), _)| *id == IDENTITY_ANY)
-                .map(|(k, v)| (*k, v.clone()))
-                .collect();
-            for ((id, proto), v) in grants.iter_mut() {
-                if *id == IDENTITY_ANY {
-                    continue;
-                }
-                for ((_, aproto), av) in &any {
-                    if aproto == proto {
-                        v.extend(av.iter().cloned());
-                    }
-                }
-            }
-            for ((identity, protocol), intervals) in grants {
-                for (lo, hi, set) in partition(&intervals) {
-                    let set_id = sets.id(&set);
-                    for (port, port_bits) in port_prefixes(lo, hi) {
-                        policy.insert(
-                            PolicyKey {
-                                endpoint,
-                                identity,
-                                direction: dir,
-                                protocol,
-                                port,
-                                port_bits,
-                            },
-                            set_id,
-                        );
-                    }
-                }
-            }
-        }
-        for ip in &pod.ips {
-            endpoints.insert(
-                *ip,
-                EndpointEntry {
-                    endpoint,
-                    pod: (pod.namespace.clone(), pod.name.clone()),
-                    mode: (node.mode_of)(&pod.namespace),
-                    ingress_isolation: isolation[0],
-                    egress_isolation: isolation[1],
-                },
-            );
+/// The policy entries of one local pod in one direction, into `policy`; the set of
+/// policies isolating it that way (None: not isolated).
+#[allow(clippy::too_many_arguments)]
+fn pod_direction(
+    cluster: &Cluster,
+    engine: &Engine,
+    pod: &PodInfo,
+    endpoint: u32,
+    dir: Direction,
+    members: &BTreeMap<u32, Member>,
+    sets: &mut SetTable,
+    policy: &mut BTreeMap<PolicyKey, u32>,
+) -> Option<u32> {
+    let selecting: Vec<&CompiledPolicy> = engine
+        .policies()
+        .filter(|p| p.selects(pod) && p.affects(dir == Direction::Ingress))
+        .collect();
+    if selecting.is_empty() {
+        return None;
+    }
+    let isolation = sets.id(&selecting.iter().map(|p| p.id.clone()).collect());
+    // (identity, protocol) → port intervals with the allowing policy.
+    let mut grants: BTreeMap<(u32, u8), Vec<(u16, u16, PolicyRef)>> = BTreeMap::new();
+    for p in &selecting {
+        for g in p.grants(cluster, pod, dir == Direction::Ingress, members) {
+            grants
+                .entry((g.identity, g.protocol))
+                .or_default()
+                .push((g.from, g.to, p.id.clone()));
         }
     }
-    // Every identity this compile handed out is in use, also one whose pod lost its
-    // address to another pod in the ipcache: forgotten, it would be renumbered on each
-    // recompile (and every entry naming it rewritten).
-    let used: BTreeSet<u32> = members.keys().copied().collect();
-    alloc.retain(&used, &used_endpoints);
-    DatapathState {
-        ipcache,
-        endpoints,
-        policy,
-        sets,
+    // Fold ANY-peer grants into each specific identity's, so that the first
+    // (specific) lookup alone names every allowing policy.
+    let any: Vec<((u32, u8), Vec<(u16, u16, PolicyRef)>)> = grants
+        .iter()
+        .filter(|((id, _), _)| *id == IDENTITY_ANY)
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    for ((id, proto), v) in grants.iter_mut() {
+        if *id == IDENTITY_ANY {
+            continue;
+        }
+        for ((_, aproto), av) in &any {
+            if aproto == proto {
+                v.extend(av.iter().cloned());
+            }
+        }
     }
+    for ((identity, protocol), intervals) in grants {
+        for (lo, hi, set) in partition(&intervals) {
+            let set_id = sets.id(&set);
+            for (port, port_bits) in port_prefixes(lo, hi) {
+                policy.insert(
+                    PolicyKey {
+                        endpoint,
+                        identity,
+                        direction: dir,
+                        protocol,
+                        port,
+                        port_bits,
+                    },
+                    set_id,
+                );
+            }
+        }
+    }
+    Some(isolation)
 }
 
 /// What a datapath holding `state` decides (used to check the compile against the
