@@ -14,6 +14,11 @@ set +e
 cargo test --no-fail-fast --lib --bins --tests -- --test-threads=1 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# The house: no circle of files importing each other in any crate.
+set +e
+python3 scripts/import-cycles.py
+house_status=$?
+set -e
 # Every fuzz target of the untrusted-input parsers, for a bounded time each.
 fuzz_log=$(mktemp)
 trap 'rm -f "$log" "$fuzz_log"' EXIT
@@ -27,4 +32,5 @@ awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-
      /^fuzz: [0-9]+ passed, [0-9]+ failed/ { p += $2; f += $4 }
      END { printf "%d passed, %d failed\n", p, f }' "$log" "$fuzz_log"
 [ "$status" -eq 0 ] || exit "$status"
+[ "$house_status" -eq 0 ] || exit "$house_status"
 exit "$fuzz_status"
