@@ -17,19 +17,14 @@ use tokio::{
 };
 
 use flows_metrics::Metrics;
-use flows_policy::{
-    Manifests,
-    compile::{IdentityAllocator, Mode, NodeView, SetTable, compile_datapath},
-};
+use flows_policy::compile::{Mode, SetTable};
 
 use flows_parser::{Clock, Decoder, EndpointIndex, IfNames, PolicySets};
 
 use crate::{
-    datapath::{
-        CountersMap, Datapath, DatapathConfig, DatapathError, DatapathMaps, EventsMap, PolicyMaps,
-        read_counters,
-    },
+    datapath::{CountersMap, Datapath, DatapathConfig, DatapathError, DatapathMaps, EventsMap, read_counters},
     ifaces::{IfaceSelector, list_veths},
+    programmer::{PolicyProgrammer, watch_policy},
     ring::{Entry, FlowRing, RingError},
     server::ObserverService,
     stats::ProbeStats,
@@ -154,32 +149,15 @@ pub async fn run(
     .with_policy_sets(sets.clone())
     .with_endpoints(endpoints.clone());
     // Policy is in place before the probe says it is ready.
-    let mut programmer = PolicyProgrammer {
-        stats: stats.clone(),
-        endpoints,
-        maps: policy,
-        sets,
-        alloc: IdentityAllocator::new(),
-        signature: Vec::new(),
-        node: cfg.node_name.clone(),
-        default_mode: cfg.default_mode,
-    };
+    let mut programmer = PolicyProgrammer::new(stats.clone(), endpoints, policy, sets, cfg.node_name.clone(), cfg.default_mode);
     // With a policy source, nothing is attached before it has spoken: a probe that
     // took over from its predecessor with no manifests would enforce no policy.
     tokio::pin!(shutdown);
     if let Some(dir) = &cfg.manifests {
-        let mut said = false;
-        while PolicyProgrammer::signature(dir).is_empty() {
-            if !said {
-                tracing::info!(dir = %dir.display(), "waiting for the first manifests");
-                said = true;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                _ = &mut shutdown => return Ok(()),
-            }
+        tokio::select! {
+            _ = programmer.first(dir) => {}
+            _ = &mut shutdown => return Ok(()),
         }
-        programmer.sync(dir);
     }
     let policy_task = tokio::spawn(watch_policy(programmer, cfg.manifests.clone(), stop_rx.clone()));
     let reader = tokio::spawn(read_events(
@@ -216,16 +194,6 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ProbeError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| ProbeError::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
     let service = ObserverService {
         ring: ring.clone(),
         stats: stats.clone(),
@@ -234,29 +202,7 @@ pub async fn run(
         metrics: metrics.clone(),
         shutdown: stop_rx.clone(),
     };
-    if let Some(path) = &cfg.ready_file {
-        std::fs::write(path, local.to_string()).map_err(|source| ProbeError::ReadyFile {
-            path: path.clone(),
-            source,
-        })?;
-    }
-    tracing::info!(node = %cfg.node_name, listen = %local, "node-probe ready");
-    // Followers' streams end with the stop signal, so the graceful shutdown completes.
-    let stop_all = stop_tx.clone();
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
-    let served = builder
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move {
-                shutdown.await;
-                let _ = stop_all.send(true);
-            },
-        )
-        .await;
+    let served = serve(&cfg, service, tls, shutdown, stop_tx.clone()).await;
 
     let _ = stop_tx.send(true);
     let _ = reader.await;
@@ -275,6 +221,43 @@ pub async fn run(
         let _ = std::fs::remove_file(path);
     }
     served?;
+    Ok(())
+}
+
+/// Serves the Observer API where `cfg` says until `shutdown`, announcing the address in
+/// the ready file; followers' streams end with the stop signal, so the graceful shutdown
+/// completes.
+async fn serve(
+    cfg: &ProbeConfig,
+    service: ObserverService,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    shutdown: impl std::future::Future<Output = ()>,
+    stop_all: watch::Sender<bool>,
+) -> Result<(), ProbeError> {
+    let listen_err = |source| ProbeError::Listen {
+        addr: cfg.listen,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(listen_err)?;
+    let local = listener.local_addr().map_err(listen_err)?;
+    if let Some(path) = &cfg.ready_file {
+        std::fs::write(path, local.to_string()).map_err(|source| ProbeError::ReadyFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    tracing::info!(node = %cfg.node_name, listen = %local, "node-probe ready");
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            let _ = stop_all.send(true);
+        })
+        .await?;
     Ok(())
 }
 
@@ -447,146 +430,6 @@ async fn watch_interfaces(
     loop {
         tokio::select! {
             _ = tick.tick() => sync_interfaces(&datapath, &cfg, &ifnames).await,
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-/// Reads the manifests, compiles this node's policy state and programs the maps.
-struct PolicyProgrammer {
-    stats: Arc<ProbeStats>,
-    endpoints: EndpointIndex,
-    maps: PolicyMaps,
-    sets: PolicySets,
-    alloc: IdentityAllocator,
-    /// (path, length, modification time) of every manifest last read.
-    signature: Vec<(PathBuf, u64, i64, i64)>,
-    node: String,
-    default_mode: Mode,
-}
-
-fn manifest_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
-    let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            manifest_files(&p, out);
-        } else if p
-            .extension()
-            .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
-        {
-            out.push(p);
-        }
-    }
-}
-
-impl PolicyProgrammer {
-    fn signature(dir: &std::path::Path) -> Vec<(PathBuf, u64, i64, i64)> {
-        let mut files = Vec::new();
-        manifest_files(dir, &mut files);
-        files
-            .into_iter()
-            .filter_map(|p| {
-                let m = std::fs::metadata(&p).ok()?;
-                Some((p, m.len(), m.mtime(), m.mtime_nsec()))
-            })
-            .collect()
-    }
-
-    /// Re-reads the manifests if any changed. Bad manifests are reported and the policy
-    /// already in force stays.
-    fn sync(&mut self, dir: &std::path::Path) {
-        let sig = Self::signature(dir);
-        if sig == self.signature {
-            return;
-        }
-        self.signature = sig.clone();
-        self.read(&sig);
-        self.stats.policy_read(u64::from(self.maps.revision()));
-    }
-
-    fn read(&mut self, sig: &[(PathBuf, u64, i64, i64)]) {
-        let mut texts = Vec::new();
-        for (p, ..) in sig {
-            match std::fs::read_to_string(p) {
-                Ok(t) => texts.push((p.display().to_string(), t)),
-                Err(e) => {
-                    tracing::warn!(path = %p.display(), error = %e, "reading manifest; policy unchanged");
-                    return;
-                }
-            }
-        }
-        let m = match Manifests::parse(texts.iter().map(|(n, t)| (n.as_str(), t.as_str()))) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "invalid manifests; policy unchanged");
-                return;
-            }
-        };
-        let index: HashMap<std::net::IpAddr, flows_proto::Endpoint> = m
-            .cluster
-            .pods()
-            .iter()
-            .flat_map(|p| {
-                let ep = flows_proto::Endpoint {
-                    namespace: p.namespace.clone(),
-                    pod_name: p.name.clone(),
-                    labels: p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-                    node_name: p.node.clone().unwrap_or_default(),
-                    ..Default::default()
-                };
-                p.ips.iter().map(move |ip| (*ip, ep.clone()))
-            })
-            .collect();
-        if let Ok(mut e) = self.endpoints.write() {
-            *e = Arc::new(index);
-        }
-        let engine = m.engine();
-        let node = self.node.clone();
-        let default_mode = self.default_mode;
-        let is_local = |p: &flows_policy::PodInfo| p.node.as_deref() == Some(node.as_str());
-        let mode_of = |ns: &str| m.modes.get(ns).copied().unwrap_or(default_mode);
-        let table = self.sets.read().map(|t| t.clone()).unwrap_or_default();
-        let state = compile_datapath(
-            &m.cluster,
-            &engine,
-            &NodeView {
-                is_local: &is_local,
-                mode_of: &mode_of,
-            },
-            &mut self.alloc,
-            table,
-        );
-        // Names first: events that reference the new sets may arrive right after.
-        if let Ok(mut t) = self.sets.write() {
-            *t = state.sets.clone();
-        }
-        let (policies, endpoints) = (m.policies.len(), state.endpoints.len());
-        match self.maps.apply(state) {
-            Ok(u) => tracing::info!(
-                policies,
-                endpoints,
-                written = u.written,
-                removed = u.removed,
-                revision = u.revision,
-                "policy updated"
-            ),
-            Err(e) => tracing::error!(error = %e, "programming the policy maps"),
-        }
-    }
-}
-
-async fn watch_policy(
-    mut programmer: PolicyProgrammer,
-    dir: Option<PathBuf>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let Some(dir) = dir else { return };
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => programmer.sync(&dir),
             _ = stop.changed() => return,
         }
     }
