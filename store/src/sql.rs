@@ -102,63 +102,72 @@ fn flag_mask(f: &TcpFlags) -> u8 {
         .fold(0, |acc, (i, b)| acc | (u8::from(*b) << i))
 }
 
+/// The conditions a filter sets on one end of a flow (`source`, or the destination).
+fn side(f: &FlowFilter, source: bool) -> Result<Vec<String>, StoreError> {
+    let (p, ips, pods, labels, workloads, nss, port_list) = if source {
+        ("src", &f.source_ip, &f.source_pod, &f.source_label, &f.source_workload, &f.source_namespace, &f.source_port)
+    } else {
+        ("dst", &f.destination_ip, &f.destination_pod, &f.destination_label, &f.destination_workload, &f.destination_namespace, &f.destination_port)
+    };
+    let mut all = Vec::new();
+    if !ips.is_empty() {
+        all.push(any(ips.iter().map(|s| ip_cond(&format!("{p}_ip"), s)).collect::<Result<_, _>>()?));
+    }
+    if !pods.is_empty() {
+        all.push(any(
+            pods.iter()
+                .map(|s| match s.split_once('/') {
+                    Some((ns, pre)) => format!("({p}_pod != '' AND {p}_namespace = {} AND startsWith({p}_pod, {}))", quote(ns), quote(pre)),
+                    None => format!("({p}_pod != '' AND startsWith({p}_pod, {}))", quote(s)),
+                })
+                .collect(),
+        ));
+    }
+    if !nss.is_empty() {
+        all.push(format!("{p}_namespace IN ({})", list(nss)));
+    }
+    if !labels.is_empty() {
+        let sels = labels
+            .iter()
+            .map(|s| LabelSelector::parse(s).map_err(|e| StoreError::Filter { message: e.to_string() }))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Labels only count for an end that is known at all.
+        let present = format!("({p}_namespace != '' OR {p}_pod != '' OR {p}_world OR {p}_node != '' OR notEmpty({p}_labels))");
+        all.push(format!("({present} AND {})", any(sels.iter().map(|s| format!("({})", label_cond(&format!("{p}_labels"), s))).collect())));
+    }
+    if !workloads.is_empty() {
+        all.push(any(
+            workloads
+                .iter()
+                .map(|w| match w.split_once('/') {
+                    Some((kind, name)) => format!(
+                        "arrayExists(x -> lower(splitByChar('/', x)[1]) = lower({}) AND splitByChar('/', x)[2] = {}, {p}_workloads)",
+                        quote(kind),
+                        quote(name)
+                    ),
+                    None => format!("arrayExists(x -> splitByChar('/', x)[2] = {}, {p}_workloads)", quote(w)),
+                })
+                .collect(),
+        ));
+    }
+    if !port_list.is_empty() {
+        let ranges: Vec<String> = ports(port_list)
+            .into_iter()
+            .map(|(a, b)| format!("{p}_port BETWEEN {a} AND {b}"))
+            .collect();
+        all.push(format!("(protocol IN ('TCP', 'UDP', 'SCTP') AND {})", any(ranges)));
+    }
+    Ok(all)
+}
+
 /// One filter: every field it sets must hold.
 fn filter(f: &FlowFilter) -> Result<String, StoreError> {
     let mut all: Vec<String> = Vec::new();
     if !f.uuid.is_empty() {
         all.push(format!("uuid IN ({})", list(&f.uuid)));
     }
-    for (p, ips, pods, labels, workloads, nss, port_list) in [
-        ("src", &f.source_ip, &f.source_pod, &f.source_label, &f.source_workload, &f.source_namespace, &f.source_port),
-        ("dst", &f.destination_ip, &f.destination_pod, &f.destination_label, &f.destination_workload, &f.destination_namespace, &f.destination_port),
-    ] {
-        if !ips.is_empty() {
-            all.push(any(ips.iter().map(|s| ip_cond(&format!("{p}_ip"), s)).collect::<Result<_, _>>()?));
-        }
-        if !pods.is_empty() {
-            all.push(any(
-                pods.iter()
-                    .map(|s| match s.split_once('/') {
-                        Some((ns, pre)) => format!("({p}_pod != '' AND {p}_namespace = {} AND startsWith({p}_pod, {}))", quote(ns), quote(pre)),
-                        None => format!("({p}_pod != '' AND startsWith({p}_pod, {}))", quote(s)),
-                    })
-                    .collect(),
-            ));
-        }
-        if !nss.is_empty() {
-            all.push(format!("{p}_namespace IN ({})", list(nss)));
-        }
-        if !labels.is_empty() {
-            let sels = labels
-                .iter()
-                .map(|s| LabelSelector::parse(s).map_err(|e| StoreError::Filter { message: e.to_string() }))
-                .collect::<Result<Vec<_>, _>>()?;
-            // Labels only count for an end that is known at all.
-            let present = format!("({p}_namespace != '' OR {p}_pod != '' OR {p}_world OR {p}_node != '' OR notEmpty({p}_labels))");
-            all.push(format!("({present} AND {})", any(sels.iter().map(|s| format!("({})", label_cond(&format!("{p}_labels"), s))).collect())));
-        }
-        if !workloads.is_empty() {
-            all.push(any(
-                workloads
-                    .iter()
-                    .map(|w| match w.split_once('/') {
-                        Some((kind, name)) => format!(
-                            "arrayExists(x -> lower(splitByChar('/', x)[1]) = lower({}) AND splitByChar('/', x)[2] = {}, {p}_workloads)",
-                            quote(kind),
-                            quote(name)
-                        ),
-                        None => format!("arrayExists(x -> splitByChar('/', x)[2] = {}, {p}_workloads)", quote(w)),
-                    })
-                    .collect(),
-            ));
-        }
-        if !port_list.is_empty() {
-            let ranges: Vec<String> = ports(port_list)
-                .into_iter()
-                .map(|(a, b)| format!("{p}_port BETWEEN {a} AND {b}"))
-                .collect();
-            all.push(format!("(protocol IN ('TCP', 'UDP', 'SCTP') AND {})", any(ranges)));
-        }
+    for source in [true, false] {
+        all.extend(side(f, source)?);
     }
     if !f.verdict.is_empty() {
         all.push(format!("verdict IN ({})", enum_names(&f.verdict, &VERDICTS)));
