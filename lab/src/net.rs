@@ -142,18 +142,32 @@ fn raise_neighbour_limits(state: &State) {
     }
 }
 
-/// Builds everything in `state`. On error, what was built stays: the caller tears down.
+/// Builds everything in `state`, in order. On error, what was built stays: the caller
+/// tears down.
 pub(crate) fn build(state: &State) -> Result<(), LabError> {
     raise_neighbour_limits(state);
+    create_namespaces(state)?;
+    set_sysctls(state)?;
+    build_underlay(state)?;
+    build_nodes(state)?;
+    build_world(state)?;
+    build_pods(state)?;
+    load_service_rules(state)?;
+    Ok(())
+}
 
-    // 1. Namespaces.
+/// Namespaces.
+fn create_namespaces(state: &State) -> Result<(), LabError> {
     let mut all_netns = vec![UNDERLAY_NETNS.to_string(), WORLD_NETNS.to_string()];
     all_netns.extend(state.nodes.iter().map(|n| n.netns.clone()));
     all_netns.extend(state.pods.iter().map(|p| p.netns.clone()));
     let adds: Vec<String> = all_netns.iter().map(|n| format!("netns add {n}")).collect();
     ip_batch(None, &adds)?;
+    Ok(())
+}
 
-    // 2. Sysctls, before any interface exists so new interfaces inherit the defaults.
+/// Sysctls, before any interface exists so new interfaces inherit the defaults.
+fn set_sysctls(state: &State) -> Result<(), LabError> {
     // Addresses must be usable at once (no DAD), and nothing should send or honour redirects:
     // a node routing a pod's service packet back onto the bridge would otherwise teach the
     // pod to bypass the node.
@@ -198,8 +212,11 @@ pub(crate) fn build(state: &State) -> Result<(), LabError> {
         ]);
         netns::sysctls(&pod.netns, &s)?;
     }
+    Ok(())
+}
 
-    // 3. The underlay switch, with one veth per node and one for the world.
+/// The underlay switch, with one veth per node and one for the world.
+fn build_underlay(state: &State) -> Result<(), LabError> {
     let mut underlay = vec![
         "link set lo up".to_string(),
         format!("link add {UNDERLAY_BRIDGE} type bridge mcast_snooping 0"),
@@ -220,8 +237,11 @@ pub(crate) fn build(state: &State) -> Result<(), LabError> {
     }
     underlay.push(format!("link set {UNDERLAY_BRIDGE} up"));
     ip_batch(Some(UNDERLAY_NETNS), &underlay)?;
+    Ok(())
+}
 
-    // 4. Nodes: pod bridge, uplink, routes, and the host side of each pod's veth.
+/// Nodes: pod bridge, uplink, routes, and the host side of each pod's veth.
+fn build_nodes(state: &State) -> Result<(), LabError> {
     for (idx, node) in state.nodes.iter().enumerate() {
         let i = idx + 1;
         let mut b = vec![
@@ -265,8 +285,11 @@ pub(crate) fn build(state: &State) -> Result<(), LabError> {
         }
         ip_batch(Some(&node.netns), &b)?;
     }
+    Ok(())
+}
 
-    // 5. The world host: the internet's stand-in, default route of every node.
+/// The world host: the internet's stand-in, default route of every node.
+fn build_world(state: &State) -> Result<(), LabError> {
     let mut w = vec![
         // The world's own addresses sit on lo (kernels without the dummy driver exist).
         "link set lo up".to_string(),
@@ -288,8 +311,11 @@ pub(crate) fn build(state: &State) -> Result<(), LabError> {
         ));
     }
     ip_batch(Some(WORLD_NETNS), &w)?;
+    Ok(())
+}
 
-    // 6. Pods: eth0 with the next addresses of the node's CIDRs, default routes via the bridge.
+/// Pods: eth0 with the next addresses of the node's CIDRs, default routes via the bridge.
+fn build_pods(state: &State) -> Result<(), LabError> {
     for pod in &state.pods {
         let idx = state
             .nodes
@@ -315,8 +341,11 @@ pub(crate) fn build(state: &State) -> Result<(), LabError> {
         ];
         ip_batch(Some(&pod.netns), &p)?;
     }
+    Ok(())
+}
 
-    // 7. kube-proxy: the same service rules on every node.
+/// kube-proxy: the same service rules on every node.
+fn load_service_rules(state: &State) -> Result<(), LabError> {
     let rules = proxy::nft_ruleset(state);
     for node in &state.nodes {
         run_tool(
