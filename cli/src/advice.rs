@@ -246,12 +246,11 @@ async fn history(h: &HistoryArgs) -> anyhow::Result<History> {
         let rows = store.attempts(&q).await.context("reading attempts from the store")?;
         (rows.into_iter().map(flows_store::AttemptRow::into_proto).collect::<Vec<_>>(), spec.clone())
     } else {
-        let server = match (&h.server, crate::lab::probes::relay_address(&lab_dir(h))) {
-            (Some(s), _) => s.clone(),
-            (None, Some(r)) => r,
-            (None, None) => bail!("no history: give --server (a relay started with --store) or --store, or start the lab with --probes"),
-        };
-        let dialer = crate::connect::dialer(&lab_dir(h), h.server.is_none().then_some(crate::connect::LabServer::Relay))?;
+        let (server, dialer) = crate::connect::relay_or_flag(
+            h.server.as_ref(),
+            &lab_dir(h),
+            "no history: give --server (a relay started with --store) or --store, or start the lab with --probes",
+        )?;
         let mut client = HistoryClient::new(crate::connect::channel(&dialer, &server).await?)
             .max_decoding_message_size(64 << 20);
         let mut stream = client

@@ -3,7 +3,6 @@
 
 use std::io::Write;
 
-use anyhow::bail;
 use flows_proto::{AuditGroup, AuditRequest, Timestamp, Verdict, history_client::HistoryClient};
 
 use crate::{filters::FilterArgs, time::parse_time};
@@ -129,12 +128,11 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
     let deny_list = crate::filters::deny_list(&args.not)?;
     crate::filters::validate(&allow_list, &deny_list)?;
     let lab_dir = args.lab_state.clone().unwrap_or_else(flows_lab::state::default_dir);
-    let server = match (&args.server, crate::lab::probes::relay_address(&lab_dir)) {
-        (Some(s), _) => s.clone(),
-        (None, Some(r)) => r,
-        (None, None) => bail!("no relay: give --server host:port (a relay started with --store), or start the lab with --probes"),
-    };
-    let dialer = crate::connect::dialer(&lab_dir, args.server.is_none().then_some(crate::connect::LabServer::Relay))?;
+    let (server, dialer) = crate::connect::relay_or_flag(
+        args.server.as_ref(),
+        &lab_dir,
+        "no relay: give --server host:port (a relay started with --store), or start the lab with --probes",
+    )?;
     let mut client = HistoryClient::new(crate::connect::channel(&dialer, &server).await?);
     let resp = client
         .audit(AuditRequest {

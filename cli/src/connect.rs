@@ -47,6 +47,18 @@ pub fn dialer(lab_dir: &Path, lab: Option<LabServer>) -> anyhow::Result<Dialer> 
     Ok(Dialer::new(tls.as_ref())?)
 }
 
+/// The server a command talks to: `--server` when given, else the lab's relay (with the
+/// lab's TLS), else the error `missing` (what to give instead).
+pub fn relay_or_flag(server: Option<&String>, lab_dir: &Path, missing: &str) -> anyhow::Result<(String, Dialer)> {
+    let addr = match (server, crate::lab::probes::relay_address(lab_dir)) {
+        (Some(s), _) => s.clone(),
+        (None, Some(r)) => r,
+        (None, None) => anyhow::bail!("{missing}"),
+    };
+    let dialer = dialer(lab_dir, server.is_none().then_some(LabServer::Relay))?;
+    Ok((addr, dialer))
+}
+
 /// A connected channel to `server` (`host:port`, `http://…` or `https://…`).
 pub async fn channel(dialer: &Dialer, server: &str) -> anyhow::Result<Channel> {
     let ep = dialer.endpoint(server)?;

@@ -2,7 +2,6 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::bail;
 use flows_proto::GetFlowsRequest;
 
 #[derive(clap::Args, Debug)]
@@ -38,12 +37,11 @@ pub async fn run(args: TuiArgs) -> anyhow::Result<()> {
         (Some(path), _) => flows_tui::Source::File { path: path.clone(), rate: args.rate },
         (None, server) => {
             let dir = args.lab_state.clone().unwrap_or_else(flows_lab::state::default_dir);
-            let addr = match (server, crate::lab::probes::relay_address(&dir)) {
-                (Some(s), _) => s.clone(),
-                (None, Some(r)) => r,
-                (None, None) => bail!("no server: give --server host:port or --input-file, or start the lab with --probes"),
-            };
-            let dialer = crate::connect::dialer(&dir, server.is_none().then_some(crate::connect::LabServer::Relay))?;
+            let (addr, dialer) = crate::connect::relay_or_flag(
+                server.as_ref(),
+                &dir,
+                "no server: give --server host:port or --input-file, or start the lab with --probes",
+            )?;
             flows_tui::Source::Server {
                 addr,
                 dialer,
