@@ -15,11 +15,11 @@ use anyhow::{Context, bail};
 use flows_policy::{
     Cluster, CompiledPolicy, Engine, Protocol,
     advice::{
-        self, AddressKind, ChangeGroup, Inventory, InventoryPod, Observation, Outcome, Owner, Party, PodParty,
-        Replay, SuggestOptions,
+        self, ChangeGroup, Inventory, InventoryPod, Observation, Outcome, Owner, Party, PodParty, Replay,
+        SuggestOptions,
     },
-    selector::Labels,
 };
+use flows_flow::advice::{address_kind, labels};
 use flows_proto::{AttemptGroup, AttemptsRequest, Verdict, history_client::HistoryClient};
 
 use crate::time::parse_time;
@@ -163,13 +163,6 @@ fn load_cluster(h: &HistoryArgs) -> anyhow::Result<ClusterContext> {
     })
 }
 
-fn labels(v: &[String]) -> Labels {
-    v.iter()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 fn party(p: Option<&flows_proto::AttemptParty>) -> Option<Party> {
     let p = p?;
     let ip: Option<IpAddr> = p.ip.parse().ok();
@@ -183,14 +176,7 @@ fn party(p: Option<&flows_proto::AttemptParty>) -> Option<Party> {
             ip,
         }));
     }
-    let kind = if p.is_world {
-        AddressKind::World
-    } else if p.labels.iter().any(|l| l == "reserved:host") {
-        AddressKind::Host
-    } else {
-        AddressKind::Unknown
-    };
-    Some(Party::Address { ip: ip?, kind })
+    Some(Party::Address { ip: ip?, kind: address_kind(p.is_world, &p.labels) })
 }
 
 fn ns_of(t: &Option<flows_proto::Timestamp>) -> i64 {

@@ -7,6 +7,11 @@ use std::net::IpAddr;
 use flows_proto::{Endpoint, Flow, FlowFilter, Service};
 
 /// Who holds an address: a pod, a node, or the world. `None` when it is not known.
+/// The label of addresses outside the cluster that name nothing else.
+pub const LABEL_WORLD: &str = "reserved:world";
+/// The label of a node's own addresses.
+pub const LABEL_HOST: &str = "reserved:host";
+
 pub trait EndpointGetter {
     fn endpoint(&self, ip: IpAddr) -> Option<Endpoint>;
 }

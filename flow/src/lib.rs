@@ -4,6 +4,7 @@
 //! [`jsonl`] (flows as JSON lines: the printed form and its reader), [`request`] (what
 //! makes a GetFlowsRequest valid, for every server).
 
+pub mod advice;
 pub mod enrich;
 pub mod filter;
 pub mod jsonl;

@@ -25,8 +25,7 @@ use k8s_openapi::{
 };
 
 /// Labels Hubble users know for addresses that are not pods.
-pub const LABEL_WORLD: &str = "reserved:world";
-pub const LABEL_HOST: &str = "reserved:host";
+pub use flows_flow::enrich::{LABEL_HOST, LABEL_WORLD};
 
 /// A prefix of addresses (pod CIDRs, configured cluster ranges).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

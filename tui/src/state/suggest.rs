@@ -2,58 +2,9 @@
 //! the same rules (smallest exact stable selectors, ports as seen), against the pods the
 //! dashboard has seen recently.
 
-use std::net::IpAddr;
-
-use flows_policy::{
-    Protocol,
-    advice::{self, AddressKind, Inventory, Observation, Outcome, Owner, Party, PodParty, SuggestOptions},
-    selector::Labels,
-};
-use flows_proto::{Endpoint, Flow, Verdict, layer4};
-
-fn labels(v: &[String]) -> Labels {
-    v.iter()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn party(e: Option<&Endpoint>, ip: &str) -> Option<Party> {
-    let ip: Option<IpAddr> = ip.parse().ok();
-    match e {
-        Some(e) if !e.pod_name.is_empty() => Some(Party::Pod(PodParty {
-            namespace: e.namespace.clone(),
-            name: e.pod_name.clone(),
-            labels: labels(&e.labels),
-            owner: e.workloads.last().map(|w| Owner { kind: w.kind.clone(), name: w.name.clone() }),
-            ip,
-        })),
-        Some(e) if e.is_world => Some(Party::Address { ip: ip?, kind: AddressKind::World }),
-        Some(e) if e.labels.iter().any(|l| l == "reserved:host") => Some(Party::Address { ip: ip?, kind: AddressKind::Host }),
-        _ => Some(Party::Address { ip: ip?, kind: AddressKind::Unknown }),
-    }
-}
-
-fn observation(f: &Flow, outcome: Outcome) -> Option<Observation> {
-    let ip = f.ip.clone().unwrap_or_default();
-    let (protocol, port) = match f.l4.as_ref()?.protocol.as_ref()? {
-        layer4::Protocol::Tcp(t) => (Protocol::Tcp, t.destination_port),
-        layer4::Protocol::Udp(u) => (Protocol::Udp, u.destination_port),
-        layer4::Protocol::Sctp(s) => (Protocol::Sctp, s.destination_port),
-        layer4::Protocol::Icmpv4(_) => (Protocol::Icmp, 0),
-        layer4::Protocol::Icmpv6(_) => (Protocol::Icmpv6, 0),
-    };
-    Some(Observation {
-        src: party(f.source.as_ref(), &ip.source)?,
-        dst: party(f.destination.as_ref(), &ip.destination)?,
-        protocol,
-        port: u16::try_from(port).ok()?,
-        outcome,
-        flows: 1,
-        first: 0,
-        last: 0,
-    })
-}
+use flows_flow::advice::observation;
+use flows_policy::advice::{self, Inventory, Outcome, Party, SuggestOptions};
+use flows_proto::{Flow, Verdict};
 
 /// The allow policies (YAML) that would let `f` through, or None when it was not denied
 /// by policy or names no pod to write a policy for.
