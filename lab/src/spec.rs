@@ -2,6 +2,7 @@
 //! parsed with k8s-openapi types and validated the way the API server would, with errors that
 //! name the file, the document and the field.
 
+use flows_policy::validate;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -527,11 +528,7 @@ pub fn dns_label(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 63 {
         return Err(format!("{s:?} must be 1-63 characters"));
     }
-    let ok_chars = s
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    let ok_ends = !s.starts_with('-') && !s.ends_with('-');
-    if !(ok_chars && ok_ends) {
+    if !validate::is_dns1123_label(s) {
         return Err(format!(
             "{s:?} must consist of lower case alphanumeric characters or '-', and start and end with an alphanumeric character"
         ));
@@ -553,25 +550,17 @@ pub fn dns_subdomain(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 253 {
         return Err(format!("{s:?} must be 1-253 characters"));
     }
-    for label in s.split('.') {
-        dns_label(label).map_err(|_| {
-            format!("{s:?} must be lower case alphanumeric characters, '-' or '.', starting and ending with an alphanumeric character")
-        })?;
+    if !validate::is_dns1123_subdomain(s) {
+        return Err(format!(
+            "{s:?} must be lower case alphanumeric characters, '-' or '.', starting and ending with an alphanumeric character"
+        ));
     }
     Ok(())
 }
 
 /// IANA service name: a container port name (and a named targetPort).
 pub fn port_name(s: &str) -> Result<(), String> {
-    let ok = !s.is_empty()
-        && s.len() <= 15
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && s.bytes().any(|b| b.is_ascii_lowercase())
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-        && !s.contains("--");
-    if ok {
+    if validate::is_port_name(s) {
         Ok(())
     } else {
         Err(format!(
