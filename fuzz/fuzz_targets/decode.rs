@@ -93,21 +93,8 @@ fn fixture() -> &'static Fixture {
             SetTable::new(),
         );
         assert!(state.sets.len() > 1, "the fixture names some policy sets");
-        let endpoints: HashMap<IpAddr, flows_proto::Endpoint> = m
-            .cluster
-            .pods()
-            .iter()
-            .flat_map(|p| {
-                let ep = flows_proto::Endpoint {
-                    namespace: p.namespace.clone(),
-                    pod_name: p.name.clone(),
-                    labels: p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-                    node_name: p.node.clone().unwrap_or_default(),
-                    ..Default::default()
-                };
-                p.ips.iter().map(move |ip| (*ip, ep.clone()))
-            })
-            .collect();
+        // The probe's own naming of pods by address.
+        let endpoints = flows_parser::endpoints_of(&m.cluster);
         let sets: PolicySets = Arc::new(RwLock::new(state.sets.clone()));
         let index: EndpointIndex = Arc::new(RwLock::new(Arc::new(endpoints)));
         let ifnames = Arc::new(RwLock::new(HashMap::from([(7, "fl00000001".to_string()), (9, String::new())])));

@@ -3,7 +3,6 @@
 //! manifests are reported and the policy in force stays.
 
 use std::{
-    collections::HashMap,
     os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::Arc,
@@ -125,21 +124,7 @@ impl PolicyProgrammer {
                 return;
             }
         };
-        let index: HashMap<std::net::IpAddr, flows_proto::Endpoint> = m
-            .cluster
-            .pods()
-            .iter()
-            .flat_map(|p| {
-                let ep = flows_proto::Endpoint {
-                    namespace: p.namespace.clone(),
-                    pod_name: p.name.clone(),
-                    labels: p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-                    node_name: p.node.clone().unwrap_or_default(),
-                    ..Default::default()
-                };
-                p.ips.iter().map(move |ip| (*ip, ep.clone()))
-            })
-            .collect();
+        let index = flows_parser::endpoints_of(&m.cluster);
         if let Ok(mut e) = self.endpoints.write() {
             *e = Arc::new(index);
         }

@@ -86,6 +86,24 @@ pub type PolicySets = Arc<RwLock<SetTable>>;
 /// Pods by address, from the manifests the probe watches (replaced whole on a change).
 pub type EndpointIndex = Arc<RwLock<Arc<HashMap<IpAddr, flows_proto::Endpoint>>>>;
 
+/// The pods of a cluster by address, as the decoder names a flow's ends from them.
+pub fn endpoints_of(cluster: &flows_policy::Cluster) -> HashMap<IpAddr, flows_proto::Endpoint> {
+    cluster
+        .pods()
+        .iter()
+        .flat_map(|p| {
+            let ep = flows_proto::Endpoint {
+                namespace: p.namespace.clone(),
+                pod_name: p.name.clone(),
+                labels: p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                node_name: p.node.clone().unwrap_or_default(),
+                ..Default::default()
+            };
+            p.ips.iter().map(move |ip| (*ip, ep.clone()))
+        })
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("event is {len} bytes, expected {expected}")]
