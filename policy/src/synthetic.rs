@@ -48,6 +48,88 @@ pub fn pod_ip(idx: usize) -> IpAddr {
     IpAddr::from([10, 200, (idx / 256) as u8, (idx % 256) as u8])
 }
 
+/// The `k`th policy of namespace `n`: six shapes in turn (default deny, named port from
+/// a tier, another team's app on a range, DNS and an ipBlock egress, egress to prod
+/// namespaces, a NodePort-like range from anywhere).
+fn policy_spec(n: usize, k: usize) -> NetworkPolicySpec {
+    let app = format!("app-{}", k % 10);
+    let mut spec = NetworkPolicySpec {
+        pod_selector: Some(sel(&[("app", &app)])),
+        ..Default::default()
+    };
+    match k % 6 {
+        0 => {
+            // Default deny ingress for the namespace.
+            spec.pod_selector = Some(LabelSelector::default());
+            spec.policy_types = Some(vec!["Ingress".into()]);
+        }
+        1 => {
+            spec.ingress = Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![pod_peer(None, Some(sel(&[("tier", "front")])))]),
+                ports: Some(vec![port(IntOrString::String("http".into()), "TCP", None)]),
+            }]);
+        }
+        2 => {
+            spec.ingress = Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![pod_peer(
+                    Some(sel(&[("team", &format!("team-{}", (n + 1) % 10))])),
+                    Some(sel(&[("app", &format!("app-{}", (k + 1) % 10))])),
+                )]),
+                ports: Some(vec![
+                    port(IntOrString::Int(8080), "TCP", Some(8082)),
+                    port(IntOrString::Int(9090), "UDP", None),
+                ]),
+            }]);
+        }
+        3 => {
+            spec.policy_types = Some(vec!["Egress".into()]);
+            spec.egress = Some(vec![
+                NetworkPolicyEgressRule {
+                    to: Some(vec![pod_peer(
+                        Some(sel(&[("kubernetes.io/metadata.name", "kube-system")])),
+                        Some(sel(&[("k8s-app", "kube-dns")])),
+                    )]),
+                    ports: Some(vec![port(IntOrString::Int(53), "UDP", None)]),
+                },
+                NetworkPolicyEgressRule {
+                    to: Some(vec![NetworkPolicyPeer {
+                        ip_block: Some(IPBlock {
+                            cidr: format!("192.0.{}.0/24", n % 256),
+                            except: Some(vec![format!("192.0.{}.128/25", n % 256)]),
+                        }),
+                        ..Default::default()
+                    }]),
+                    ports: Some(vec![port(IntOrString::Int(443), "TCP", None)]),
+                },
+            ]);
+        }
+        4 => {
+            spec.policy_types = Some(vec!["Egress".into()]);
+            spec.egress = Some(vec![NetworkPolicyEgressRule {
+                to: Some(vec![pod_peer(
+                    Some(LabelSelector {
+                        match_labels: None,
+                        match_expressions: Some(vec![LabelSelectorRequirement {
+                            key: "env".into(),
+                            operator: "In".into(),
+                            values: Some(vec!["prod".into()]),
+                        }]),
+                    }),
+                    None,
+                )]),
+                ports: Some(vec![port(IntOrString::String("http".into()), "TCP", None)]),
+            }]);
+        }
+        _ => {
+            spec.ingress = Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![pod_peer(Some(LabelSelector::default()), None)]),
+                ports: Some(vec![port(IntOrString::Int(30000), "TCP", Some(32767))]),
+            }]);
+        }
+    }
+    spec
+}
+
 /// `namespaces` × `pods_per_ns` pods spread over `nodes` nodes, and `policies_per_ns`
 /// policies in every namespace.
 pub fn cluster(
@@ -112,81 +194,7 @@ pub fn cluster(
     for n in 0..namespaces {
         let ns = format!("ns-{n}");
         for k in 0..policies_per_ns {
-            let app = format!("app-{}", k % 10);
-            let mut spec = NetworkPolicySpec {
-                pod_selector: Some(sel(&[("app", &app)])),
-                ..Default::default()
-            };
-            match k % 6 {
-                0 => {
-                    // Default deny ingress for the namespace.
-                    spec.pod_selector = Some(LabelSelector::default());
-                    spec.policy_types = Some(vec!["Ingress".into()]);
-                }
-                1 => {
-                    spec.ingress = Some(vec![NetworkPolicyIngressRule {
-                        from: Some(vec![pod_peer(None, Some(sel(&[("tier", "front")])))]),
-                        ports: Some(vec![port(IntOrString::String("http".into()), "TCP", None)]),
-                    }]);
-                }
-                2 => {
-                    spec.ingress = Some(vec![NetworkPolicyIngressRule {
-                        from: Some(vec![pod_peer(
-                            Some(sel(&[("team", &format!("team-{}", (n + 1) % 10))])),
-                            Some(sel(&[("app", &format!("app-{}", (k + 1) % 10))])),
-                        )]),
-                        ports: Some(vec![
-                            port(IntOrString::Int(8080), "TCP", Some(8082)),
-                            port(IntOrString::Int(9090), "UDP", None),
-                        ]),
-                    }]);
-                }
-                3 => {
-                    spec.policy_types = Some(vec!["Egress".into()]);
-                    spec.egress = Some(vec![
-                        NetworkPolicyEgressRule {
-                            to: Some(vec![pod_peer(
-                                Some(sel(&[("kubernetes.io/metadata.name", "kube-system")])),
-                                Some(sel(&[("k8s-app", "kube-dns")])),
-                            )]),
-                            ports: Some(vec![port(IntOrString::Int(53), "UDP", None)]),
-                        },
-                        NetworkPolicyEgressRule {
-                            to: Some(vec![NetworkPolicyPeer {
-                                ip_block: Some(IPBlock {
-                                    cidr: format!("192.0.{}.0/24", n % 256),
-                                    except: Some(vec![format!("192.0.{}.128/25", n % 256)]),
-                                }),
-                                ..Default::default()
-                            }]),
-                            ports: Some(vec![port(IntOrString::Int(443), "TCP", None)]),
-                        },
-                    ]);
-                }
-                4 => {
-                    spec.policy_types = Some(vec!["Egress".into()]);
-                    spec.egress = Some(vec![NetworkPolicyEgressRule {
-                        to: Some(vec![pod_peer(
-                            Some(LabelSelector {
-                                match_labels: None,
-                                match_expressions: Some(vec![LabelSelectorRequirement {
-                                    key: "env".into(),
-                                    operator: "In".into(),
-                                    values: Some(vec!["prod".into()]),
-                                }]),
-                            }),
-                            None,
-                        )]),
-                        ports: Some(vec![port(IntOrString::String("http".into()), "TCP", None)]),
-                    }]);
-                }
-                _ => {
-                    spec.ingress = Some(vec![NetworkPolicyIngressRule {
-                        from: Some(vec![pod_peer(Some(LabelSelector::default()), None)]),
-                        ports: Some(vec![port(IntOrString::Int(30000), "TCP", Some(32767))]),
-                    }]);
-                }
-            }
+            let spec = policy_spec(n, k);
             let np = NetworkPolicy {
                 metadata: ObjectMeta {
                     name: Some(format!("pol-{k}")),
