@@ -173,7 +173,15 @@ fn check(fx: &Fixture, ev: &RawEvent, got: Result<Flow, DecodeError>) {
         Some(layer4::Protocol::Sctp(s)) => Some((s.source_port, s.destination_port)),
         _ => None,
     };
+    // Ports the datapath could not read are never reported as ports, and the flow says
+    // why and which protocol it stopped at.
+    let unknown = ev.tuple.l4_unknown != 0;
+    assert_eq!(f.l4_unknown.is_some(), unknown);
+    if let Some(u) = &f.l4_unknown {
+        assert_eq!(u.protocol, u32::from(ev.tuple.proto));
+    }
     match ev.tuple.proto {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP if unknown => assert!(ports.is_none(), "unknown ports reported: {f:?}"),
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
             assert_eq!(ports, Some((ev.tuple.sport as u32, ev.tuple.dport as u32)))
         }
