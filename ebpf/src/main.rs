@@ -1,9 +1,11 @@
 //! flows kernel programs.
 //!
 //! * `flows_from_ep` / `flows_to_ep`: TC (TCX) classifiers on the host side of every pod
-//!   veth. They parse L2-L4, track connections per observation point in an LRU map and
-//!   report each new connection attempt once through a ring buffer. They never change a
-//!   packet's fate: everything returns TC_ACT_OK (enforcement comes with the policy maps).
+//!   veth; `flows_to_net` / `flows_from_net` on the node's uplink. They parse L2-L4, track
+//!   connections per observation point in an LRU map and report each new connection
+//!   attempt once through a ring buffer. Where policy is enforced (`flows_to_ep`,
+//!   `flows_to_net`) they decide it, failing closed: a packet whose ports cannot be read
+//!   is decided as a port no rule names (only rules without ports admit it).
 //! * `flows_kfree_skb`: a tp_btf program on `kfree_skb` that reports kernel drops of
 //!   traffic the TC programs have seen, with the kernel's drop reason.
 #![no_std]
