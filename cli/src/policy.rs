@@ -72,20 +72,26 @@ fn endpoint<'a>(cluster: &'a Cluster, s: &str) -> Result<Endpoint<'a>, String> {
 /// Answers one input line (already known not to be blank).
 pub fn eval_line(cluster: &Cluster, engine: &Engine, line: &str) -> Result<serde_json::Value, String> {
     let a: AttemptLine = serde_json::from_str(line).map_err(|e| format!("not an attempt: {e}"))?;
-    let protocol = Protocol::parse(&a.protocol)
-        .ok_or_else(|| format!("protocol {:?}: expected TCP, UDP or SCTP", a.protocol))?;
-    if a.port == 0 {
+    let protocol = Protocol::from_flow(&a.protocol).ok_or_else(|| {
+        format!(
+            "protocol {:?}: expected TCP, UDP, SCTP, ICMPv4, ICMPv6 or L4-UNKNOWN (ports unreadable, or a protocol without ports)",
+            a.protocol
+        )
+    })?;
+    if protocol.has_ports() && a.port == 0 {
         return Err("port must be 1-65535".into());
     }
+    // Only rules without ports decide the others: their port is no part of it.
+    let port = if protocol.has_ports() { a.port } else { 0 };
     let src = endpoint(cluster, &a.src)?;
     let dst = endpoint(cluster, &a.dst)?;
-    let d = engine.evaluate(cluster, &src, &dst, protocol, a.port);
+    let d = engine.evaluate(cluster, &src, &dst, protocol, port);
     let names = |v: &[flows_policy::PolicyRef]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
     Ok(json!({
         "src": a.src,
         "dst": a.dst,
         "protocol": protocol.as_str(),
-        "port": a.port,
+        "port": port,
         "verdict": if d.allowed { "allow" } else { "deny" },
         "policies": names(&d.deciding()),
         "egress": {

@@ -36,6 +36,8 @@ fn answers_every_line_and_names_bad_ones() {
         r#"{"src": "frontend/frontend", "dst": "kube-system/coredns", "protocol": "UDP", "port": 53}"#,
         r#"{"src": "backend/backend", "dst": "203.0.113.10", "port": 443}"#,
         r#"{"src": "203.0.113.10", "dst": "db/db", "protocol": "SCTP", "port": 80}"#,
+        r#"{"src": "frontend/frontend", "dst": "backend/backend", "protocol": "L4-UNKNOWN", "port": 0}"#,
+        r#"{"src": "frontend/frontend", "dst": "db/db", "protocol": "GRE", "port": 0}"#,
     ]
     .join("\n");
     let mut child = Command::new(env!("CARGO_BIN_EXE_flows"))
@@ -61,7 +63,7 @@ fn answers_every_line_and_names_bad_ones() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect();
-    assert_eq!(lines.len(), 7, "{lines:#?}");
+    assert_eq!(lines.len(), 9, "{lines:#?}");
 
     assert_eq!(lines[0]["verdict"], "allow");
     assert_eq!(
@@ -80,4 +82,9 @@ fn answers_every_line_and_names_bad_ones() {
     assert_eq!(lines[5]["verdict"], "deny", "backend egress is isolated");
     assert_eq!(lines[6]["verdict"], "deny", "db only admits backend");
     assert_eq!(lines[6]["protocol"], "SCTP");
+    // Ports unreadable (or a protocol without them): the seed guide's rules have no
+    // ports, so they decide it as they decide TCP.
+    assert_eq!(lines[7]["verdict"], "allow", "{:?}", lines[7]);
+    assert_eq!(lines[7]["protocol"], "L4-UNKNOWN");
+    assert!(lines[8]["error"].as_str().expect("error").contains("L4-UNKNOWN"), "{:?}", lines[8]);
 }
