@@ -6,6 +6,19 @@ use flows_proto::{Timestamp, timestamp_from_nanos, timestamp_nanos};
 use flows_store::Store;
 use tonic::{Request, Response, Status};
 
+/// A store error as the client's fault (a bad filter) or the store's (unavailable).
+fn status(e: flows_store::StoreError) -> Status {
+    match e {
+        flows_store::StoreError::Filter { .. } => Status::invalid_argument(e.to_string()),
+        e => Status::unavailable(e.to_string()),
+    }
+}
+
+/// How ServerStatus and the History API name the store.
+pub fn backend_name(store: &Store) -> &'static str {
+    if store.is_embedded() { "embedded" } else { "clickhouse" }
+}
+
 fn ns_of(t: &Option<Timestamp>) -> Option<i64> {
     t.as_ref().map(timestamp_nanos)
 }
@@ -30,10 +43,7 @@ impl flows_proto::history_server::History for HistoryService {
             deny: r.deny_list,
             top: r.top,
         };
-        let rows = self.store.audit(&q).await.map_err(|e| match e {
-            flows_store::StoreError::Filter { .. } => Status::invalid_argument(e.to_string()),
-            e => Status::unavailable(e.to_string()),
-        })?;
+        let rows = self.store.audit(&q).await.map_err(status)?;
         let verdict = |v: &str| match v {
             "FORWARDED" => flows_proto::Verdict::Forwarded,
             "DROPPED" => flows_proto::Verdict::Dropped,
@@ -62,7 +72,7 @@ impl flows_proto::history_server::History for HistoryService {
             .collect();
         Ok(Response::new(flows_proto::AuditResponse {
             groups,
-            backend: if self.store.is_embedded() { "embedded" } else { "clickhouse" }.into(),
+            backend: backend_name(&self.store).into(),
         }))
     }
 
@@ -81,11 +91,8 @@ impl flows_proto::history_server::History for HistoryService {
             allow: r.allow_list,
             deny: r.deny_list,
         };
-        let rows = self.store.attempts(&q).await.map_err(|e| match e {
-            flows_store::StoreError::Filter { .. } => Status::invalid_argument(e.to_string()),
-            e => Status::unavailable(e.to_string()),
-        })?;
-        let backend: String = if self.store.is_embedded() { "embedded" } else { "clickhouse" }.into();
+        let rows = self.store.attempts(&q).await.map_err(status)?;
+        let backend: String = backend_name(&self.store).into();
         let groups: Vec<flows_proto::AttemptGroup> = rows.into_iter().map(flows_store::AttemptRow::into_proto).collect();
         // Batches keep each message far below gRPC's size limit.
         const BATCH: usize = 2_000;

@@ -92,7 +92,7 @@ impl Observer for RelayService {
         if let (Some(store), Some(sink)) = (&self.merger.store, &self.sink) {
             use std::sync::atomic::Ordering::Relaxed;
             out.store = Some(flows_proto::StoreStatus {
-                backend: if store.is_embedded() { "embedded" } else { "clickhouse" }.into(),
+                backend: crate::history::backend_name(store).into(),
                 rows_written: sink.written.load(Relaxed),
                 rows_lost: sink.lost.load(Relaxed),
                 rows_buffered: sink.buffered.load(Relaxed),

@@ -304,7 +304,7 @@ async fn with_stored(
                 let msg = format!(
                     "{} flows from the store ({}), which reaches further back than the nodes' rings",
                     fresh.len(),
-                    if store.is_embedded() { "embedded" } else { "clickhouse" },
+                    crate::history::backend_name(store),
                 );
                 out.push(GetFlowsResponse {
                     time: first,
