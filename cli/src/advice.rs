@@ -130,11 +130,8 @@ fn load_cluster(h: &HistoryArgs) -> anyhow::Result<ClusterContext> {
         if !dir.is_dir() {
             bail!("no cluster: give --manifests (pods, namespaces, policies), or start the lab");
         }
-        let mut p = vec![dir.clone()];
-        if dir.join("policies").is_dir() {
-            p.push(dir.join("policies"));
-        }
-        p
+        // The lab's policies are in a subdirectory, which the listing includes.
+        vec![dir]
     } else {
         h.manifests.clone()
     };

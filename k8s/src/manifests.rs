@@ -2,11 +2,9 @@
 //! example the lab's `00-cluster.yaml`, or `kubectl get pods,services,nodes,replicasets
 //! -A -o yaml` saved from a cluster).
 
-use std::{
-    path::{Path, PathBuf},
-    time::SystemTime,
-};
+use std::path::{Path, PathBuf};
 
+use flows_manifest_files::{ListError, ManifestFile};
 use flows_policy::load::{self, LoadError};
 
 use crate::index::{Cidr, ClusterIndex, Object};
@@ -15,12 +13,8 @@ use crate::index::{Cidr, ClusterIndex, Object};
 pub enum ManifestError {
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("reading {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("reading manifests: {0}")]
+    Files(#[from] ListError),
 }
 
 /// The objects of one text that the index takes, in order; other kinds are skipped.
@@ -50,47 +44,16 @@ pub fn objects(source: &str, text: &str) -> Result<Vec<Object>, LoadError> {
     Ok(out)
 }
 
-/// `*.yaml`, `*.yml` and `*.json` files in a directory (or the one file given), in name
-/// order, with the newest modification time among them.
-fn files(path: &Path) -> Result<(Vec<PathBuf>, Option<SystemTime>), ManifestError> {
-    let io = |source| ManifestError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    let mut list = Vec::new();
-    if meta.is_dir() {
-        for e in std::fs::read_dir(path).map_err(io)? {
-            let p = e.map_err(io)?.path();
-            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-            let hidden = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
-            if !hidden && matches!(ext, "yaml" | "yml" | "json") {
-                list.push(p);
-            }
-        }
-        list.sort();
-    } else {
-        list.push(path.to_path_buf());
-    }
-    let mut newest = meta.modified().ok();
-    for p in &list {
-        if let Ok(t) = std::fs::metadata(p).and_then(|m| m.modified()) {
-            newest = newest.max(Some(t));
-        }
-    }
-    Ok((list, newest))
+/// Builds an index from every manifest under `path` (the files
+/// `flows_manifest_files::list` names).
+pub fn read(path: &Path, cluster_cidrs: Vec<Cidr>) -> Result<ClusterIndex, ManifestError> {
+    index_of(&flows_manifest_files::list(&[path.to_path_buf()])?, cluster_cidrs)
 }
 
-/// Builds an index from every manifest under `path`.
-pub fn read(path: &Path, cluster_cidrs: Vec<Cidr>) -> Result<ClusterIndex, ManifestError> {
-    let (list, _) = files(path)?;
+fn index_of(files: &[ManifestFile], cluster_cidrs: Vec<Cidr>) -> Result<ClusterIndex, ManifestError> {
     let mut index = ClusterIndex::new(cluster_cidrs);
-    for p in list {
-        let text = std::fs::read_to_string(&p).map_err(|source| ManifestError::Io {
-            path: p.clone(),
-            source,
-        })?;
-        for o in objects(&p.display().to_string(), &text)? {
+    for (name, text) in flows_manifest_files::read(files)? {
+        for o in objects(&name, &text)? {
             index.apply(o);
         }
     }
@@ -101,7 +64,8 @@ pub fn read(path: &Path, cluster_cidrs: Vec<Cidr>) -> Result<ClusterIndex, Manif
 pub struct ManifestSource {
     path: PathBuf,
     cidrs: Vec<Cidr>,
-    seen: Option<SystemTime>,
+    /// The files last read, so any change (added, removed, rewritten) reloads.
+    seen: Option<Vec<ManifestFile>>,
 }
 
 impl ManifestSource {
@@ -116,12 +80,12 @@ impl ManifestSource {
     /// A fresh index when the files changed since the last call; `Ok(None)` when not.
     /// On error the caller keeps the index it has.
     pub fn reload(&mut self) -> Result<Option<ClusterIndex>, ManifestError> {
-        let (_, newest) = files(&self.path)?;
-        if self.seen.is_some() && newest == self.seen {
+        let files = flows_manifest_files::list(std::slice::from_ref(&self.path))?;
+        if self.seen.as_ref() == Some(&files) {
             return Ok(None);
         }
-        let index = read(&self.path, self.cidrs.clone())?;
-        self.seen = newest;
+        let index = index_of(&files, self.cidrs.clone())?;
+        self.seen = Some(files);
         Ok(Some(index))
     }
 }

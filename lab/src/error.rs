@@ -14,6 +14,10 @@ pub enum LabError {
         error: std::io::Error,
     },
 
+    /// Listing the manifest files of the paths given.
+    #[error("{error}")]
+    Files { error: flows_manifest_files::ListError },
+
     /// YAML that is not YAML (syntax), before any object could be read.
     #[error("{file}: {message}")]
     Yaml { file: PathBuf, message: String },

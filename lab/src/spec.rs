@@ -83,7 +83,7 @@ pub struct ServiceIn {
     pub origin: Origin,
 }
 
-/// Reads files and directories (their *.yaml / *.yml, sorted by name, not recursive).
+/// Reads files and directories (their manifests, as `expand_paths` lists them).
 pub fn load_paths(paths: &[PathBuf]) -> Result<Input, LabError> {
     let mut input = Input::default();
     for file in expand_paths(paths)? {
@@ -94,39 +94,20 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Input, LabError> {
     Ok(input)
 }
 
-/// The files `load_paths` reads, in the order it reads them.
+/// The files `load_paths` reads, in the order it reads them (`flows_manifest_files`'s
+/// rule); a directory without manifests is an error, as it is surely a wrong path.
 pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LabError> {
     let mut files = Vec::new();
     for path in paths {
-        let meta = std::fs::metadata(path).map_err(|e| LabError::io(path, e))?;
-        if meta.is_dir() {
-            let mut found = Vec::new();
-            let entries = std::fs::read_dir(path).map_err(|e| LabError::io(path, e))?;
-            for entry in entries {
-                let entry = entry.map_err(|e| LabError::io(path, e))?;
-                let p = entry.path();
-                let is_yaml = matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("yaml") | Some("yml")
-                );
-                if is_yaml && p.is_file() {
-                    found.push(p);
-                }
-            }
-            if found.is_empty() {
-                return Err(LabError::io(
-                    path,
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "directory has no *.yaml or *.yml files",
-                    ),
-                ));
-            }
-            found.sort();
-            files.extend(found);
-        } else {
-            files.push(path.clone());
+        let found = flows_manifest_files::list(std::slice::from_ref(path))
+            .map_err(|error| LabError::Files { error })?;
+        if found.is_empty() {
+            return Err(LabError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "directory has no *.yaml, *.yml or *.json files"),
+            ));
         }
+        files.extend(found.into_iter().map(|f| f.path));
     }
     Ok(files)
 }

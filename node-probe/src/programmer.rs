@@ -2,13 +2,9 @@
 //! change, compiled into this node's datapath state and programmed into the maps. Bad
 //! manifests are reported and the policy in force stays.
 
-use std::{
-    os::unix::fs::MetadataExt,
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
+use flows_manifest_files::ManifestFile;
 use flows_parser::{EndpointIndex, PolicySets};
 use flows_policy::{
     Manifests,
@@ -25,26 +21,10 @@ pub struct PolicyProgrammer {
     maps: PolicyMaps,
     sets: PolicySets,
     alloc: IdentityAllocator,
-    /// (path, length, modification time) of every manifest last read.
-    signature: Vec<(PathBuf, u64, i64, i64)>,
+    /// Every manifest last read, with its length and modification time.
+    signature: Vec<ManifestFile>,
     node: String,
     default_mode: Mode,
-}
-
-fn manifest_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
-    let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            manifest_files(&p, out);
-        } else if p
-            .extension()
-            .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
-        {
-            out.push(p);
-        }
-    }
 }
 
 impl PolicyProgrammer {
@@ -82,16 +62,15 @@ impl PolicyProgrammer {
         self.sync(dir);
     }
 
-    fn signature(dir: &std::path::Path) -> Vec<(PathBuf, u64, i64, i64)> {
-        let mut files = Vec::new();
-        manifest_files(dir, &mut files);
-        files
-            .into_iter()
-            .filter_map(|p| {
-                let m = std::fs::metadata(&p).ok()?;
-                Some((p, m.len(), m.mtime(), m.mtime_nsec()))
-            })
-            .collect()
+    /// The manifests now in `dir`; none while it cannot be listed (it may not exist yet).
+    fn signature(dir: &std::path::Path) -> Vec<ManifestFile> {
+        match flows_manifest_files::list(&[dir.to_path_buf()]) {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::debug!(error = %e, "listing manifests");
+                Vec::new()
+            }
+        }
     }
 
     /// Re-reads the manifests if any changed. Bad manifests are reported and the policy
@@ -106,17 +85,14 @@ impl PolicyProgrammer {
         self.stats.policy_read(u64::from(self.maps.revision()));
     }
 
-    fn read(&mut self, sig: &[(PathBuf, u64, i64, i64)]) {
-        let mut texts = Vec::new();
-        for (p, ..) in sig {
-            match std::fs::read_to_string(p) {
-                Ok(t) => texts.push((p.display().to_string(), t)),
-                Err(e) => {
-                    tracing::warn!(path = %p.display(), error = %e, "reading manifest; policy unchanged");
-                    return;
-                }
+    fn read(&mut self, sig: &[ManifestFile]) {
+        let texts = match flows_manifest_files::read(sig) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading manifest; policy unchanged");
+                return;
             }
-        }
+        };
         let m = match Manifests::parse(texts.iter().map(|(n, t)| (n.as_str(), t.as_str()))) {
             Ok(m) => m,
             Err(e) => {

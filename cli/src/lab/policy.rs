@@ -93,6 +93,12 @@ fn apply(dir: &Path, paths: &[PathBuf]) -> anyhow::Result<()> {
         texts.push((f.clone(), t));
     }
     Manifests::parse(texts.iter().map(|(n, t)| (n.to_str().unwrap_or("?"), t.as_str())))?;
+    let mut names = std::collections::BTreeSet::new();
+    for (f, _) in &texts {
+        if !names.insert(f.file_name()) {
+            bail!("two files named {}: the lab keeps policies by file name", f.display());
+        }
+    }
     let pd = policies_dir(dir);
     std::fs::create_dir_all(&pd)?;
     for (f, t) in &texts {
