@@ -2,9 +2,14 @@
 //! relay's Kubernetes index implements them; so can a test or an offline reader), and the
 //! split of a filter between what a node can apply and what needs the annotation.
 
-use std::net::IpAddr;
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
 
-use flows_proto::{Endpoint, Flow, FlowFilter, Service};
+use flows_policy::{Cluster, compile::SetTable};
+use flows_proto::{Endpoint, Flow, FlowFilter, Policy, Service};
 
 /// Who holds an address: a pod, a node, or the world. `None` when it is not known.
 /// The label of addresses outside the cluster that name nothing else.
@@ -19,6 +24,78 @@ pub trait EndpointGetter {
 /// The Service whose address this is.
 pub trait ServiceGetter {
     fn service(&self, ip: IpAddr) -> Option<Service>;
+}
+
+/// The policies of a set the datapath numbered (the decoder names a verdict's policies
+/// through it).
+pub trait PolicySetGetter {
+    fn policy_set(&self, id: u32) -> Vec<Policy>;
+}
+
+/// Pods by address, as a node reads them from its manifests.
+impl EndpointGetter for HashMap<IpAddr, Endpoint> {
+    fn endpoint(&self, ip: IpAddr) -> Option<Endpoint> {
+        self.get(&ip).cloned()
+    }
+}
+
+/// The sets a policy compile numbered.
+impl PolicySetGetter for SetTable {
+    fn policy_set(&self, id: u32) -> Vec<Policy> {
+        self.get(id)
+            .iter()
+            .map(|p| Policy {
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                kind: "NetworkPolicy".into(),
+                labels: Vec::new(),
+            })
+            .collect()
+    }
+}
+
+// Shared, replaceable lookups: a node swaps what is behind the lock when its manifests
+// change, while the decoder reads through it. A poisoned lock names nothing.
+impl<T: EndpointGetter + ?Sized> EndpointGetter for Arc<T> {
+    fn endpoint(&self, ip: IpAddr) -> Option<Endpoint> {
+        (**self).endpoint(ip)
+    }
+}
+
+impl<T: EndpointGetter + ?Sized> EndpointGetter for RwLock<T> {
+    fn endpoint(&self, ip: IpAddr) -> Option<Endpoint> {
+        self.read().ok()?.endpoint(ip)
+    }
+}
+
+impl<T: PolicySetGetter + ?Sized> PolicySetGetter for Arc<T> {
+    fn policy_set(&self, id: u32) -> Vec<Policy> {
+        (**self).policy_set(id)
+    }
+}
+
+impl<T: PolicySetGetter + ?Sized> PolicySetGetter for RwLock<T> {
+    fn policy_set(&self, id: u32) -> Vec<Policy> {
+        self.read().map(|t| t.policy_set(id)).unwrap_or_default()
+    }
+}
+
+/// A cluster's pods by address, as a node names a flow's ends from its manifests.
+pub fn endpoints_of(cluster: &Cluster) -> HashMap<IpAddr, Endpoint> {
+    cluster
+        .pods()
+        .iter()
+        .flat_map(|p| {
+            let ep = Endpoint {
+                namespace: p.namespace.clone(),
+                pod_name: p.name.clone(),
+                labels: p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                node_name: p.node.clone().unwrap_or_default(),
+                ..Default::default()
+            };
+            p.ips.iter().map(move |ip| (*ip, ep.clone()))
+        })
+        .collect()
 }
 
 /// Fills both endpoints and services from the getters. What the getters know replaces
@@ -103,7 +180,6 @@ mod tests {
     use super::*;
     use crate::FilterSet;
     use flows_proto::{Ip, IpVersion, Verdict, Workload};
-    use std::collections::HashMap;
 
     struct Map(HashMap<IpAddr, Endpoint>, HashMap<IpAddr, Service>);
     impl EndpointGetter for Map {

@@ -23,9 +23,7 @@ use flows_common::{
     POLICY_INGRESS_ALLOWED, POLICY_INGRESS_EVALUATED, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
     PROTO_UDP, RAW_EVENT_SIZE, RawEvent, VERDICT_DENIED,
 };
-use flows_parser::{
-    Clock, DecodeError, Decoder, EndpointIndex, POLICY_DENIED, PolicySets,
-};
+use flows_parser::{Clock, DecodeError, Decoder, POLICY_DENIED};
 use flows_policy::{
     Manifests,
     compile::{IdentityAllocator, Mode, NodeView, SetTable, compile_datapath},
@@ -94,9 +92,7 @@ fn fixture() -> &'static Fixture {
         );
         assert!(state.sets.len() > 1, "the fixture names some policy sets");
         // The probe's own naming of pods by address.
-        let endpoints = flows_parser::endpoints_of(&m.cluster);
-        let sets: PolicySets = Arc::new(RwLock::new(state.sets.clone()));
-        let index: EndpointIndex = Arc::new(RwLock::new(Arc::new(endpoints)));
+        let endpoints = flows_flow::enrich::endpoints_of(&m.cluster);
         let ifnames = Arc::new(RwLock::new(HashMap::from([(7, "fl00000001".to_string()), (9, String::new())])));
         let decoder = Decoder::new(
             "node-1".into(),
@@ -105,8 +101,8 @@ fn fixture() -> &'static Fixture {
             // A fixed realtime-monotonic offset (late 2023): results do not depend on the host.
             Clock::fixed(1_700_000_000_000_000_000),
         )
-        .with_policy_sets(sets)
-        .with_endpoints(index);
+        .with_policy_sets(Arc::new(state.sets.clone()))
+        .with_endpoints(Arc::new(endpoints));
         Fixture { decoder, sets: state.sets }
     })
 }

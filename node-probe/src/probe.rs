@@ -19,12 +19,12 @@ use tokio::{
 use flows_metrics::Metrics;
 use flows_policy::compile::{Mode, SetTable};
 
-use flows_parser::{Clock, Decoder, EndpointIndex, IfNames, PolicySets};
+use flows_parser::{Clock, Decoder, IfNames};
 
 use crate::{
     datapath::{CountersMap, Datapath, DatapathConfig, DatapathError, DatapathMaps, EventsMap, read_counters},
     ifaces::{IfaceSelector, list_veths},
-    programmer::{PolicyProgrammer, watch_policy},
+    programmer::{PolicyProgrammer, SharedEndpoints, SharedSets, watch_policy},
     ring::{Entry, FlowRing, RingError},
     server::ObserverService,
     stats::ProbeStats,
@@ -138,8 +138,8 @@ pub async fn run(
         counters,
         policy,
     } = maps;
-    let sets: PolicySets = Arc::new(RwLock::new(SetTable::new()));
-    let endpoints: EndpointIndex = Arc::new(RwLock::new(Arc::new(HashMap::new())));
+    let sets: SharedSets = Arc::new(RwLock::new(SetTable::new()));
+    let endpoints: SharedEndpoints = Arc::new(RwLock::new(Arc::new(HashMap::new())));
     let decoder = Decoder::new(
         cfg.node_name.clone(),
         ifnames.clone(),

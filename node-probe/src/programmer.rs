@@ -2,24 +2,36 @@
 //! change, compiled into this node's datapath state and programmed into the maps. Bad
 //! manifests are reported and the policy in force stays.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use flows_manifest_files::ManifestFile;
-use flows_parser::{EndpointIndex, PolicySets};
 use flows_policy::{
     Manifests,
-    compile::{IdentityAllocator, Mode, NodeView, compile_datapath},
+    compile::{IdentityAllocator, Mode, NodeView, SetTable, compile_datapath},
 };
 use tokio::sync::watch;
 
 use crate::{datapath::PolicyMaps, stats::ProbeStats};
 
+/// The policy sets the programmer writes and the decoder reads (names first, so events
+/// that reference a new set find it).
+pub type SharedSets = Arc<RwLock<SetTable>>;
+
+/// Pods by address from the manifests, replaced whole on a change; the decoder reads them.
+pub type SharedEndpoints = Arc<RwLock<Arc<HashMap<IpAddr, flows_proto::Endpoint>>>>;
+
 /// Reads the manifests, compiles this node's policy state and programs the maps.
 pub struct PolicyProgrammer {
     stats: Arc<ProbeStats>,
-    endpoints: EndpointIndex,
+    endpoints: SharedEndpoints,
     maps: PolicyMaps,
-    sets: PolicySets,
+    sets: SharedSets,
     alloc: IdentityAllocator,
     /// Every manifest last read, with its length and modification time.
     signature: Vec<ManifestFile>,
@@ -30,9 +42,9 @@ pub struct PolicyProgrammer {
 impl PolicyProgrammer {
     pub fn new(
         stats: Arc<ProbeStats>,
-        endpoints: EndpointIndex,
+        endpoints: SharedEndpoints,
         maps: PolicyMaps,
-        sets: PolicySets,
+        sets: SharedSets,
         node: String,
         default_mode: Mode,
     ) -> PolicyProgrammer {
@@ -100,7 +112,7 @@ impl PolicyProgrammer {
                 return;
             }
         };
-        let index = flows_parser::endpoints_of(&m.cluster);
+        let index = flows_flow::enrich::endpoints_of(&m.cluster);
         if let Ok(mut e) = self.endpoints.write() {
             *e = Arc::new(index);
         }

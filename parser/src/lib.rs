@@ -19,7 +19,7 @@ use flows_common::{
     TCP_ECE, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, TCP_URG, VERDICT_ALLOWED, VERDICT_AUDIT,
     VERDICT_DENIED,
 };
-use flows_policy::compile::SetTable;
+use flows_flow::enrich::{EndpointGetter, PolicySetGetter};
 use flows_proto::{
     EventType, Flow, Icmpv4, Icmpv6, Interface, Ip, IpVersion, L4Unknown, L4UnknownReason, Layer4,
     ObservationPoint, Policy,
@@ -80,29 +80,13 @@ fn l4_unknown(reason: u8, proto: u8) -> Option<L4Unknown> {
 /// Drop reason of connections denied by NetworkPolicy in enforce mode.
 pub const POLICY_DENIED: &str = "POLICY_DENIED";
 
-/// Policy sets by id, shared with the policy programmer (ids are stable; the table grows).
-pub type PolicySets = Arc<RwLock<SetTable>>;
+/// How the decoder names policy sets (`flows_flow::enrich::PolicySetGetter`), shared with
+/// whoever programs the policy.
+pub type PolicySets = Arc<dyn PolicySetGetter + Send + Sync>;
 
-/// Pods by address, from the manifests the probe watches (replaced whole on a change).
-pub type EndpointIndex = Arc<RwLock<Arc<HashMap<IpAddr, flows_proto::Endpoint>>>>;
-
-/// The pods of a cluster by address, as the decoder names a flow's ends from them.
-pub fn endpoints_of(cluster: &flows_policy::Cluster) -> HashMap<IpAddr, flows_proto::Endpoint> {
-    cluster
-        .pods()
-        .iter()
-        .flat_map(|p| {
-            let ep = flows_proto::Endpoint {
-                namespace: p.namespace.clone(),
-                pod_name: p.name.clone(),
-                labels: p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-                node_name: p.node.clone().unwrap_or_default(),
-                ..Default::default()
-            };
-            p.ips.iter().map(move |ip| (*ip, ep.clone()))
-        })
-        .collect()
-}
+/// How the decoder names a flow's ends (`flows_flow::enrich::EndpointGetter`), shared with
+/// whoever reads the manifests.
+pub type Endpoints = Arc<dyn EndpointGetter + Send + Sync>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -152,6 +136,15 @@ fn clock_ns(id: libc::clockid_t) -> i128 {
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
 
+/// Names no policy set: a decoder before any policy is known.
+struct NoPolicySets;
+
+impl PolicySetGetter for NoPolicySets {
+    fn policy_set(&self, _: u32) -> Vec<Policy> {
+        Vec::new()
+    }
+}
+
 /// Interface names by index, shared with the interface watcher.
 pub type IfNames = Arc<RwLock<HashMap<u32, String>>>;
 
@@ -159,7 +152,7 @@ pub struct Decoder {
     node_name: String,
     ifnames: IfNames,
     sets: PolicySets,
-    endpoints: EndpointIndex,
+    endpoints: Endpoints,
     drop_reasons: HashMap<u32, String>,
     clock: Clock,
 }
@@ -174,38 +167,27 @@ impl Decoder {
         Decoder {
             node_name,
             ifnames,
-            sets: Arc::new(RwLock::new(SetTable::new())),
-            endpoints: Arc::new(RwLock::new(Arc::new(HashMap::new()))),
+            sets: Arc::new(NoPolicySets),
+            endpoints: Arc::new(HashMap::<IpAddr, flows_proto::Endpoint>::new()),
             drop_reasons,
             clock,
         }
     }
 
-    /// Names policy sets from this table (shared with the policy programmer).
+    /// Names policy sets through this getter (shared with the policy programmer).
     pub fn with_policy_sets(mut self, sets: PolicySets) -> Decoder {
         self.sets = sets;
         self
     }
 
-    /// Names endpoints from this index (shared with the manifest reader).
-    pub fn with_endpoints(mut self, endpoints: EndpointIndex) -> Decoder {
+    /// Names endpoints through this getter (shared with the manifest reader).
+    pub fn with_endpoints(mut self, endpoints: Endpoints) -> Decoder {
         self.endpoints = endpoints;
         self
     }
 
     fn policies(&self, set: u32) -> Vec<Policy> {
-        let Ok(t) = self.sets.read() else {
-            return Vec::new();
-        };
-        t.get(set)
-            .iter()
-            .map(|p| Policy {
-                name: p.name.clone(),
-                namespace: p.namespace.clone(),
-                kind: "NetworkPolicy".into(),
-                labels: Vec::new(),
-            })
-            .collect()
+        self.sets.policy_set(set)
     }
 
     /// (allowed by, denied by) for one side of a policy decision.
@@ -306,10 +288,7 @@ impl Decoder {
         };
         let (ingress_allowed_by, ingress_denied_by) = self.side(raw, POLICY_INGRESS_EVALUATED, POLICY_INGRESS_ALLOWED, raw.ingress_set);
         let (egress_allowed_by, egress_denied_by) = self.side(raw, POLICY_EGRESS_EVALUATED, POLICY_EGRESS_ALLOWED, raw.egress_set);
-        let (source, destination) = match self.endpoints.read() {
-            Ok(ix) => (ix.get(&src).cloned(), ix.get(&dst).cloned()),
-            Err(_) => (None, None),
-        };
+        let (source, destination) = (self.endpoints.endpoint(src), self.endpoints.endpoint(dst));
         Ok(Flow {
             source,
             destination,
