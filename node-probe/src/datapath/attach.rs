@@ -1,101 +1,32 @@
-//! Loading and attaching the eBPF datapath. The only module that speaks to aya.
-//!
-//! The programs are loaded and attached on a dedicated thread that has joined the
-//! node's network namespace (in the lab, each simulated node is a namespace; on a real
-//! node it is the host's), because interface names and TCX attachment resolve in the
-//! caller's namespace. The thread owns the `Ebpf` object: attachments live exactly as
-//! long as it does, and TCX links are released by the kernel if the process dies.
+//! The datapath thread: it joins the node's network namespace (in the lab, each
+//! simulated node is a namespace; on a real node it is the host's), because interface
+//! names and TCX attachment resolve in the caller's namespace, and owns the `Ebpf`
+//! object: attachments live exactly as long as it does, and TCX links are released by
+//! the kernel if the process dies, unless they are pinned.
 
-use std::{
-    collections::HashMap,
-    os::fd::AsFd,
-    path::PathBuf,
-    sync::mpsc,
-    thread::JoinHandle,
-};
+use std::{collections::HashMap, os::fd::AsFd, path::PathBuf, sync::mpsc, thread::JoinHandle};
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf,
-        lpm_trie::{Key, LpmTrie},
-    },
+    Ebpf,
+    maps::HashMap as BpfHashMap,
     programs::{
         BtfTracePoint, SchedClassifier, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{SchedClassifierLinkId, TcAttachOptions},
     },
 };
-use flows_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointValue, KernelOffsets,
-    MODE_AUDIT, MODE_ENFORCE, MODE_OFF, POLICY_KEY_FIXED_BITS, PolicyKey, counter,
+use flows_common::KernelOffsets;
+
+use crate::{
+    btf::Btf,
+    datapath::{
+        error::{DatapathError, map_err, prog_err},
+        load::{
+            DatapathMaps, PROG_FROM_ENDPOINT, PROG_FROM_NETWORK, PROG_KFREE_SKB, PROG_TO_ENDPOINT,
+            PROG_TO_NETWORK, classifier, load_object, take_maps,
+        },
+    },
 };
-use flows_policy::compile::{DatapathState, Direction, Mode};
-
-use crate::btf::Btf;
-
-/// The eBPF object built by aya-build from the `flows-ebpf` crate.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flows-ebpf"));
-
-pub const PROG_FROM_ENDPOINT: &str = "flows_from_ep";
-pub const PROG_TO_ENDPOINT: &str = "flows_to_ep";
-pub const PROG_KFREE_SKB: &str = "flows_kfree_skb";
-pub const PROG_TO_NETWORK: &str = "flows_to_net";
-pub const PROG_FROM_NETWORK: &str = "flows_from_net";
-/// An empty classifier: the baseline of the cost benchmarks.
-pub const PROG_BENCH_NOP: &str = "flows_bench_nop";
-
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    #[error("loading the eBPF object: {0}")]
-    Load(#[source] Box<aya::EbpfError>),
-    #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        #[source]
-        source: Box<aya::programs::ProgramError>,
-    },
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: Box<aya::maps::MapError>,
-    },
-    #[error("pinning {path}: {detail}")]
-    Pin { path: PathBuf, detail: String },
-    #[error("map {name} is missing from the eBPF object")]
-    MissingMap { name: &'static str },
-    #[error("attaching to {ifname}: {source}")]
-    Attach {
-        ifname: String,
-        #[source]
-        source: Box<aya::programs::ProgramError>,
-    },
-    #[error("entering network namespace {path}: {source}")]
-    Netns {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("kernel BTF: {0}")]
-    Btf(#[from] crate::btf::BtfError),
-    #[error("the datapath thread has stopped")]
-    Stopped,
-}
-
-fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
-    move |e| DatapathError::Program {
-        name,
-        source: Box::new(e),
-    }
-}
-
-fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
-    move |e| DatapathError::Map {
-        name,
-        source: Box::new(e),
-    }
-}
 
 pub struct DatapathConfig {
     /// Network namespace to attach in (a file such as /run/netns/NAME); None: our own.
@@ -115,16 +46,6 @@ pub struct DatapathConfig {
     /// had, and the next probe takes each interface over atomically (its program
     /// attached first, then the old link removed). None: links end with the process.
     pub pin_dir: Option<PathBuf>,
-}
-
-pub type EventsMap = RingBuf<MapData>;
-pub type CountersMap = PerCpuArray<MapData, u64>;
-
-/// Maps that user space reads or programs, handed out once the datapath is loaded.
-pub struct DatapathMaps {
-    pub events: EventsMap,
-    pub counters: CountersMap,
-    pub policy: PolicyMaps,
 }
 
 enum Cmd {
@@ -577,65 +498,6 @@ impl DatapathThread {
     }
 }
 
-/// Takes the maps user space reads out of the loaded object.
-fn take_maps(ebpf: &mut Ebpf) -> Result<DatapathMaps, DatapathError> {
-    let events = RingBuf::try_from(
-        ebpf.take_map("EVENTS")
-            .ok_or(DatapathError::MissingMap { name: "EVENTS" })?,
-    )
-    .map_err(map_err("EVENTS"))?;
-    let counters = PerCpuArray::try_from(
-        ebpf.take_map("COUNTERS")
-            .ok_or(DatapathError::MissingMap { name: "COUNTERS" })?,
-    )
-    .map_err(map_err("COUNTERS"))?;
-    let take = |ebpf: &mut Ebpf, name: &'static str| {
-        ebpf.take_map(name).ok_or(DatapathError::MissingMap { name })
-    };
-    let policy = PolicyMaps {
-        ipcache: LpmTrie::try_from(take(ebpf, "IPCACHE")?).map_err(map_err("IPCACHE"))?,
-        endpoints: BpfHashMap::try_from(take(ebpf, "ENDPOINTS")?).map_err(map_err("ENDPOINTS"))?,
-        policy: LpmTrie::try_from(take(ebpf, "POLICY")?).map_err(map_err("POLICY"))?,
-        rev: Array::try_from(take(ebpf, "POLICY_REV")?).map_err(map_err("POLICY_REV"))?,
-        current: DatapathState::default(),
-        revision: 0,
-    };
-    Ok(DatapathMaps {
-        events,
-        counters,
-        policy,
-    })
-}
-
-/// Loads the object with the globals the kernel programs read.
-fn load_object(
-    offsets: KernelOffsets,
-    drop_netns_filter: bool,
-    tc_drop_reasons: (u32, u32),
-) -> Result<Ebpf, DatapathError> {
-    let filter = u32::from(drop_netns_filter);
-    EbpfLoader::new()
-        .override_global("OFFSETS", &offsets, true)
-        .override_global("DROP_NETNS_FILTER", &filter, true)
-        .override_global("DROP_REASON_TC_INGRESS", &tc_drop_reasons.0, true)
-        .override_global("DROP_REASON_TC_EGRESS", &tc_drop_reasons.1, true)
-        .load(EBPF_OBJECT)
-        .map_err(|e| DatapathError::Load(Box::new(e)))
-}
-
-fn classifier<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut SchedClassifier, DatapathError> {
-    ebpf.program_mut(name)
-        .ok_or(DatapathError::Program {
-            name,
-            source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
-        })?
-        .try_into()
-        .map_err(prog_err(name))
-}
-
 fn enter_netns(path: &PathBuf) -> Result<(), DatapathError> {
     let err = |source| DatapathError::Netns {
         path: path.clone(),
@@ -645,18 +507,6 @@ fn enter_netns(path: &PathBuf) -> Result<(), DatapathError> {
     nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| err(std::io::Error::from(e)))?;
     Ok(())
-}
-
-/// Sums the per-CPU datapath counters.
-pub fn read_counters(
-    counters: &CountersMap,
-) -> Result<[u64; counter::COUNT as usize], DatapathError> {
-    let mut out = [0u64; counter::COUNT as usize];
-    for (i, slot) in out.iter_mut().enumerate() {
-        let values = counters.get(&(i as u32), 0).map_err(map_err("COUNTERS"))?;
-        *slot = values.iter().sum();
-    }
-    Ok(out)
 }
 
 /// Names of programs attached through TCX to an interface in the current namespace.
@@ -692,286 +542,4 @@ pub fn remove_stale_filters(ifname: &str) -> usize {
         }
     }
     removed
-}
-
-/// Per-packet cost of the TC programs, measured with BPF_PROG_TEST_RUN.
-#[derive(Debug, Clone, Copy)]
-pub struct PacketCost {
-    /// Mean nanoseconds per run of the empty baseline program.
-    pub nop_ns: f64,
-    /// Mean nanoseconds per run of `flows_from_ep` on a new connection (a SYN with a
-    /// fresh tuple: conntrack insert, drop-watch insert, ring buffer event).
-    pub syn_ns: f64,
-    /// Same for a packet of a tracked connection (conntrack hit, no event).
-    pub established_ns: f64,
-    /// Same for the empty program run the way `syn_ns` is (one packet per syscall).
-    pub nop_single_ns: f64,
-}
-
-/// Measures [`PacketCost`]: `syn` runs one syscall per packet (each with a new source
-/// port, so each is a new attempt); the others repeat one packet `repeat` times.
-pub fn measure_packet_cost(
-    syn: impl Fn(u16) -> Vec<u8>,
-    established: &[u8],
-    syns: u16,
-    repeat: u32,
-) -> Result<PacketCost, DatapathError> {
-    let mut h = TestHarness::new()?;
-    let mut syn_total = 0.0;
-    let mut nop_single_total = 0.0;
-    for i in 0..syns {
-        let pkt = syn(10_000 + i);
-        syn_total += h.run_program(PROG_FROM_ENDPOINT, &pkt, 1)?.1;
-        nop_single_total += h.run_program(PROG_BENCH_NOP, &pkt, 1)?.1;
-    }
-    // Prime the conntrack entry, then measure hits.
-    h.run_program(PROG_FROM_ENDPOINT, established, 1)?;
-    let established_ns = h.run_program(PROG_FROM_ENDPOINT, established, repeat)?.1;
-    let nop_ns = h.run_program(PROG_BENCH_NOP, established, repeat)?.1;
-    Ok(PacketCost {
-        nop_ns,
-        syn_ns: syn_total / syns as f64,
-        established_ns,
-        nop_single_ns: nop_single_total / syns as f64,
-    })
-}
-
-/// The TC programs loaded on their own, driven with BPF_PROG_TEST_RUN: crafted packets
-/// in, the events and counters they produce out. For tests and benchmarks; attaches
-/// nothing. Each harness has its own maps, so tests do not see each other's state.
-pub struct TestHarness {
-    ebpf: Ebpf,
-    events: EventsMap,
-    counters: CountersMap,
-    policy: PolicyMaps,
-}
-
-impl TestHarness {
-    pub fn new() -> Result<TestHarness, DatapathError> {
-        let mut ebpf = load_object(Btf::from_sys_fs()?.kernel_offsets()?, false, (u32::MAX, u32::MAX))?;
-        for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT, PROG_TO_NETWORK, PROG_BENCH_NOP] {
-            classifier(&mut ebpf, name)?.load().map_err(prog_err(name))?;
-        }
-        let DatapathMaps {
-            events,
-            counters,
-            policy,
-        } = take_maps(&mut ebpf)?;
-        Ok(TestHarness {
-            ebpf,
-            events,
-            counters,
-            policy,
-        })
-    }
-
-    /// Runs one packet through `flows_from_ep` (leaving the pod) or `flows_to_ep`
-    /// (entering it); returns the program's verdict (TC_ACT_*).
-    pub fn run(&mut self, from_endpoint: bool, packet: &[u8]) -> Result<u32, DatapathError> {
-        let name = if from_endpoint {
-            PROG_FROM_ENDPOINT
-        } else {
-            PROG_TO_ENDPOINT
-        };
-        Ok(self.run_program(name, packet, 1)?.0)
-    }
-
-    /// Programs the policy maps (as the probe does on a manifest change).
-    pub fn apply_policy(&mut self, state: DatapathState) -> Result<PolicyUpdate, DatapathError> {
-        self.policy.apply(state)
-    }
-
-    /// One packet through a program: (verdict, nanoseconds the kernel measured).
-    /// `program` is one of the `PROG_*` classifier names.
-    pub fn run_timed(&mut self, program: &'static str, packet: &[u8]) -> Result<(u32, f64), DatapathError> {
-        self.run_program(program, packet, 1)
-    }
-
-    /// (verdict, mean ns per run) of `repeat` runs of a program on one packet.
-    fn run_program(
-        &mut self,
-        name: &'static str,
-        packet: &[u8],
-        repeat: u32,
-    ) -> Result<(u32, f64), DatapathError> {
-        use aya::programs::{TestRun, TestRunOptions};
-        let r = classifier(&mut self.ebpf, name)?
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                repeat,
-                ..Default::default()
-            })
-            .map_err(prog_err(name))?;
-        Ok((r.return_value, r.duration.as_nanos() as f64))
-    }
-
-    /// Events emitted since the last call.
-    pub fn events(&mut self) -> Vec<flows_common::RawEvent> {
-        let mut out = Vec::new();
-        while let Some(item) = self.events.next() {
-            if item.len() == flows_common::RAW_EVENT_SIZE {
-                // SAFETY: length checked; RawEvent is plain data.
-                out.push(unsafe {
-                    std::ptr::read_unaligned(item.as_ptr() as *const flows_common::RawEvent)
-                });
-            }
-        }
-        out
-    }
-
-    pub fn counters(&self) -> Result<[u64; counter::COUNT as usize], DatapathError> {
-        read_counters(&self.counters)
-    }
-}
-
-
-/// The policy maps and what was last written to them.
-pub struct PolicyMaps {
-    ipcache: LpmTrie<MapData, [u8; 16], u32>,
-    endpoints: BpfHashMap<MapData, [u8; 16], EndpointValue>,
-    policy: LpmTrie<MapData, PolicyKey, u32>,
-    rev: Array<MapData, u32>,
-    current: DatapathState,
-    revision: u32,
-}
-
-/// A new policy revision: connections decided before it are decided again.
-fn bump(rev: &mut Array<MapData, u32>, revision: &mut u32) -> Result<(), DatapathError> {
-    *revision = revision.wrapping_add(1);
-    rev.set(0, *revision, 0).map_err(map_err("POLICY_REV"))
-}
-
-/// Counts of one update, for logs and tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PolicyUpdate {
-    pub written: usize,
-    pub removed: usize,
-    pub revision: u32,
-}
-
-fn ip_key(ip: std::net::IpAddr) -> [u8; 16] {
-    match ip {
-        std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        std::net::IpAddr::V6(a) => a.octets(),
-    }
-}
-
-fn cidr_key(c: &flows_policy::cidr::Cidr) -> Key<[u8; 16]> {
-    let extra = if c.addr.is_ipv4() { 96 } else { 0 };
-    Key::new(c.len as u32 + extra, ip_key(c.addr))
-}
-
-fn policy_key(k: &flows_policy::compile::PolicyKey) -> Key<PolicyKey> {
-    Key::new(
-        POLICY_KEY_FIXED_BITS + k.port_bits as u32,
-        PolicyKey {
-            endpoint_be: k.endpoint.to_be(),
-            identity_be: k.identity.to_be(),
-            direction: match k.direction {
-                Direction::Ingress => DIR_INGRESS,
-                Direction::Egress => DIR_EGRESS,
-            },
-            proto: k.protocol,
-            port_be: k.port.to_be(),
-        },
-    )
-}
-
-fn endpoint_value(e: &flows_policy::compile::EndpointEntry) -> EndpointValue {
-    let mut flags = 0;
-    if e.ingress_isolation.is_some() {
-        flags |= EP_INGRESS_ISOLATED;
-    }
-    if e.egress_isolation.is_some() {
-        flags |= EP_EGRESS_ISOLATED;
-    }
-    EndpointValue {
-        endpoint: e.endpoint,
-        mode: match e.mode {
-            Mode::Off => MODE_OFF,
-            Mode::Audit => MODE_AUDIT,
-            Mode::Enforce => MODE_ENFORCE,
-        },
-        flags,
-        _pad: [0; 2],
-        ingress_isolation: e.ingress_isolation.unwrap_or(0),
-        egress_isolation: e.egress_isolation.unwrap_or(0),
-    }
-}
-
-impl PolicyMaps {
-    /// Moves the maps to `next`, touching only what differs, in an order that never
-    /// denies what both the old and the new state allow: new policy entries first, then
-    /// the ipcache (identities may move to entries that now exist), then endpoints, then
-    /// the revision (established connections are decided again), and only then removal
-    /// of what is no longer needed.
-    pub fn apply(&mut self, next: DatapathState) -> Result<PolicyUpdate, DatapathError> {
-        let mut u = PolicyUpdate::default();
-        // `current` is replaced only once the maps hold `next`: after a failed write the
-        // next update still knows what is in the kernel and removes what is stale.
-        let cur = &self.current;
-        for (k, set) in &next.policy {
-            if cur.policy.get(k) != Some(set) {
-                self.policy
-                    .insert(&policy_key(k), set, 0)
-                    .map_err(map_err("POLICY"))?;
-                u.written += 1;
-            }
-        }
-        for (c, id) in &next.ipcache {
-            if cur.ipcache.get(c) != Some(id) {
-                self.ipcache
-                    .insert(&cidr_key(c), id, 0)
-                    .map_err(map_err("IPCACHE"))?;
-                u.written += 1;
-            }
-        }
-        for (ip, e) in &next.endpoints {
-            if cur.endpoints.get(ip) != Some(e) {
-                self.endpoints
-                    .insert(ip_key(*ip), endpoint_value(e), 0)
-                    .map_err(map_err("ENDPOINTS"))?;
-                u.written += 1;
-            }
-        }
-        if u.written > 0 {
-            bump(&mut self.rev, &mut self.revision)?;
-        }
-        for ip in cur.endpoints.keys() {
-            if !next.endpoints.contains_key(ip) {
-                let _ = self.endpoints.remove(&ip_key(*ip));
-                u.removed += 1;
-            }
-        }
-        for k in cur.policy.keys() {
-            if !next.policy.contains_key(k) {
-                let _ = self.policy.remove(&policy_key(k));
-                u.removed += 1;
-            }
-        }
-        for c in cur.ipcache.keys() {
-            if !next.ipcache.contains_key(c) {
-                let _ = self.ipcache.remove(&cidr_key(c));
-                u.removed += 1;
-            }
-        }
-        // Connections decided while removals were under way saw a mix of old and new:
-        // decide them again against the final state.
-        if u.removed > 0 {
-            bump(&mut self.rev, &mut self.revision)?;
-        }
-        u.revision = self.revision;
-        self.current = next;
-        Ok(u)
-    }
-
-    /// The policy sets of the state last applied (for naming policies in flows).
-    pub fn current(&self) -> &DatapathState {
-        &self.current
-    }
-
-    /// The revision last written to the datapath.
-    pub fn revision(&self) -> u32 {
-        self.revision
-    }
 }
