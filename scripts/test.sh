@@ -8,6 +8,8 @@ bash scripts/setup.sh
 # Anything a crashed earlier run left behind (namespaces, links, daemons).
 if [ -x target/debug/flows ]; then target/debug/flows lab down >/dev/null 2>&1 || true; fi
 cargo build --bins
+# A test that needs root fails rather than skips: a run without privileges must not pass.
+export FLOWS_REQUIRE_ROOT=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

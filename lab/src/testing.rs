@@ -27,12 +27,21 @@ pub const LAB_LOCK: &str = "/run/flows-lab.lock";
 
 pub use crate::is_root;
 
-/// True (after printing why) when the test cannot run because it is not root.
+/// Set by `scripts/test.sh`: a test that needs root fails instead of skipping, so a run
+/// that lost its privileges cannot pass by testing nothing.
+pub const REQUIRE_ROOT_ENV: &str = "FLOWS_REQUIRE_ROOT";
+
+/// True (after printing why) when the test cannot run because it is not root. Panics
+/// instead when `FLOWS_REQUIRE_ROOT=1`.
 pub fn skip_unless_root(test: &str) -> bool {
     if is_root() {
         return false;
     }
-    eprintln!("skipping {test}: the lab needs root (network namespaces, veths, nftables)");
+    let why = format!("{test}: needs root (network namespaces, veths, nftables, BPF)");
+    if std::env::var(REQUIRE_ROOT_ENV).is_ok_and(|v| v == "1") {
+        panic!("{why}, and {REQUIRE_ROOT_ENV}=1 says it must run");
+    }
+    eprintln!("skipping {why}");
     true
 }
 

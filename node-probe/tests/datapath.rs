@@ -11,12 +11,10 @@ use flows_node_probe::datapath::TestHarness;
 
 const TC_ACT_OK: u32 = 0;
 
+/// BPF_PROG_TEST_RUN needs root; without it the test skips, or fails under
+/// FLOWS_REQUIRE_ROOT=1.
 fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipping: BPF_PROG_TEST_RUN needs root");
-    false
+    !flows_lab::testing::skip_unless_root("datapath (BPF_PROG_TEST_RUN)")
 }
 
 const A4: [u8; 4] = [10, 244, 1, 2];
