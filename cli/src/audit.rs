@@ -64,11 +64,18 @@ fn verdict(v: i32) -> &'static str {
     }
 }
 
+/// One CSV field (RFC 4180 quoting) that is also safe where CSV ends up: in a terminal
+/// (escaped as every printer does) and in a spreadsheet (a leading `=`, `+`, `-` or `@`
+/// would make it a formula, so it is prefixed with `'`).
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
+    let mut s = crate::printer::escape(s);
+    if s.starts_with(['=', '+', '-', '@']) {
+        s.insert(0, '\'');
+    }
+    if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_string()
+        s
     }
 }
 
@@ -186,5 +193,36 @@ mod tests {
         print(&[g], AuditFormat::Csv, &mut c).unwrap();
         let c = String::from_utf8(c).unwrap();
         assert!(c.lines().nth(1).unwrap().ends_with(",\"NetworkPolicy:shop/egress, \"\"strict\"\"\""), "{c}");
+    }
+
+    #[test]
+    fn hostile_strings_come_out_inert_in_table_and_csv() {
+        use flows_flow::text::{HOSTILE, is_unsafe};
+        let groups: Vec<AuditGroup> = HOSTILE
+            .iter()
+            .map(|h| AuditGroup {
+                verdict: Verdict::Dropped as i32,
+                source_namespace: h.to_string(),
+                source_workload: h.to_string(),
+                source_workload_kind: h.to_string(),
+                destination_namespace: h.to_string(),
+                destination_workload: h.to_string(),
+                protocol: h.to_string(),
+                drop_reasons: vec![h.to_string()],
+                policies: vec![format!("NetworkPolicy:{h}")],
+                ..Default::default()
+            })
+            .collect();
+        for format in [AuditFormat::Table, AuditFormat::Csv] {
+            let mut out = Vec::new();
+            print(&groups, format, &mut out).unwrap();
+            let out = String::from_utf8(out).unwrap();
+            // One line per group plus the header: no field broke a line or hid text.
+            assert_eq!(out.lines().count(), groups.len() + 1, "{out}");
+            assert!(!out.chars().filter(|c| *c != '\n').any(is_unsafe), "{out:?}");
+        }
+        // A field a spreadsheet would run as a formula is not one.
+        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_field("@sum"), "'@sum");
     }
 }

@@ -27,17 +27,9 @@ pub struct Printer {
     table_header_done: bool,
 }
 
-/// Replaces control characters (including ESC) with visible escapes.
+/// Flow data as it may reach a terminal (`flows_flow::text::printable`).
 pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    flows_flow::text::printable(s).into_owned()
 }
 
 fn fmt_time(f: &Flow) -> String {
@@ -321,6 +313,38 @@ impl Printer {
     }
 }
 
+/// Rows aligned in columns under `head`, two spaces apart, each line prefixed by `indent`.
+pub fn columns<const N: usize>(
+    head: [&str; N],
+    rows: &[[String; N]],
+    indent: &str,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    // Every cell is data from the cluster: escaped here, once, for every table.
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| escape(c)).collect()).collect();
+    let mut width: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{indent}{}", line(head.to_vec()))?;
+    for r in &rows {
+        writeln!(out, "{indent}{}", line(r.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,34 +402,40 @@ mod tests {
         assert_eq!(back, flow());
         assert_eq!(v["flow"]["verdict"], "VERDICT_FORWARDED");
     }
-}
 
-/// Rows aligned in columns under `head`, two spaces apart, each line prefixed by `indent`.
-pub fn columns<const N: usize>(
-    head: [&str; N],
-    rows: &[[String; N]],
-    indent: &str,
-    out: &mut impl std::io::Write,
-) -> std::io::Result<()> {
-    let mut width: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
-        for (w, c) in width.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
+    #[test]
+    fn hostile_strings_come_out_inert_in_every_format() {
+        use flows_flow::text::{HOSTILE, is_unsafe};
+        for h in HOSTILE {
+            let mut f = flow();
+            let ep = Endpoint {
+                namespace: h.to_string(),
+                pod_name: h.to_string(),
+                labels: vec![h.to_string()],
+                node_name: h.to_string(),
+                ..Default::default()
+            };
+            f.source = Some(ep.clone());
+            f.destination = Some(ep);
+            f.node_name = h.to_string();
+            f.drop_reason = h.to_string();
+            f.verdict = Verdict::Dropped as i32;
+            f.destination_service = Some(flows_proto::Service { name: h.to_string(), namespace: h.to_string() });
+            let status = NodeStatusEvent { node_names: vec![h.to_string()], message: h.to_string(), ..Default::default() };
+            for format in [Format::Compact, Format::Json, Format::Dict, Format::Table] {
+                let mut p = Printer::new(format, true);
+                p.color = false;
+                let mut out = Vec::new();
+                p.flow(&mut out, &f).expect("print");
+                p.node_status(&mut out, &status).expect("print");
+                let s = String::from_utf8(out).expect("utf8");
+                assert!(!s.chars().filter(|c| *c != '\n').any(is_unsafe), "{format:?} of {h:?}: {s:?}");
+                if format == Format::Json {
+                    let line = s.lines().next().expect("a line");
+                    let v: serde_json::Value = serde_json::from_str(line).expect("still JSON");
+                    assert_eq!(v["flow"]["node_name"], *h, "the same value, escaped");
+                }
+            }
         }
     }
-    let line = |cells: Vec<&str>| {
-        cells
-            .iter()
-            .zip(&width)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    writeln!(out, "{indent}{}", line(head.to_vec()))?;
-    for r in rows {
-        writeln!(out, "{indent}{}", line(r.iter().map(String::as_str).collect()))?;
-    }
-    Ok(())
 }

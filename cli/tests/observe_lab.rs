@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use common::{drive, flows, ok, root};
+use common::{drive, flows, ok, root, settle};
 use flows_lab::{
     drive::{Outcome, Report},
     state::State,
@@ -124,7 +124,6 @@ fn denied_attempts_through_the_relay_and_a_probe_lost_and_back() {
         assert!(Instant::now() < deadline, "the seed policies were never enforced");
         std::thread::sleep(Duration::from_millis(200));
     }
-    std::thread::sleep(Duration::from_millis(500));
     let since = humantime::format_rfc3339_nanos(SystemTime::now()).to_string();
 
     // 1. Exactly the denied attempts, each with both endpoints named.
@@ -144,8 +143,8 @@ fn denied_attempts_through_the_relay_and_a_probe_lost_and_back() {
         })
         .collect();
     assert!(failed.len() >= 10, "the scenario has denied attempts: {failed:?}");
-    std::thread::sleep(Duration::from_millis(1500));
-    let out = ok(&dir, &["observe", "--since", &since, "--verdict", "drop", "-o", "json"]);
+    let until = settle(&dir);
+    let out = ok(&dir, &["observe", "--since", &since, "--until", &until, "--verdict", "drop", "-o", "json"]);
     let dropped = lines(&out);
     let mut seen = BTreeSet::new();
     for line in &dropped {
@@ -173,7 +172,7 @@ fn denied_attempts_through_the_relay_and_a_probe_lost_and_back() {
     }
     assert_eq!(seen, failed, "every denied attempt shows, and nothing else");
     // The workload filter is applied by the relay, after annotation.
-    let out = ok(&dir, &["observe", "--since", &since, "--verdict", "drop", "--to-workload", "api", "-o", "json"]);
+    let out = ok(&dir, &["observe", "--since", &since, "--until", &until, "--verdict", "drop", "--to-workload", "api", "-o", "json"]);
     let to_api = lines(&out);
     assert!(!to_api.is_empty(), "frontend's denied attempts at the api Deployment");
     assert!(to_api.iter().all(|l| l["flow"]["destination"]["workloads"].as_array().is_some_and(|w| w.iter().any(|w| w["name"] == "api"))));
@@ -187,7 +186,7 @@ fn denied_attempts_through_the_relay_and_a_probe_lost_and_back() {
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let out = ok(&dir, &["audit", "--since", &since, "-o", "json"]);
+        let out = ok(&dir, &["audit", "--since", &since, "--until", &until, "-o", "json"]);
         let groups = lines(&out);
         let num = |v: &Value| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).unwrap_or(0);
         let mut got: std::collections::BTreeMap<(String, u64, String), u64> = Default::default();

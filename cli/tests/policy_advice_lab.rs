@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use common::{drive, flows, ok, root};
+use common::{drive, flows, ok, root, settle};
 use flows_lab::{
     drive::{Outcome, Protocol, Report},
     testing::{lab_lock, skip_unless_root},
@@ -142,15 +142,14 @@ fn suggested_policies_keep_the_traffic_and_stop_the_intruder() {
         assert!(Instant::now() < deadline, "the suggestion was never enforced");
         std::thread::sleep(Duration::from_millis(200));
     }
-    std::thread::sleep(Duration::from_millis(500));
 
     // 4. The same traffic again: the same outcomes, and nothing dropped by policy.
     let since = now();
     let second = drive(&dir, &root().join("lab/scenarios/seed-traffic.yaml"));
     assert!(second.expectations_met);
     assert_eq!(outcomes(&second), outcomes(&first), "the suggestion changes no outcome");
-    std::thread::sleep(Duration::from_millis(1500));
-    let drops = lines(&ok(&dir, &["observe", "--since", &since, "--verdict", "drop", "-o", "json"]));
+    let until = settle(&dir);
+    let drops = lines(&ok(&dir, &["observe", "--since", &since, "--until", &until, "--verdict", "drop", "-o", "json"]));
     for l in &drops {
         let f = &l["flow"];
         // Only the kernel's refusal of the port nothing listens on (as without policies).
@@ -166,8 +165,8 @@ fn suggested_policies_keep_the_traffic_and_stop_the_intruder() {
     assert_eq!(moves.succeeded, 0);
     let failed: BTreeSet<(String, u64, &str)> = moves.attempts.iter().filter_map(attempt_key).collect();
     assert_eq!(failed.len(), moves.attempts.len());
-    std::thread::sleep(Duration::from_millis(1500));
-    let drops = lines(&ok(&dir, &["observe", "--since", &since, "--verdict", "drop", "-o", "json"]));
+    let until = settle(&dir);
+    let drops = lines(&ok(&dir, &["observe", "--since", &since, "--until", &until, "--verdict", "drop", "-o", "json"]));
     let mut seen = BTreeSet::new();
     for l in &drops {
         let f = &l["flow"];

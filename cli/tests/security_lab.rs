@@ -163,16 +163,15 @@ fn mutual_tls_everywhere_and_a_relay_restart_followed_through() {
             let _ = etx.send(line);
         }
     });
-    // Counts each attempt's SYN record among `want` until all are seen, failing on a
-    // duplicate (a resume that replays what was printed).
-    let collect = |want: &BTreeSet<u64>, what: &str, seen: &mut Vec<u64>| {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    // Counts each attempt's SYN record among `want` until all are seen (false when they
+    // are not within `wait`); every SYN seen is kept, to find duplicates (a resume that
+    // replays what was printed).
+    let receive = |want: &BTreeSet<u64>, wait: Duration, seen: &mut Vec<u64>| -> bool {
+        let deadline = Instant::now() + wait;
         let mut got = BTreeSet::new();
         while !want.is_subset(&got) {
             let left = deadline.saturating_duration_since(Instant::now());
-            let v = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("{what}: saw {got:?} of {want:?} within 30 s"));
+            let Ok(v) = rx.recv_timeout(left) else { return false };
             if is_syn_from_frontend(&v) {
                 if let Some(p) = src_port(&v) {
                     if want.contains(&p) {
@@ -182,9 +181,17 @@ fn mutual_tls_everywhere_and_a_relay_restart_followed_through() {
                 }
             }
         }
+        true
+    };
+    let collect = |want: &BTreeSet<u64>, what: &str, seen: &mut Vec<u64>| {
+        assert!(receive(want, Duration::from_secs(30), seen), "{what}: not all of {want:?} seen within 30 s");
     };
     let mut seen = Vec::new();
-    std::thread::sleep(Duration::from_millis(1000));
+    // The follower is reading once it prints an attempt made after it started.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !receive(&ports(&drive(&dir, &scenario(&dir, "ready", 1))), Duration::from_secs(2), &mut seen) {
+        assert!(Instant::now() < deadline, "the follower printed nothing within 30 s");
+    }
     let before = ports(&drive(&dir, &scenario(&dir, "before", 3)));
     collect(&before, "before the restart", &mut seen);
 
@@ -296,15 +303,17 @@ fn servers_listen_only_where_told_and_keep_secrets_out_of_logs() {
         .spawn()
         .expect("relay");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "relay not ready");
+    let want: BTreeSet<String> = [grpc.to_string(), metrics.to_string()].into();
+    // Ready is written once the gRPC server listens; the metrics server binds on its own.
+    let mut got = BTreeSet::new();
+    while !ready.exists() || !want.is_subset(&got) {
+        assert!(Instant::now() < deadline, "relay not listening on {want:?}: {got:?}");
         std::thread::sleep(Duration::from_millis(50));
+        got = listening(relay.id());
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let got = listening(relay.id());
     let _ = relay.kill();
     let _ = relay.wait();
-    assert_eq!(got, [grpc.to_string(), metrics.to_string()].into(), "relay sockets");
+    assert_eq!(got, want, "relay sockets");
 
     // A store password goes to the server only: not to the log, whatever fails.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port");

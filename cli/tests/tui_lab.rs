@@ -115,7 +115,6 @@ fn dashboard_in_tmux_shows_denials_filters_and_details() {
     tmux(&["send-keys", "-t", &session, "Escape"]);
     // A key right after Escape reads as Alt+key: wait until the prompt has closed.
     wait_pane(&session, Duration::from_secs(5), "filter prompt closed", |p| !p.lines().any(|l| l.starts_with("filter> ")));
-    std::thread::sleep(Duration::from_millis(300));
 
     // Details of the newest denied flow: both ends and the policies that decided.
     tmux(&["send-keys", "-t", &session, "Space"]);

@@ -44,6 +44,25 @@ pub fn read_line(line: &str) -> Result<Option<GetFlowsResponse>, LineError> {
     }))
 }
 
+/// A JSON line with the characters that would reorder or hide text on a terminal
+/// (bidirectional overrides, invisible characters; serde_json escapes only control
+/// characters) written as `\uXXXX` escapes: the same JSON value, safe to print. They can
+/// only occur inside strings, and are all in the Basic Multilingual Plane.
+fn inert(line: String) -> String {
+    if !line.chars().any(crate::text::is_unsafe) {
+        return line;
+    }
+    let mut out = String::with_capacity(line.len() + 16);
+    for c in line.chars() {
+        if crate::text::is_unsafe(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A flow's line, as `flows observe -o json` prints it (without the newline).
 pub fn flow_line(f: &Flow) -> Result<String, LineError> {
     let write = |source| LineError::Write { source };
@@ -52,17 +71,17 @@ pub fn flow_line(f: &Flow) -> Result<String, LineError> {
         "node_name": f.node_name,
         "time": serde_json::to_value(f.time).map_err(write)?,
     });
-    Ok(v.to_string())
+    Ok(inert(v.to_string()))
 }
 
 pub fn lost_events_line(l: &LostEvent) -> Result<String, LineError> {
     let v = serde_json::to_value(l).map_err(|source| LineError::Write { source })?;
-    Ok(serde_json::json!({ "lost_events": v }).to_string())
+    Ok(inert(serde_json::json!({ "lost_events": v }).to_string()))
 }
 
 pub fn node_status_line(s: &NodeStatusEvent) -> Result<String, LineError> {
     let v = serde_json::to_value(s).map_err(|source| LineError::Write { source })?;
-    Ok(serde_json::json!({ "node_status": v }).to_string())
+    Ok(inert(serde_json::json!({ "node_status": v }).to_string()))
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! Hubble defines them), [`selector::LabelSelector`] (kubectl's selector syntax) and
 //! [`enrich`] (annotation through getter traits, and what a node can filter before it),
 //! [`jsonl`] (flows as JSON lines: the printed form and its reader), [`request`] (what
-//! makes a GetFlowsRequest valid, for every server).
+//! makes a GetFlowsRequest valid, for every server), [`text`] (flow data made safe for a
+//! terminal).
 
 pub mod advice;
 pub mod enrich;
@@ -10,5 +11,6 @@ pub mod filter;
 pub mod jsonl;
 pub mod request;
 pub mod selector;
+pub mod text;
 
 pub use filter::{FilterError, FilterSet};

@@ -56,6 +56,7 @@ pub struct Metrics {
     nodes: Family<NodeLabels, Gauge>,
     store_rows: Family<ResultLabels, Counter>,
     store_batches: Family<ResultLabels, Counter>,
+    accept_errors: Counter,
 }
 
 fn verdict_name(v: i32) -> &'static str {
@@ -120,6 +121,12 @@ impl Metrics {
         );
         let store_batches = Family::<ResultLabels, Counter>::default();
         registry.register("store_batches", "Store inserts, by result (ok, failed) (relay)", store_batches.clone());
+        let accept_errors = Counter::default();
+        registry.register(
+            "metrics_accept_errors",
+            "Connections the metrics server failed to accept (out of descriptors, most often)",
+            accept_errors.clone(),
+        );
         Metrics {
             registry,
             flows,
@@ -129,7 +136,13 @@ impl Metrics {
             nodes,
             store_rows,
             store_batches,
+            accept_errors,
         }
+    }
+
+    /// Failed accepts of the metrics server so far.
+    pub fn accept_errors(&self) -> u64 {
+        self.accept_errors.get()
     }
 
     pub fn observe(&self, f: &Flow) {
@@ -213,17 +226,43 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics`, and `GET /healthz` (200 while the process serves: the
-/// liveness check of its Kubernetes pod), until the listener fails; other paths get 404.
+/// Connections served at once; more wait in the listen queue.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// After a failed accept (out of descriptors, most often), the pause before the next:
+/// descriptors free up instead of the loop spinning on the same error.
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Binds `addr` and serves on it (`serve_on`).
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    use http_body_util::Full;
-    use hyper::{Response, body::Bytes, service::service_fn};
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "metrics on /metrics");
+    serve_on(listener, metrics).await
+}
+
+/// Serves `GET /metrics`, and `GET /healthz` (200 while the process serves: the
+/// liveness check of its Kubernetes pod); other paths get 404. A failed accept is
+/// logged and survived: one error must not end `/healthz` and get a healthy process
+/// restarted. At most `MAX_CONNECTIONS` at once, one request each, and a client that
+/// sends nothing is dropped after 10 s.
+pub async fn serve_on(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    use http_body_util::Full;
+    use hyper::{Response, body::Bytes, service::service_fn};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = listener.accept().await?;
+        let Ok(slot) = slots.clone().acquire_owned().await else { return Ok(()) };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                metrics.accept_errors.inc();
+                tracing::warn!(error = %e, "metrics: accepting a connection");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
         let m = metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let m = m.clone();
                 async move {
@@ -244,6 +283,8 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
+                // One request per connection: an idle keep-alive cannot hold a slot.
+                .keep_alive(false)
                 .serve_connection(io, svc)
                 .await;
         });

@@ -216,7 +216,7 @@ fn enforcement_has_no_gap_across_probe_restarts_and_nothing_is_left_attached() {
     // 4. The new probes report what their programs decide.
     let probe_scenario = Scenario::parse("after", TRAFFIC).expect("scenario");
     let rep = drive::run(&state, &probe_scenario, &DriveOptions::default()).expect("drive");
-    settle(&probes);
+    settle(&state, &probes);
     let flows: Vec<_> = probes.iter().flat_map(|p| all_flows(&p.addr)).collect();
     for a in rep.attempts.iter().filter(|a| a.connection.starts_with("denied")) {
         let port = a.src_port.expect("source port");

@@ -147,7 +147,7 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
     let engine = m.engine();
     let scenario = matrix(&state, 400);
     let report = drive::run(&state, &scenario, &DriveOptions { concurrency: 8 }).expect("drive");
-    settle(&probes);
+    settle(&state, &probes);
     let flows: Vec<Flow> = probes.iter().flat_map(|p| all_flows(&p.addr)).collect();
     let (mut allowed, mut denied) = (0, 0);
     for a in &report.attempts {
@@ -226,7 +226,7 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
     // 2. Audit: everything passes; what enforce denied is reported as AUDIT.
     after_policy_change(&probes, || set_modes(&lab.dir, &state, "audit"));
     let report = drive::run(&state, &matrix(&state, 1000), &DriveOptions { concurrency: 8 }).expect("drive");
-    settle(&probes);
+    settle(&state, &probes);
     let flows: Vec<Flow> = probes.iter().flat_map(|p| all_flows(&p.addr)).collect();
     let mut audited = 0;
     for a in &report.attempts {

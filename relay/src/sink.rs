@@ -87,10 +87,12 @@ pub async fn run(
 ) {
     let (tx, rx) = mpsc::channel::<FlowRow>(config.buffer_rows.max(1));
     let writer = tokio::spawn(write(store.clone(), rx, config.clone(), stats.clone(), metrics.clone()));
-    // Resume after the newest stored flow: the nodes replay what they still hold.
+    // Resume after the newest stored flow: the nodes replay what they still hold. An
+    // empty store takes everything they hold: flows made before the relay's first start
+    // are flows too.
     let since = match store.last_time().await {
         Ok(Some(t)) => Some(flows_proto::timestamp_from_nanos(t.saturating_add(1))),
-        Ok(None) => None,
+        Ok(None) => Some(flows_proto::timestamp_from_nanos(0)),
         Err(e) => {
             tracing::warn!(error = %e, "reading the newest stored flow; following from now");
             None

@@ -469,10 +469,10 @@ impl Run {
             until: None,
             ..self.node_req.clone()
         };
-        if with_history {
-            let floor = nanos(&self.req.since).max(t0 - LATE_ARRIVAL);
-            live.since = Some(timestamp(floor));
-        }
+        // Without history, the request's arrival is the floor: a flow stamped after it
+        // but before every node's stream is open still comes.
+        let floor = if with_history { nanos(&self.req.since).max(t0 - LATE_ARRIVAL) } else { t0 };
+        live.since = Some(timestamp(floor));
         let (mtx, mut mrx) = mpsc::channel::<Merged>(4096);
         let mut readers = Readers {
             live,

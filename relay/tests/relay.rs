@@ -3,6 +3,7 @@
 //! and a node that goes away and comes back, reported in-band.
 
 use std::{
+    collections::BTreeSet,
     sync::{Arc, RwLock},
     time::Duration,
     time::Instant,
@@ -219,16 +220,33 @@ async fn follow_merges_in_order_and_reports_nodes() {
         .await
         .expect("follow")
         .into_inner();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // node-2's flow arrives first but happened 100 ms after node-1's.
-    let t = now_ns();
+    // The relay reads both nodes once a marker from each has come through (pushed
+    // again until then: the request's own start is not visible from here).
+    let mut t_marker = now_ns();
+    let mut marked = BTreeSet::new();
+    while marked.len() < 2 {
+        t_marker = now_ns();
+        r1.push(flow("node-1", t_marker, 100));
+        r2.push(flow("node-2", t_marker, 200));
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(300), s.message()).await {
+            if let Some(ResponseTypes::Flow(f)) = m.expect("stream").expect("open").response_types {
+                marked.insert(f.packet_length);
+            }
+        }
+    }
+    // node-2's flow arrives first but happened 100 ms after node-1's (both after the
+    // markers).
+    let t = now_ns().max(t_marker + 200_000_000);
     r2.push(flow("node-2", t, 2));
     tokio::time::sleep(Duration::from_millis(50)).await;
     r1.push(flow("node-1", t - 100_000_000, 1));
     let mut got = Vec::new();
     while got.len() < 2 {
         if let Some(ResponseTypes::Flow(f)) = next(&mut s).await.response_types {
-            got.push(f.packet_length);
+            // Markers still on their way are not the flows under test.
+            if f.packet_length < 100 {
+                got.push(f.packet_length);
+            }
         }
     }
     assert_eq!(got, vec![1, 2], "put in time order within the window");
@@ -411,7 +429,6 @@ async fn follow_last_n_then_live_with_nodes_joining_and_leaving() {
     }
     assert_eq!(got, vec![12, 22], "the last two of the cluster, not two per node");
     // Live flows follow, once each.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     rings[0].push(flow_between("node-1", now_ns(), 13, "10.0.0.1", "10.0.0.2", Verdict::Forwarded));
     loop {
         if let Some(ResponseTypes::Flow(f)) = next(&mut s).await.response_types {

@@ -214,9 +214,12 @@ async fn server_gone_for_60_seconds_buffers_within_a_bound_or_counts_the_loss() 
     let r = relay(addr, store.clone()).await;
     const BOUND: u64 = 1_000;
     let q = relay_with(addr, small.clone(), BOUND as usize, WhenFull::DropNewest).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both writers are reading once the first flow is stored by each.
+    produce(&ring, 0, 1, Duration::ZERO).await;
+    until_written(&store, 1, "the first flow").await;
+    until_written(&small, 1, "the first flow (small buffer)").await;
 
-    produce(&ring, 0, 500, Duration::from_secs(3)).await;
+    produce(&ring, 1, 499, Duration::from_secs(3)).await;
     until_written(&store, 500, "before the outage").await;
     until_written(&small, 500, "before the outage (small buffer)").await;
     // The server goes away for 60 s; flows keep coming.
@@ -279,8 +282,10 @@ async fn relay_restart_on_the_embedded_store_loses_nothing() {
     let addr = node(ring.clone()).await;
     let store = Arc::new(Store::open(&config, "flows", Retention::default()).await.expect("open"));
     let r = relay(addr, store.clone()).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    produce(&ring, 0, 1_000, Duration::from_secs(2)).await;
+    // The writer is reading once the first flow is stored.
+    produce(&ring, 0, 1, Duration::ZERO).await;
+    until_written(&store, 1, "the first flow").await;
+    produce(&ring, 1, 999, Duration::from_secs(2)).await;
     until_written(&store, 1_000, "first run").await;
     // The relay stops (its store closes); the node keeps recording.
     r.stop().await;
@@ -291,8 +296,10 @@ async fn relay_restart_on_the_embedded_store_loses_nothing() {
     let r = relay(addr, store.clone()).await;
     produce(&ring, 2_000, 500, Duration::from_secs(1)).await;
     until_written(&store, 2_500, "second run").await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(stored(&store).await, (2_500, 2_500), "every flow once, none twice");
+    // One more flow, written after anything still on its way: then nothing is pending.
+    produce(&ring, 2_500, 1, Duration::ZERO).await;
+    until_written(&store, 2_501, "the last flow").await;
+    assert_eq!(stored(&store).await, (2_501, 2_501), "every flow once, none twice");
     assert_eq!(r.stats.lost.load(Ordering::Relaxed), 0);
     r.stop().await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -328,3 +328,42 @@ fn disconnected_and_control_characters() {
     assert!(screen.contains("retry in 2.0 s"), "{screen}");
     assert!(!screen.contains('\u{1b}'), "escape sequences from data never reach the terminal");
 }
+
+#[test]
+fn hostile_strings_reach_no_pane_unescaped() {
+    use flows_flow::text::{HOSTILE, is_unsafe};
+    let parse = parser();
+    let mut app = busy_app();
+    for (i, h) in HOSTILE.iter().enumerate() {
+        let mut src = pod(h, h, Some(h));
+        src.labels = vec![format!("app={h}"), format!("{h}=x")];
+        src.node_name = h.to_string();
+        let mut dst = pod(&format!("ns-{h}"), &format!("{h}-db"), None);
+        dst.workloads = vec![Workload { name: h.to_string(), kind: h.to_string() }];
+        let mut f = flow(src, dst, 5432, Verdict::Dropped, 400 + i as i64);
+        f.node_name = h.to_string();
+        f.drop_reason = h.to_string();
+        f.ingress_denied_by = vec![Policy { name: h.to_string(), namespace: h.to_string(), kind: "NetworkPolicy".into(), labels: Vec::new() }];
+        f.egress_allowed_by = f.ingress_denied_by.clone();
+        f.destination_service = Some(flows_proto::Service { name: h.to_string(), namespace: h.to_string() });
+        app.ingest(as_response(f), 1_700_000_010_000 + i as u64);
+    }
+    app.connection = Connection::Disconnected { error: HOSTILE.join(" "), retry_in_ms: 1_000 };
+    let check = |app: &App, what: &str, w: u16, h: u16| {
+        let (screen, buf) = render(app, w, h, 0);
+        let bad: Vec<String> = buf.content().iter().map(|c| c.symbol()).filter(|s| s.chars().any(is_unsafe)).map(|s| format!("{s:?}")).collect();
+        assert!(bad.is_empty(), "{what}: unescaped {bad:?} in\n{screen}");
+        screen
+    };
+    let wide = check(&app, "every pane", 200, 60);
+    assert!(wide.contains("\\u{202e}") || wide.contains("\\u{1b}"), "hostile text is shown, escaped:\n{wide}");
+    check(&app, "narrow", 80, 30);
+    // The detail view of each hostile flow (the newest first).
+    on_key(&mut app, Key::Char(' '), &parse);
+    for _ in 0..HOSTILE.len() {
+        on_key(&mut app, Key::Enter, &parse);
+        check(&app, "detail", 200, 60);
+        on_key(&mut app, Key::Esc, &parse);
+        on_key(&mut app, Key::Up, &parse);
+    }
+}

@@ -115,8 +115,13 @@ async fn follows_loses_and_finds_the_server_again() {
     // Kept while disconnected.
     assert_eq!(app.lock().expect("state").recent.len(), 10);
 
-    // Back on the same address: reconnected, new flows arrive.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // A retry fails while it is away (the delay doubles), then it comes back on the same
+    // address: reconnected, new flows arrive.
+    let first = match &app.lock().expect("state").connection {
+        Connection::Disconnected { retry_in_ms, .. } => *retry_in_ms,
+        other => panic!("not disconnected: {other:?}"),
+    };
+    until(&app, "a retry failed", |a| matches!(a.connection, Connection::Disconnected { retry_in_ms, .. } if retry_in_ms > first)).await;
     let _stop = serve(addr, Fixed { from: 10, n: 5 }).await;
     until(&app, "reconnected with the new flows", |a| a.connection == Connection::Connected && a.recent.len() == 15).await;
     task.abort();

@@ -57,3 +57,53 @@ pub fn scenario(dir: &Path, name: &str, n: usize) -> PathBuf {
     .expect("scenario");
     p
 }
+
+/// Now, as `--since`/`--until` take it.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string()
+}
+
+/// Waits until every node's probe has reported a marker sent after this call, and
+/// returns a time before the markers (an `--until` that leaves them out).
+///
+/// A node's records reach its ring in the order its kernel emitted them, so once a
+/// marker sent from a pod on each node is readable, so is everything those nodes emitted
+/// before it: a test can then assert what is absent. The marker is one UDP datagram to
+/// the world on a port nothing else uses; it is reported where it leaves its pod, even
+/// when policy drops it.
+pub fn settle(dir: &Path) -> String {
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+    let state = flows_lab::state::State::load(dir).expect("lab state");
+    let mut senders: BTreeMap<&str, &flows_lab::state::PodRec> = BTreeMap::new();
+    for p in &state.pods {
+        senders.entry(p.node.as_str()).or_insert(p);
+    }
+    let until = now_rfc3339();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let port = 20_000 + nanos % 10_000;
+    let mut yaml = String::from("connections:\n");
+    for (node, p) in &senders {
+        yaml.push_str(&format!(
+            "  - {{ name: marker-{node}, from: {}/{}, to: {{ ip: world }}, protocol: UDP, port: {port}, timeout_ms: 50 }}\n",
+            p.namespace, p.name
+        ));
+    }
+    let file = dir.join(format!("marker-{port}.yaml"));
+    std::fs::write(&file, yaml).expect("marker scenario");
+    drive(dir, &file);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = ok(dir, &["observe", "--since", &until, "--to-port", &port.to_string(), "-o", "json"]);
+        let nodes: std::collections::BTreeSet<String> = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["flow"]["node_name"].as_str().map(str::to_string))
+            .collect();
+        if senders.keys().all(|n| nodes.contains(*n)) {
+            return until;
+        }
+        assert!(Instant::now() < deadline, "markers on port {port} reached only {nodes:?} of {:?}", senders.keys());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

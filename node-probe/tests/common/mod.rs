@@ -150,18 +150,34 @@ pub fn after_policy_change(probes: &[Probe], change: impl FnOnce()) {
         }
     }
 }
-
-/// Waits until the probes have taken in every event (their seen counts stop moving).
-pub fn settle(probes: &[Probe]) {
-    let seen = || -> u64 { probes.iter().map(|p| server_status(&p.addr).seen_flows).sum() };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = seen();
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = seen();
-        if now == last || Instant::now() > deadline {
-            return;
+/// Waits until every probe has reported a marker sent after this call. A probe reads
+/// its node's events in the order the kernel emitted them, so once its marker is in the
+/// ring, so is every event of that node before it: the caller may then assert what is
+/// absent. The marker is one UDP datagram from a pod of the node to the world, on a
+/// port nothing else uses; it is reported where it leaves the pod, even when dropped.
+pub fn settle(state: &State, probes: &[Probe]) {
+    use flows_lab::drive::{self, DriveOptions, Scenario};
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let port = 20_000 + nanos % 10_000;
+    let mut yaml = String::from("connections:\n");
+    for p in probes {
+        let pod = state.pods.iter().find(|x| x.node == p.node).expect("a pod on every probed node");
+        yaml.push_str(&format!(
+            "  - {{ name: marker-{}, from: {}/{}, to: {{ ip: world }}, protocol: UDP, port: {port}, timeout_ms: 50 }}\n",
+            p.node, pod.namespace, pod.name
+        ));
+    }
+    let scenario = Scenario::parse("marker", &yaml).expect("marker scenario");
+    drive::run(state, &scenario, &DriveOptions::default()).expect("marker");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for p in probes {
+        let marked = |f: &Flow| {
+            matches!(f.l4.as_ref().and_then(|l| l.protocol.as_ref()),
+                Some(flows_proto::layer4::Protocol::Udp(u)) if u.destination_port == port)
+        };
+        while !all_flows(&p.addr).iter().any(marked) {
+            assert!(Instant::now() < deadline, "the marker on port {port} never reached {}'s ring", p.node);
+            std::thread::sleep(Duration::from_millis(50));
         }
-        last = now;
     }
 }

@@ -22,11 +22,10 @@ use crate::state::{
 /// pairs stay, under it).
 pub const WIDE: u16 = 120;
 
-/// Control characters from flow data never reach the terminal.
+/// Flow data as it may reach the terminal: control characters, bidirectional overrides
+/// and invisible characters shown as escapes (`flows_flow::text::printable`).
 pub fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
-        .collect()
+    flows_flow::text::printable(s).into_owned()
 }
 
 pub fn verdict_style(v: &str) -> Style {
