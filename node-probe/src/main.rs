@@ -113,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
         uplink: args.uplink_iface,
         manifests: args.manifests,
         metrics_listen: args.metrics_listen,
-        tls: args.tls.to_config()?,
+        tls: args.tls.to_config(args.listen)?,
         pin_dir: args.pin_dir,
         default_mode: flows_policy::compile::Mode::parse(&args.default_policy_mode)
             .unwrap_or(flows_policy::compile::Mode::Enforce),

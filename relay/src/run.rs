@@ -118,7 +118,7 @@ pub async fn run(cfg: RelayConfig, shutdown: impl Future<Output = ()> + Send + '
     };
     // Certificates are read before anything connects or listens: a bad file is an
     // error at start, not a handshake failure later.
-    let server_tls = cfg.tls.to_config().map_err(tls("--tls-*"))?.map(|t| t.load()).transpose().map_err(tls("--tls-*"))?;
+    let server_tls = cfg.tls.to_config(cfg.listen).map_err(tls("--tls-*"))?.map(|t| t.load()).transpose().map_err(tls("--tls-*"))?;
     let peer_tls = cfg.peer_tls.to_config().map_err(tls("--peer-tls-*"))?;
     let dialer = flows_tls::Dialer::new(peer_tls.as_ref()).map_err(tls("--peer-tls-*"))?;
     let peers = PeerSet::with_dialer(&cfg.peers, peers::Backoff::default(), dialer);

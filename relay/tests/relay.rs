@@ -468,3 +468,23 @@ async fn follow_last_n_then_live_with_nodes_joining_and_leaving() {
     n2.stop().await;
     n3.stop().await;
 }
+
+#[test]
+fn plaintext_on_a_network_address_is_refused_unless_said() {
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flows-relay"))
+            .args(["--peer", "node-1=127.0.0.1:9", "--listen", "[::]:0"])
+            .args(extra)
+            .output()
+            .expect("run flows-relay")
+    };
+    let out = run(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to serve plaintext on [::]:0") && err.contains("--insecure-listen"), "{err}");
+    // Said: it gets past the check (and then stops on the next thing this test gives it,
+    // a ready file it cannot write).
+    let out = run(&["--insecure-listen", "--ready-file", "/nonexistent/dir/ready"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("refusing to serve plaintext"), "{err}");
+}

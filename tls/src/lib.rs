@@ -15,6 +15,7 @@ pub mod certs;
 
 use std::{
     fmt,
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -50,6 +51,12 @@ pub enum TlsError {
     Create(#[from] rcgen::Error),
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error(
+        "refusing to serve plaintext on {addr}: anyone who reaches it would read every flow. \
+         Give --tls-cert, --tls-key and --tls-client-ca, listen on loopback, or say \
+         --insecure-listen"
+    )]
+    PlaintextListen { addr: SocketAddr },
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -119,6 +126,16 @@ pub struct ServerTlsArgs {
     /// PEM CA certificate(s) that client certificates must chain to.
     #[arg(long = "tls-client-ca", value_name = "FILE", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Serve plaintext on an address other than loopback. Whoever reaches that address
+    /// reads every flow (and, on the relay, the whole history): only for a network
+    /// nothing else can reach. Without it, plaintext is served on loopback only.
+    #[arg(long = "insecure-listen", conflicts_with = "tls_cert")]
+    pub insecure_listen: bool,
+}
+
+/// Whether only this machine can reach `addr` (127.0.0.0/8, ::1, or ::ffff:127.x).
+fn is_loopback(addr: SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
 }
 
 /// Files of a server's mutual TLS.
@@ -130,9 +147,14 @@ pub struct ServerTls {
 }
 
 impl ServerTlsArgs {
-    /// None when TLS is off (no flag given); clap has checked that the three come together.
-    pub fn to_config(&self) -> Result<Option<ServerTls>, TlsError> {
+    /// The TLS of a server listening on `listen`: None when TLS is off, which is refused
+    /// on an address other than loopback unless `--insecure-listen` says so. (Clap has
+    /// checked that the three files come together.)
+    pub fn to_config(&self, listen: SocketAddr) -> Result<Option<ServerTls>, TlsError> {
         match (&self.tls_cert, &self.tls_key, &self.tls_client_ca) {
+            (None, None, None) if !is_loopback(listen) && !self.insecure_listen => {
+                Err(TlsError::PlaintextListen { addr: listen })
+            }
             (None, None, None) => Ok(None),
             (Some(cert), Some(key), Some(ca)) => Ok(Some(ServerTls {
                 cert: cert.clone(),
@@ -310,4 +332,38 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        tls: ServerTlsArgs,
+    }
+
+    fn config(args: &[&str], listen: &str) -> Result<Option<ServerTls>, TlsError> {
+        let f = Flags::try_parse_from(std::iter::once("x").chain(args.iter().copied())).expect("flags");
+        f.tls.to_config(listen.parse().expect("address"))
+    }
+
+    #[test]
+    fn plaintext_only_on_loopback_unless_said() {
+        for ok in ["127.0.0.1:4245", "127.1.2.3:0", "[::1]:4245", "[::ffff:127.0.0.1]:1"] {
+            assert!(matches!(config(&[], ok), Ok(None)), "{ok}");
+        }
+        for refused in ["0.0.0.0:4245", "10.0.0.7:4245", "[::]:4244", "[fd00::1]:4244"] {
+            let e = config(&[], refused).expect_err(refused);
+            assert!(matches!(e, TlsError::PlaintextListen { .. }), "{e}");
+            assert!(e.to_string().contains("--insecure-listen"), "{e}");
+            assert!(matches!(config(&["--insecure-listen"], refused), Ok(None)), "{refused}");
+        }
+        // Plaintext and TLS at once is a contradiction, not a choice.
+        let both = Flags::try_parse_from(["x", "--insecure-listen", "--tls-cert", "c", "--tls-key", "k", "--tls-client-ca", "a"]);
+        assert!(both.is_err());
+    }
 }
