@@ -572,6 +572,13 @@ fn the_chart_lints_and_renders_valid_objects_for_every_documented_value_set() {
                     assert!(relay.iter().any(|x| x.starts_with(a)), "relay {a}: {relay:?}");
                 }
             }
+            "plaintext" => {
+                // Said out loud: both refuse plaintext on the network without it.
+                assert!(probe.iter().any(|x| x == "--insecure-listen"), "{probe:?}");
+                assert!(relay.iter().any(|x| x == "--insecure-listen"), "{relay:?}");
+                assert!(!probe.iter().chain(&relay).any(|x| x.starts_with("--tls")), "{probe:?} {relay:?}");
+                assert!(o.secrets.iter().all(|s| s.metadata.name.as_deref() != Some("flows-tls")), "no certificates made");
+            }
             "external-clickhouse" => {
                 assert!(o.statefulsets.is_empty(), "no in-chart ClickHouse");
                 assert!(relay.iter().any(|x| x.starts_with("--store")), "{relay:?}");
@@ -606,7 +613,14 @@ fn the_chart_lints_and_renders_valid_objects_for_every_documented_value_set() {
 #[test]
 fn the_plain_manifests_are_the_chart_rendered() {
     let text = std::fs::read_to_string(root().join("deploy/manifests/flows.yaml")).expect("deploy/manifests/flows.yaml");
-    let fresh = render(&["--set", "createNamespace=true", "--set", "clickhouse.auth.existingSecret=flows-clickhouse-auth"]);
+    let fresh = render(&[
+        "--set",
+        "createNamespace=true",
+        "--set",
+        "clickhouse.auth.existingSecret=flows-clickhouse-auth",
+        "--set",
+        "tls.generate=false",
+    ]);
     assert!(
         text == fresh,
         "deploy/manifests/flows.yaml is stale: render it again with the command at its top"
@@ -648,4 +662,78 @@ fn planted_mistakes_are_caught() {
         let caught = std::panic::catch_unwind(|| check(what, &bad)).is_err();
         assert!(caught, "{what} was not caught");
     }
+}
+
+/// A process killed and reaped when the test ends, however it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The workspace's binaries (built by `cargo build --bins`, as scripts/test.sh does).
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let p = exe.parent().and_then(Path::parent).expect("target dir").join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --bins` first", p.display());
+    p
+}
+
+/// With the chart's defaults, mutual TLS is on and the certificates are made at
+/// install; they work with flows' own binaries: the relay serves with them, a client
+/// with the generated client certificate is served, one without a certificate or
+/// checking another name is refused.
+#[test]
+fn the_certificates_the_chart_makes_work_with_the_relay() {
+    let o = check("defaults", &render(&[]));
+    let probe = args_of(&o, "DaemonSet");
+    assert!(probe.iter().any(|a| a.starts_with("--tls-cert")) && !probe.iter().any(|a| a == "--insecure-listen"), "{probe:?}");
+    let secret = o.secrets.iter().find(|s| s.metadata.name.as_deref() == Some("flows-tls")).expect("the chart makes flows-tls");
+    let data = secret.data.clone().expect("data");
+    let keys: BTreeSet<&str> = data.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["ca.crt", "client.crt", "client.key", "probe.crt", "probe.key", "relay.crt", "relay.key"].into());
+    let dir = std::env::temp_dir().join(format!("flows-chart-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for (k, v) in &data {
+        std::fs::write(dir.join(k), &v.0).expect("write");
+    }
+    let f = |n: &str| dir.join(n).display().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
+    let addr = format!("127.0.0.1:{port}");
+    let ready = dir.join("ready");
+    let _relay = Reaped(
+        Command::new(binary("flows-relay"))
+            .args(["--peer", "node-1=127.0.0.1:9", "--listen", &addr])
+            .args(["--tls-cert", &f("relay.crt"), "--tls-key", &f("relay.key"), "--tls-client-ca", &f("ca.crt")])
+            .args(["--peer-tls-ca", &f("ca.crt"), "--peer-tls-cert", &f("relay.crt"), "--peer-tls-key", &f("relay.key")])
+            .args(["--peer-tls-server-name", "node-probe.flows.local", "--ready-file", &ready.display().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("relay"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(std::time::Instant::now() < deadline, "the relay did not start with the chart's certificates");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let observe = |extra: &[&str]| {
+        Command::new(binary("flows"))
+            .args(["observe", "--server", &addr, "--last", "1", "--tls-ca", &f("ca.crt")])
+            .args(extra)
+            .output()
+            .expect("flows observe")
+    };
+    let (cert, key) = (f("client.crt"), f("client.key"));
+    let client = ["--tls-client-cert", cert.as_str(), "--tls-client-key", key.as_str()];
+    let ok = observe(&[&client[..], &["--tls-server-name", "flows-relay"]].concat());
+    assert!(ok.status.success(), "served with the generated client certificate: {}", String::from_utf8_lossy(&ok.stderr));
+    let no_cert = observe(&["--tls-server-name", "flows-relay"]);
+    assert!(!no_cert.status.success(), "served without a client certificate");
+    let other_name = observe(&[&client[..], &["--tls-server-name", "someone-else"]].concat());
+    assert!(!other_name.status.success(), "the relay's certificate passed for another name");
+    let _ = std::fs::remove_dir_all(&dir);
 }
