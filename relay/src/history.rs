@@ -6,11 +6,16 @@ use flows_proto::{Timestamp, timestamp_from_nanos, timestamp_nanos};
 use flows_store::Store;
 use tonic::{Request, Response, Status};
 
-/// A store error as the client's fault (a bad filter) or the store's (unavailable).
-fn status(e: flows_store::StoreError) -> Status {
+/// A store error as the client's fault (a bad filter), a bound its question hit, or the
+/// store's failure. The client gets `public_message` (no SQL, no ClickHouse internals);
+/// the whole error goes to the log.
+pub fn status(e: flows_store::StoreError) -> Status {
+    tracing::warn!(error = %e, "reading the store");
+    let msg = e.public_message();
     match e {
-        flows_store::StoreError::Filter { .. } => Status::invalid_argument(e.to_string()),
-        e => Status::unavailable(e.to_string()),
+        flows_store::StoreError::Filter { .. } => Status::invalid_argument(msg),
+        flows_store::StoreError::TooMany { .. } => Status::resource_exhausted(msg),
+        _ => Status::unavailable(msg),
     }
 }
 

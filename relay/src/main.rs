@@ -57,6 +57,17 @@ struct Args {
     /// data in DIR) or the URL of a ClickHouse server (`http://host:8123`).
     #[arg(long, value_name = "embedded:DIR|URL")]
     store: Option<String>,
+    /// Flows (or audit groups) one read from the store returns at most; a question with
+    /// more answers is refused with RESOURCE_EXHAUSTED, naming the bound (the relay holds
+    /// a read's answer in memory while it merges it with the nodes').
+    #[arg(long, default_value_t = 100_000)]
+    store_read_max_rows: u64,
+    /// Seconds ClickHouse may spend on one read before it stops it.
+    #[arg(long, default_value_t = 60)]
+    store_read_max_seconds: u64,
+    /// MiB of memory ClickHouse may use for one read.
+    #[arg(long, default_value_t = 2048)]
+    store_read_max_memory_mib: u64,
     /// The store's database.
     #[arg(long, default_value = "flows")]
     store_database: String,
@@ -128,6 +139,11 @@ impl Args {
         };
         let store = self.store.clone().map(|spec| StoreSettings {
             spec,
+            read_limits: flows_store::ReadLimits {
+                max_rows: self.store_read_max_rows.max(1),
+                max_seconds: self.store_read_max_seconds.max(1),
+                max_memory: self.store_read_max_memory_mib.max(1).saturating_mul(1 << 20),
+            },
             database: self.store_database.clone(),
             user: self.store_user.clone(),
             password: self.store_password.clone(),

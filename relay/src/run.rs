@@ -55,6 +55,8 @@ pub struct Discovery {
 pub struct StoreSettings {
     /// `embedded:DIR` or a ClickHouse server URL.
     pub spec: String,
+    /// Bounds of every read a client makes of the store.
+    pub read_limits: flows_store::ReadLimits,
     pub database: String,
     pub user: Option<String>,
     pub password: Option<String>,
@@ -264,7 +266,7 @@ fn report_nodes(set: Arc<PeerSet>, m: Arc<flows_metrics::Metrics>) {
 
 async fn open_store(s: &StoreSettings) -> Result<Arc<Store>, RunError> {
     let config = StoreConfig::parse(&s.spec, s.chdb_library.clone(), s.user.clone(), s.password.clone())?;
-    let store = Store::open(&config, &s.database, s.retention).await?;
+    let store = Store::open(&config, &s.database, s.retention).await?.with_read_limits(s.read_limits);
     tracing::info!(embedded = store.is_embedded(), database = %s.database, "store open");
     Ok(Arc::new(store))
 }

@@ -325,7 +325,10 @@ async fn with_stored(
             limit(out, req.number, req.first)
         }
         Err(e) => {
-            out.push(node_status(NodeState::Error, vec!["store".into()], format!("reading the store: {e}")));
+            // In-band, as a node's failure is: what the client may read of it (the log
+            // has the rest).
+            let msg = format!("reading the store: {}", crate::history::status(e).message());
+            out.push(node_status(NodeState::Error, vec!["store".into()], msg));
             out
         }
     }

@@ -153,7 +153,7 @@ fn side(r: &serde_json::Value, p: &str, version: u64) -> AttemptSide {
 
 impl Store {
     pub async fn attempts(&self, q: &AttemptQuery) -> Result<Vec<AttemptRow>, StoreError> {
-        let rows = self.select_json(&q.sql(self.database())?).await?;
+        let rows = self.bounded_json(&q.sql(self.database())?, 0).await?;
         rows.into_iter()
             .map(|r| {
                 let n = |k: &str| {

@@ -64,10 +64,9 @@ impl AuditQuery {
              FROM {db}.flows \
              WHERE verdict IN ({}) AND NOT is_reply AND {} AND {filter} \
              GROUP BY {keys} \
-             ORDER BY flows DESC, last_seen DESC, {keys}{}",
+             ORDER BY flows DESC, last_seen DESC, {keys}",
             names.join(", "),
             sql::time_range(self.since, self.until),
-            if self.top > 0 { format!(" LIMIT {}", self.top) } else { String::new() },
         ))
     }
 }
@@ -80,7 +79,7 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
 
 impl Store {
     pub async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRow>, StoreError> {
-        let rows = self.select_json(&q.sql(self.database())?).await?;
+        let rows = self.bounded_json(&q.sql(self.database())?, q.top).await?;
         rows.into_iter()
             .map(|r| {
                 let s = |k: &str| r[k].as_str().unwrap_or_default().to_string();

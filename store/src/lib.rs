@@ -39,6 +39,29 @@ pub struct FlowQuery {
     pub last: bool,
 }
 
+/// Bounds on what one read for a client (flows, audit, attempts) may cost ClickHouse and
+/// the relay. A result over `max_rows` is an error that says so (`StoreError::TooMany`),
+/// never a silent cut; ClickHouse stops a read over its time or memory bound itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// Rows one read returns at most (flows, or audit and attempt groups).
+    pub max_rows: u64,
+    /// Seconds ClickHouse may spend on one read.
+    pub max_seconds: u64,
+    /// Bytes of memory ClickHouse may use for one read.
+    pub max_memory: u64,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits {
+            max_rows: 100_000,
+            max_seconds: 60,
+            max_memory: 2 << 30,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("ClickHouse engine: {message}")]
@@ -51,6 +74,21 @@ pub enum StoreError {
     Decode { message: String },
     #[error("invalid filter for the store: {message}")]
     Filter { message: String },
+    #[error("more than {limit} rows match in the store: narrow the time window or the filters")]
+    TooMany { limit: u64 },
+}
+
+impl StoreError {
+    /// What a client may be told: its own filter's fault or the limit its question hit,
+    /// in full; of anything else only that the store failed. ClickHouse's messages
+    /// quote SQL and server internals: they stay in the log of whoever holds the store.
+    pub fn public_message(&self) -> String {
+        match self {
+            StoreError::Filter { .. } | StoreError::TooMany { .. } => self.to_string(),
+            StoreError::Server { .. } => "the ClickHouse server failed to answer (details in the relay's log)".into(),
+            _ => "the store failed to answer (details in the relay's log)".into(),
+        }
+    }
 }
 
 /// Where the flows are kept.
@@ -75,6 +113,7 @@ enum Backend {
 pub struct Store {
     backend: Backend,
     db: String,
+    limits: ReadLimits,
 }
 
 /// Tables' sizes on disk.
@@ -156,7 +195,31 @@ impl Store {
         Ok(Store {
             backend,
             db: db.to_string(),
+            limits: ReadLimits::default(),
         })
+    }
+
+    /// The bounds of every read for a client from now on.
+    pub fn with_read_limits(mut self, limits: ReadLimits) -> Store {
+        self.limits = limits;
+        self
+    }
+
+    pub fn read_limits(&self) -> ReadLimits {
+        self.limits
+    }
+
+    /// The first `take` rows (0: all) of a client's read (`sql` without LIMIT or
+    /// SETTINGS) under the read limits: more than `max_rows` of them is `TooMany`.
+    pub(crate) async fn bounded_json(&self, sql: &str, take: u64) -> Result<Vec<serde_json::Value>, StoreError> {
+        let l = self.limits;
+        // One row past the bound tells "too many" from "exactly the bound".
+        let lim = if take > 0 { take.min(l.max_rows.saturating_add(1)) } else { l.max_rows.saturating_add(1) };
+        let rows = self.select_json(&format!("{sql} LIMIT {lim}{}", sql::read_settings(&l))).await?;
+        if rows.len() as u64 > l.max_rows {
+            return Err(StoreError::TooMany { limit: l.max_rows });
+        }
+        Ok(rows)
     }
 
     pub fn database(&self) -> &str {
@@ -331,17 +394,27 @@ impl Store {
     pub async fn flows(&self, query: &FlowQuery) -> Result<Vec<flows_proto::Flow>, StoreError> {
         let newest = query.last;
         let order = if newest { "DESC" } else { "ASC" };
-        let lim = if query.number > 0 { format!(" LIMIT {}", query.number) } else { String::new() };
+        let l = self.limits;
+        // Asked for more than a read may return, or for all of them: one row past the
+        // bound tells "too many" from "exactly the bound".
+        if query.number > l.max_rows {
+            return Err(StoreError::TooMany { limit: l.max_rows });
+        }
+        let lim = if query.number > 0 { query.number } else { l.max_rows.saturating_add(1) };
         let q = format!(
-            "SELECT * FROM {}.flows WHERE {} AND {} ORDER BY time {order}{lim}",
+            "SELECT * FROM {}.flows WHERE {} AND {} ORDER BY time {order} LIMIT {lim}{}",
             self.db,
             sql::condition(&query.allow, &query.deny)?,
             sql::time_range(query.since, query.until),
+            sql::read_settings(&l),
         );
         let bytes = self.fetch(&q, "RowBinary").await?;
         let mut rest = bytes.as_slice();
         let mut out = Vec::new();
         while !rest.is_empty() {
+            if out.len() as u64 >= l.max_rows {
+                return Err(StoreError::TooMany { limit: l.max_rows });
+            }
             out.push(FlowRow::decode(&mut rest)?.to_flow());
         }
         if newest {
@@ -399,4 +472,25 @@ static INSERTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// ClickHouse's JSON output quotes 64-bit integers.
 pub(crate) fn json_u64(v: &serde_json::Value) -> Option<u64> {
     v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_are_told_no_sql_and_no_internals() {
+        let errors = [
+            StoreError::Query { message: "Code: 62. Syntax error at SELECT secret".into(), query: "SELECT secret FROM flows.flows".into() },
+            StoreError::Engine { message: "DB::Exception: SELECT * FROM flows.flows WHERE x".into() },
+            StoreError::Server { url: "http://user:pw@ch:8123".into(), message: "Code: 60. Table flows.flows does not exist".into() },
+            StoreError::Decode { message: "row: SELECT".into() },
+        ];
+        for e in errors {
+            let m = e.public_message();
+            assert!(!m.contains("SELECT") && !m.contains("flows.flows") && !m.contains("pw"), "{m}");
+        }
+        assert!(StoreError::Filter { message: "bad CIDR 10/40".into() }.public_message().contains("10/40"));
+        assert!(StoreError::TooMany { limit: 7 }.public_message().contains('7'));
+    }
 }

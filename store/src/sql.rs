@@ -257,6 +257,16 @@ pub fn condition(allow: &[FlowFilter], deny: &[FlowFilter]) -> Result<String, St
     Ok(if d.is_empty() { a } else { format!("{a} AND NOT {}", any(d)) })
 }
 
+/// The SETTINGS clause of a client's read: ClickHouse stops it past its time or memory
+/// bound instead of starving ingest and the host.
+pub fn read_settings(l: &crate::ReadLimits) -> String {
+    format!(
+        " SETTINGS max_execution_time = {}, max_memory_usage = {}",
+        l.max_seconds.max(1),
+        l.max_memory.max(1 << 20)
+    )
+}
+
 /// `time` within [since, until), each optional, in nanoseconds since the epoch.
 pub fn time_range(since: Option<i64>, until: Option<i64>) -> String {
     let mut c = Vec::new();

@@ -13,7 +13,7 @@ use flows_proto::{
     Endpoint, EventType, Flow, FlowFilter, Ip, IpVersion, Layer4, Policy, Service, Tcp, TcpFlags, Timestamp,
     TrafficDirection, Verdict, Workload, layer4,
 };
-use flows_store::{AttemptQuery, AuditQuery, FlowQuery, FlowRow, Retention, Store, StoreConfig};
+use flows_store::{AttemptQuery, AuditQuery, FlowQuery, FlowRow, ReadLimits, Retention, Store, StoreConfig, StoreError};
 
 fn now_ns() -> i64 {
     SystemTime::now()
@@ -300,6 +300,22 @@ fn temp(name: &str) -> PathBuf {
     d
 }
 
+/// A read for a client never returns more than the store's bound: asking for all of
+/// more, or for a number past it, is an error that names the bound and says what to do.
+async fn bounded_reads(store: Store) {
+    let all = FlowQuery { allow: Vec::new(), deny: Vec::new(), since: None, until: None, number: 0, last: true };
+    let too_many = |r: Result<Vec<Flow>, StoreError>| match r {
+        Err(e @ StoreError::TooMany { limit: 5 }) => assert!(e.public_message().contains("narrow"), "{e}"),
+        other => panic!("not refused: {:?}", other.map(|v| v.len())),
+    };
+    too_many(store.flows(&all).await);
+    too_many(store.flows(&FlowQuery { number: 6, ..all.clone() }).await);
+    assert_eq!(store.flows(&FlowQuery { number: 5, ..all.clone() }).await.expect("five").len(), 5);
+    assert_eq!(store.flows(&FlowQuery { number: 2, last: false, ..all.clone() }).await.expect("two").len(), 2);
+    let groups = store.audit(&AuditQuery { top: 2, ..Default::default() }).await.expect("audit top 2");
+    assert!(groups.len() <= 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_engine() {
     let dir = temp("embedded");
@@ -312,7 +328,7 @@ async fn embedded_engine() {
     let store = Store::open(&config, "flows", Retention::default()).await.expect("reopen");
     assert_eq!(count(&store, "flows", "1").await, recorded(0).len() as u64 - 1);
     assert_eq!(count(&store, "schema_migrations", "1").await, 3, "each migration applied once");
-    drop(store);
+    bounded_reads(store.with_read_limits(ReadLimits { max_rows: 5, ..Default::default() })).await;
     shorter_retention(&config, "embedded").await;
     let _ = std::fs::remove_dir_all(&dir);
 }
