@@ -1,9 +1,13 @@
 //! Connections to the node-probes, kept up with backoff.
 //!
 //! Each peer has a task that connects, learns the node's name from ServerStatus, checks
-//! the connection every couple of seconds and reconnects with exponential backoff when
-//! it fails. Its state is published on a watch channel, which both the relay's requests
-//! and its status read.
+//! the connection twice a second and reconnects with exponential backoff when it fails.
+//! Its state is published on a watch channel, which both the relay's requests and its
+//! status read.
+//!
+//! A probe that hangs (stopped, or its node frozen) keeps its TCP connection open and
+//! answers nothing: every call to it is bounded (`CALL_TIMEOUT`), so it is reported
+//! unavailable within seconds, and HTTP/2 keepalive ends the streams open to it.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -11,6 +15,28 @@ use flows_proto::{ServerStatusRequest, observer_client::ObserverClient};
 use tokio::sync::watch;
 use flows_tls::{Dialer, error_chain};
 use tonic::transport::Channel;
+
+/// How long one unary call to a probe (its status) may take: past it, the probe counts
+/// as unavailable.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// HTTP/2 pings on every connection to a probe, and how long an answer may take: a
+/// stream from a probe that stopped answering ends within their sum.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A call to a probe, bounded by `CALL_TIMEOUT`.
+pub async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(r) => r,
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {} s",
+            CALL_TIMEOUT.as_secs()
+        ))),
+    }
+}
 
 #[derive(Debug, Clone)]
 pub enum PeerState {
@@ -94,11 +120,13 @@ async fn maintain(url: String, dialer: Dialer, tx: watch::Sender<PeerState>, bac
             let ep = dialer
                 .endpoint(&url)
                 .map_err(|e| e.to_string())?
-                .connect_timeout(Duration::from_secs(2));
+                .connect_timeout(Duration::from_secs(2))
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true);
             let channel = ep.connect().await.map_err(|e| error_chain(&e))?;
             let mut client = ObserverClient::new(channel);
-            let st = client
-                .server_status(ServerStatusRequest {})
+            let st = bounded(client.server_status(ServerStatusRequest {}))
                 .await
                 .map_err(|e| error_chain(&e))?
                 .into_inner();
@@ -118,7 +146,7 @@ async fn maintain(url: String, dialer: Dialer, tx: watch::Sender<PeerState>, bac
                     if tx.is_closed() {
                         return;
                     }
-                    if let Err(e) = client.server_status(ServerStatusRequest {}).await {
+                    if let Err(e) = bounded(client.server_status(ServerStatusRequest {})).await {
                         tracing::warn!(%url, error = %e, "node-probe unavailable");
                         let _ = tx.send(PeerState::Unavailable {
                             error: e.message().to_string(),

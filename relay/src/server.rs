@@ -65,11 +65,16 @@ impl Observer for RelayService {
         };
         let mut lost: BTreeMap<i32, u64> = BTreeMap::new();
         let (mut connected, mut down) = (0u32, Vec::new());
-        for p in &self.merger.peers.snapshot() {
-            let status = match p.client() {
-                Some(mut c) => c.server_status(ServerStatusRequest {}).await.ok(),
+        // Every node at once, each bounded: a hung node costs one timeout, not one each.
+        let peers = self.merger.peers.snapshot();
+        let calls = peers.iter().map(|p| async move {
+            match p.client() {
+                Some(mut c) => crate::peers::bounded(c.server_status(ServerStatusRequest {})).await.ok(),
                 None => None,
-            };
+            }
+        });
+        let answers = futures::future::join_all(calls).await;
+        for (p, status) in peers.iter().zip(answers) {
             match status {
                 Some(s) => {
                     let s = s.into_inner();

@@ -208,6 +208,9 @@ fn unavailable(peers: &[Arc<Peer>]) -> Vec<String> {
         .collect()
 }
 
+/// How long one node's history answer may take (a ring of at most 65,536 flows).
+const HISTORY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Every connected node's answer to `req`, annotated and filtered, in time order, cut
 /// to `number` flows (the first or the last ones). Nodes that fail are reported in-band.
 async fn history(
@@ -229,7 +232,16 @@ async fn history(
                 }
                 Ok::<_, Status>(out)
             };
-            (name, read.await)
+            // A node that stops answering mid-read is reported, and the others' answer
+            // goes out without it.
+            let read = match tokio::time::timeout(HISTORY_READ_TIMEOUT, read).await {
+                Ok(r) => r,
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "no complete answer within {} s",
+                    HISTORY_READ_TIMEOUT.as_secs()
+                ))),
+            };
+            (name, read)
         }
     });
     // Nodes failing the same way are one event naming them all.

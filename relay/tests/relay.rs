@@ -488,3 +488,128 @@ fn plaintext_on_a_network_address_is_refused_unless_said() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("refusing to serve plaintext"), "{err}");
 }
+
+/// A TCP proxy that can freeze: frozen, it keeps every connection open and moves no
+/// byte either way, which is what a peer sees of a process stopped with SIGSTOP (its
+/// kernel still holds the sockets) or a node whose network went silent.
+struct Freezer {
+    addr: std::net::SocketAddr,
+    frozen: tokio::sync::watch::Sender<bool>,
+}
+
+impl Freezer {
+    async fn start(upstream: std::net::SocketAddr) -> Freezer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (frozen, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { continue };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(Freezer::pipe(cr, sw, watch.clone()));
+                tokio::spawn(Freezer::pipe(sr, cw, watch.clone()));
+            }
+        });
+        Freezer { addr, frozen }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut frozen: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            // Frozen: neither read nor write, ever again (as a stopped process).
+            if *frozen.borrow_and_update() {
+                std::future::pending::<()>().await;
+            }
+            let n = tokio::select! {
+                r = from.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+                _ = frozen.changed() => continue,
+            };
+            if *frozen.borrow() || to.write_all(&buf[..n]).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    fn freeze(&self) {
+        let _ = self.frozen.send(true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_node_is_reported_within_seconds_and_blocks_nothing() {
+    let (r1, r2) = (Arc::new(FlowRing::new(64).expect("ring")), Arc::new(FlowRing::new(64).expect("ring")));
+    let n1 = Node::start("node-1", r1.clone(), "127.0.0.1:0").await;
+    let n2 = Node::start("node-2", r2.clone(), "127.0.0.1:0").await;
+    let proxy = Freezer::start(n1.addr).await;
+    let specs = vec![format!("node-1={}", proxy.addr), format!("node-2={}", n2.addr)];
+    let (mut c, _, _) = relay_with(&specs, None).await;
+    r1.push(flow("node-1", now_ns(), 1));
+    r2.push(flow("node-2", now_ns(), 2));
+    let mut follower = c.get_flows(GetFlowsRequest { follow: true, ..Default::default() }).await.expect("follow").into_inner();
+
+    // node-1's probe hangs: its connections stay open, nothing answers.
+    proxy.freeze();
+    let frozen_at = Instant::now();
+
+    // ServerStatus answers promptly whatever node-1 does, and soon says it is down.
+    let unavailable_after = loop {
+        let asked = Instant::now();
+        let st = tokio::time::timeout(Duration::from_secs(5), c.server_status(ServerStatusRequest {}))
+            .await
+            .expect("ServerStatus answered within 5 s")
+            .expect("status")
+            .into_inner();
+        if st.unavailable_nodes == ["node-1"] {
+            break frozen_at.elapsed();
+        }
+        assert!(asked.elapsed() < Duration::from_secs(4), "ServerStatus waited on the hung node");
+        assert!(frozen_at.elapsed() < Duration::from_secs(10), "node-1 still not unavailable: {st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // A history read answers with node-2's flows and says node-1 is unavailable.
+    let asked = Instant::now();
+    let mut h = c.get_flows(GetFlowsRequest { number: 10, ..Default::default() }).await.expect("history").into_inner();
+    let (mut flows, mut said) = (Vec::new(), String::new());
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(15), h.message()).await.expect("history ends").expect("history") {
+        match m.response_types {
+            Some(ResponseTypes::Flow(f)) => flows.push(f.node_name),
+            Some(ResponseTypes::NodeStatus(s)) => said.push_str(&s.message),
+            _ => {}
+        }
+    }
+    assert_eq!(flows, ["node-2"], "{said}");
+    assert!(said.contains("node-1"), "{said}");
+    assert!(asked.elapsed() < Duration::from_secs(12), "history waited {:?} on the hung node", asked.elapsed());
+
+    // The follower is told, in-band, within 10 s of the hang.
+    let told_after = loop {
+        let m = tokio::time::timeout(Duration::from_secs(12), follower.message())
+            .await
+            .expect("the follower heard of node-1 within 12 s")
+            .expect("stream")
+            .expect("open");
+        if let Some(ResponseTypes::NodeStatus(s)) = m.response_types {
+            if s.state_change == NodeState::Unavailable as i32 && s.node_names == ["node-1"] {
+                break frozen_at.elapsed();
+            }
+        }
+    };
+    assert!(told_after < Duration::from_secs(10), "the follower heard after {told_after:?}");
+    // And still gets node-2's new flows.
+    r2.push(flow("node-2", now_ns(), 3));
+    loop {
+        if let Some(ResponseTypes::Flow(f)) = next(&mut follower).await.response_types {
+            if f.packet_length == 3 {
+                break;
+            }
+        }
+    }
+    eprintln!("hung node: ServerStatus said unavailable after {unavailable_after:?}, the follower after {told_after:?}");
+}
