@@ -55,22 +55,26 @@ fn main() {
     let t = Instant::now();
     let trial = drive::run(&lab.state, &scenario(2000), &opts).expect("drive");
     let rate = trial.attempts.len() as f64 / t.elapsed().as_secs_f64();
-    // The trial's last events may still be on their way: count from a quiet point.
-    settle(&probes);
-    let before: u64 = probes.iter().map(|p| server_status(&p.addr).seen_flows).sum();
+    // The trial's last events may still be on their way: count from the point where a
+    // marker sent after them has arrived everywhere.
+    let seen_now = || -> u64 { probes.iter().map(|p| server_status(&p.addr).seen_flows).sum() };
+    settle(&lab.state, &probes);
+    let before = seen_now();
 
     let count = (rate * 10.0).max(1000.0) as u64;
     let t = Instant::now();
     let report = drive::run(&lab.state, &scenario(count), &opts).expect("drive");
     let secs = t.elapsed().as_secs_f64();
-    settle(&probes);
+    settle(&lab.state, &probes);
+    // What one settle's markers add, measured by a second one, is not the burst's.
+    let after = seen_now();
+    settle(&lab.state, &probes);
+    let markers = seen_now() - after;
 
-    let mut seen = 0;
     let mut lost = 0;
     let mut ringbuf_full = 0;
     for p in &probes {
         let s = server_status(&p.addr);
-        seen += s.seen_flows;
         lost += s
             .lost
             .iter()
@@ -79,7 +83,7 @@ fn main() {
             .sum::<u64>();
         ringbuf_full += s.datapath_counters.get("ringbuf_full").copied().unwrap_or(0);
     }
-    let seen = seen - before;
+    let seen = after - before - markers;
     // Cross-node TCP: attempt + first reply on each of the two nodes.
     let answered = report.succeeded as u64;
     let unanswered = report.failed as u64;

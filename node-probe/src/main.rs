@@ -60,6 +60,10 @@ struct Args {
     default_policy_mode: String,
     #[command(flatten)]
     tls: flows_tls::ServerTlsArgs,
+    /// GetFlows streams served at once; more are refused with RESOURCE_EXHAUSTED. The
+    /// relay holds one per follower (and one for its store writer).
+    #[arg(long, default_value_t = 512)]
+    max_streams: usize,
     /// bpffs directory (e.g. /sys/fs/bpf/flows) where the TC links are pinned: when the
     /// probe stops or dies its programs keep enforcing the policy they had, and the
     /// next probe takes every interface over atomically. Without it, links end with
@@ -114,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
         manifests: args.manifests,
         metrics_listen: args.metrics_listen,
         tls: args.tls.to_config(args.listen)?,
+        max_streams: args.max_streams,
         pin_dir: args.pin_dir,
         default_mode: flows_policy::compile::Mode::parse(&args.default_policy_mode)
             .unwrap_or(flows_policy::compile::Mode::Enforce),

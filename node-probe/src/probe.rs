@@ -88,6 +88,8 @@ pub struct ProbeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Mutual TLS of the Observer API (None: plaintext).
     pub tls: Option<flows_tls::ServerTls>,
+    /// GetFlows streams served at once.
+    pub max_streams: usize,
     /// bpffs directory of this node's pinned TC links: enforcement outlives the probe
     /// and the next one takes over without a gap (None: links end with the process).
     pub pin_dir: Option<PathBuf>,
@@ -198,6 +200,7 @@ pub async fn run(
         ring: ring.clone(),
         stats: stats.clone(),
         node_name: cfg.node_name.clone(),
+        streams: flows_tls::serving::StreamSlots::new(cfg.max_streams),
         started: Instant::now(),
         metrics: metrics.clone(),
         shutdown: stop_rx.clone(),
@@ -247,11 +250,7 @@ async fn serve(
         })?;
     }
     tracing::info!(node = %cfg.node_name, listen = %local, "node-probe ready");
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
-    builder
+    flows_tls::serving::server(tls)?
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
             shutdown.await;

@@ -40,6 +40,8 @@ pub struct ObserverService {
     /// Becomes true when the server shuts down: following streams end then, or the
     /// server's graceful shutdown would wait for them forever.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// GetFlows streams served at once.
+    pub streams: flows_tls::serving::StreamSlots,
 }
 
 /// Whether an entry is inside the request's window (one without a time: always).
@@ -148,6 +150,7 @@ impl Observer for ObserverService {
     ) -> Result<Response<Self::GetFlowsStream>, Status> {
         let req = request.into_inner();
         let (window, filters) = validate(&req)?;
+        let slot = self.streams.take()?;
         let ring = self.ring.clone();
         let node = self.node_name.clone();
         let metrics = self.metrics.clone();
@@ -206,7 +209,7 @@ impl Observer for ObserverService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(flows_tls::serving::Slotted::new(ReceiverStream::new(rx), slot))))
     }
 
     async fn server_status(

@@ -27,6 +27,7 @@ async fn serve_channel(ring: Arc<FlowRing>) -> (Channel, tokio::sync::watch::Sen
         ring,
         stats: Arc::new(ProbeStats::default()),
         node_name: "node-t".into(),
+        streams: flows_tls::serving::StreamSlots::new(64),
         started: Instant::now(),
         metrics: Arc::new(flows_node_probe::metrics::Metrics::new()),
         shutdown,

@@ -37,6 +37,7 @@ async fn serve_tls(tls: &ServerTls) -> String {
         ring,
         stats: Arc::new(ProbeStats::default()),
         node_name: "node-tls".into(),
+        streams: flows_tls::serving::StreamSlots::new(64),
         started: Instant::now(),
         metrics: Arc::new(flows_node_probe::metrics::Metrics::new()),
         shutdown,

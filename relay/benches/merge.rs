@@ -96,6 +96,7 @@ async fn node(name: String, ring: Arc<FlowRing>) -> std::net::SocketAddr {
         ring,
         stats: Arc::new(ProbeStats::default()),
         node_name: name,
+        streams: flows_tls::serving::StreamSlots::new(64),
         started: Instant::now(),
         metrics: Arc::new(Metrics::new()),
         shutdown,
@@ -160,6 +161,7 @@ async fn run(peers: usize, index: Option<SharedIndex>) {
             store: None,
         }),
         started: Instant::now(),
+        streams: flows_tls::serving::StreamSlots::new(64),
         sink: None,
         shutdown: None,
     };

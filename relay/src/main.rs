@@ -68,6 +68,10 @@ struct Args {
     /// MiB of memory ClickHouse may use for one read.
     #[arg(long, default_value_t = 2048)]
     store_read_max_memory_mib: u64,
+    /// GetFlows streams served at once; more are refused with RESOURCE_EXHAUSTED. Each
+    /// follower holds one here and one on every node-probe.
+    #[arg(long, default_value_t = 256)]
+    max_streams: usize,
     /// The store's database.
     #[arg(long, default_value = "flows")]
     store_database: String,
@@ -184,6 +188,7 @@ impl Args {
                 tls_client_key: self.peer_tls_key,
                 tls_server_name: self.peer_tls_server_name,
             },
+            max_streams: self.max_streams.max(1),
         }
     }
 }

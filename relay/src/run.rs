@@ -81,6 +81,8 @@ pub struct RelayConfig {
     pub ready_file: Option<PathBuf>,
     pub tls: flows_tls::ServerTlsArgs,
     pub peer_tls: flows_tls::ClientTlsArgs,
+    /// GetFlows streams served at once.
+    pub max_streams: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +165,7 @@ pub async fn run(cfg: RelayConfig, shutdown: impl Future<Output = ()> + Send + '
     let svc = Arc::new(RelayService {
         merger: merger.clone(),
         started: Instant::now(),
+        streams: flows_tls::serving::StreamSlots::new(cfg.max_streams),
         sink: sink_stats.clone(),
         shutdown: Some(client_stop),
     });
@@ -186,11 +189,7 @@ pub async fn run(cfg: RelayConfig, shutdown: impl Future<Output = ()> + Send + '
     }
     tracing::info!(listen = %local, "relay serving");
     let history = store.clone().map(|store| HistoryServer::new(HistoryService { store }));
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(t) = server_tls {
-        builder = builder.tls_config(t)?;
-    }
-    let served = builder
+    let served = flows_tls::serving::server(server_tls)?
         .add_service(ObserverServer::from_arc(svc).max_decoding_message_size(MAX_REQUEST_BYTES))
         .add_optional_service(history.map(|h| h.max_decoding_message_size(MAX_REQUEST_BYTES)))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {

@@ -26,6 +26,9 @@ pub struct RelayService {
     /// reconnect to the next relay), or the graceful shutdown would wait for them
     /// forever. None: streams end only with their clients.
     pub shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    /// GetFlows streams served at once (each follower holds one, and a stream from
+    /// every node).
+    pub streams: flows_tls::serving::StreamSlots,
 }
 
 #[tonic::async_trait]
@@ -37,8 +40,9 @@ impl Observer for RelayService {
         &self,
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<Self::GetFlowsStream>, Status> {
+        let slot = self.streams.take()?;
         let rx = self.merger.stream(request.into_inner())?;
-        let stream = ReceiverStream::new(rx);
+        let stream = flows_tls::serving::Slotted::new(ReceiverStream::new(rx), slot);
         match self.shutdown.clone() {
             None => Ok(Response::new(Box::pin(stream))),
             Some(mut stop) => {

@@ -45,6 +45,7 @@ impl Node {
             ring,
             stats: Arc::new(ProbeStats::default()),
             node_name: name.into(),
+            streams: flows_tls::serving::StreamSlots::new(64),
             started: Instant::now(),
             metrics: Arc::new(Metrics::new()),
             shutdown,
@@ -133,6 +134,7 @@ async fn relay_with(
             store: None,
         }),
         started: Instant::now(),
+        streams: flows_tls::serving::StreamSlots::new(64),
         sink: None,
         shutdown: None,
     };
@@ -612,4 +614,47 @@ async fn a_hung_node_is_reported_within_seconds_and_blocks_nothing() {
         }
     }
     eprintln!("hung node: ServerStatus said unavailable after {unavailable_after:?}, the follower after {told_after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_the_bound_are_refused_and_a_freed_slot_serves_again() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
+    let dir = std::env::temp_dir().join(format!("flows-relay-slots-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ready = dir.join("ready");
+    let mut relay = std::process::Command::new(env!("CARGO_BIN_EXE_flows-relay"))
+        .args(["--peer", "node-1=127.0.0.1:9", "--listen", &format!("127.0.0.1:{port}"), "--max-streams", "2"])
+        .arg("--ready-file")
+        .arg(&ready)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("relay");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "relay not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut c = ObserverClient::connect(format!("http://127.0.0.1:{port}")).await.expect("connect");
+    let follow = || GetFlowsRequest { follow: true, ..Default::default() };
+    let a = c.get_flows(follow()).await.expect("first stream").into_inner();
+    let _b = c.get_flows(follow()).await.expect("second stream").into_inner();
+    let refused = c.get_flows(follow()).await.expect_err("a third stream is past the bound");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("2 flow streams"), "{refused:?}");
+    // A client that goes gives its slot back.
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.get_flows(follow()).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                assert!(Instant::now() < deadline, "the slot never came back");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -34,6 +34,7 @@ async fn node(ring: Arc<FlowRing>) -> std::net::SocketAddr {
         ring,
         stats: Arc::new(ProbeStats::default()),
         node_name: "node-1".into(),
+        streams: flows_tls::serving::StreamSlots::new(64),
         started: Instant::now(),
         metrics: Arc::new(Metrics::new()),
         shutdown,
@@ -91,6 +92,7 @@ async fn relay_with(addr: std::net::SocketAddr, store: Arc<Store>, buffer_rows: 
     let svc = Arc::new(RelayService {
         merger: merger.clone(),
         started: Instant::now(),
+        streams: flows_tls::serving::StreamSlots::new(64),
         sink: Some(stats.clone()),
         shutdown: None,
     });

@@ -12,6 +12,7 @@
 //! never formatted into errors or logs.
 
 pub mod certs;
+pub mod serving;
 
 use std::{
     fmt,

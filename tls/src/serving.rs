@@ -1,0 +1,91 @@
+//! How flows' gRPC servers serve, beside their TLS: the bounds every server applies, so
+//! that no client (or crowd of them) exhausts a probe or the relay.
+//!
+//! - Connections: HTTP/2 streams per connection are capped, idle peers are pinged and
+//!   dropped when they stop answering, TCP keepalive finds dead hosts.
+//! - Streams: `GetFlows` streams (a follower holds one for hours) take a slot from a
+//!   fixed number; with none left the request is refused with RESOURCE_EXHAUSTED,
+//!   saying so, instead of queueing without bound.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures_core::Stream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::{
+    Status,
+    transport::{Server, ServerTlsConfig},
+};
+
+/// HTTP/2 streams one connection may have open at once.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// A server with flows' connection bounds, and its TLS when given.
+pub fn server(tls: Option<ServerTlsConfig>) -> Result<Server, tonic::transport::Error> {
+    let builder = Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)));
+    match tls {
+        Some(t) => builder.tls_config(t),
+        None => Ok(builder),
+    }
+}
+
+/// A fixed number of `GetFlows` streams a server serves at once.
+#[derive(Clone, Debug)]
+pub struct StreamSlots {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl StreamSlots {
+    pub fn new(max: usize) -> StreamSlots {
+        StreamSlots {
+            slots: Arc::new(Semaphore::new(max.max(1))),
+            max: max.max(1),
+        }
+    }
+
+    /// A slot for one stream, held until the stream is dropped (`Slotted`), or the
+    /// refusal to send the client.
+    pub fn take(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this server already serves {} flow streams: try again later",
+                self.max
+            ))
+        })
+    }
+
+    /// Slots in use now.
+    pub fn in_use(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+}
+
+/// A response stream that holds its slot: the slot comes back when the server drops the
+/// stream (the client went, or it ended).
+pub struct Slotted<S> {
+    inner: S,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<S> Slotted<S> {
+    pub fn new(inner: S, slot: OwnedSemaphorePermit) -> Slotted<S> {
+        Slotted { inner, _slot: slot }
+    }
+}
+
+impl<S: Stream + Unpin> Stream for Slotted<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
