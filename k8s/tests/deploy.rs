@@ -639,6 +639,9 @@ fn values_the_schema_forbids_do_not_render() {
         "nodeProbe.defaultPolicyMode=sometimes",
         "store.whenFull=maybe",
         "nodeProbe.port=70000",
+        // The probe gets a directory of bpffs of its own, never the whole of it.
+        "nodeProbe.pinDir=/sys/fs/bpf",
+        "nodeProbe.pinDir=/var/lib/flows",
         "notAValue=1",
     ] {
         let out = helm(&["template", "flows", &chart, "--namespace", "flows-system", "--set", bad]);
