@@ -704,39 +704,57 @@ fn the_certificates_the_chart_makes_work_with_the_relay() {
         std::fs::write(dir.join(k), &v.0).expect("write");
     }
     let f = |n: &str| dir.join(n).display().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
-    let addr = format!("127.0.0.1:{port}");
-    let ready = dir.join("ready");
-    let _relay = Reaped(
-        Command::new(binary("flows-relay"))
-            .args(["--peer", "node-1=127.0.0.1:9", "--listen", &addr])
-            .args(["--tls-cert", &f("relay.crt"), "--tls-key", &f("relay.key"), "--tls-client-ca", &f("ca.crt")])
-            .args(["--peer-tls-ca", &f("ca.crt"), "--peer-tls-cert", &f("relay.crt"), "--peer-tls-key", &f("relay.key")])
-            .args(["--peer-tls-server-name", "node-probe.flows.local", "--ready-file", &ready.display().to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("relay"),
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !ready.exists() {
-        assert!(std::time::Instant::now() < deadline, "the relay did not start with the chart's certificates");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let observe = |extra: &[&str]| {
-        Command::new(binary("flows"))
-            .args(["observe", "--server", &addr, "--last", "1", "--tls-ca", &f("ca.crt")])
-            .args(extra)
-            .output()
-            .expect("flows observe")
+    let allowed = |args: &[String]| -> Vec<String> {
+        args.iter().filter_map(|a| a.strip_prefix("--tls-allow-client=").map(String::from)).collect()
     };
-    let (cert, key) = (f("client.crt"), f("client.key"));
-    let client = ["--tls-client-cert", cert.as_str(), "--tls-client-key", key.as_str()];
-    let ok = observe(&[&client[..], &["--tls-server-name", "flows-relay"]].concat());
+    let relay_args = args_of(&o, "Deployment");
+    // A server with the chart's certificate and allow list for that side: the relay as
+    // the chart runs it, and the probe's side played by the same binary (it serves the
+    // same Observer API under the same TLS rules).
+    let serve = |cert: &str, key: &str, allow: Vec<String>| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
+        let addr = format!("127.0.0.1:{port}");
+        let ready = dir.join(format!("ready-{port}"));
+        let mut cmd = Command::new(binary("flows-relay"));
+        cmd.args(["--peer", "node-1=127.0.0.1:9", "--listen", &addr])
+            .args(["--tls-cert", &f(cert), "--tls-key", &f(key), "--tls-client-ca", &f("ca.crt")])
+            .args(["--ready-file", &ready.display().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for a in allow {
+            cmd.args(["--tls-allow-client", &a]);
+        }
+        let child = Reaped(cmd.spawn().expect("relay"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !ready.exists() {
+            assert!(std::time::Instant::now() < deadline, "a server did not start with the chart's certificates");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        (child, addr)
+    };
+    let observe = |addr: &str, name: &str, client: Option<(&str, &str)>| {
+        let mut cmd = Command::new(binary("flows"));
+        cmd.args(["observe", "--server", addr, "--last", "1", "--tls-ca", &f("ca.crt"), "--tls-server-name", name]);
+        if let Some((cert, key)) = client {
+            cmd.args(["--tls-client-cert", &f(cert), "--tls-client-key", &f(key)]);
+        }
+        cmd.output().expect("flows observe")
+    };
+    let (_relay, addr) = serve("relay.crt", "relay.key", allowed(&relay_args));
+    let ok = observe(&addr, "flows-relay", Some(("client.crt", "client.key")));
     assert!(ok.status.success(), "served with the generated client certificate: {}", String::from_utf8_lossy(&ok.stderr));
-    let no_cert = observe(&["--tls-server-name", "flows-relay"]);
-    assert!(!no_cert.status.success(), "served without a client certificate");
-    let other_name = observe(&[&client[..], &["--tls-server-name", "someone-else"]].concat());
+    assert!(!observe(&addr, "flows-relay", None).status.success(), "served without a client certificate");
+    let other_name = observe(&addr, "someone-else", Some(("client.crt", "client.key")));
     assert!(!other_name.status.success(), "the relay's certificate passed for another name");
+    // Identity, not just the CA: the probes' own certificate is of the same CA, and is
+    // refused as a client of the relay.
+    let probe_as_client = observe(&addr, "flows-relay", Some(("probe.crt", "probe.key")));
+    let err = String::from_utf8_lossy(&probe_as_client.stderr);
+    assert!(!probe_as_client.status.success() && err.contains("not allowed"), "{err}");
+    // The probes' side: the relay's certificate is served, a person's is not.
+    let (_probe, paddr) = serve("probe.crt", "probe.key", allowed(&probe));
+    let relay_as_client = observe(&paddr, "node-probe.flows.local", Some(("relay.crt", "relay.key")));
+    assert!(relay_as_client.status.success(), "a probe serves the relay: {}", String::from_utf8_lossy(&relay_as_client.stderr));
+    assert!(!observe(&paddr, "node-probe.flows.local", Some(("client.crt", "client.key"))).status.success(), "a probe served a person");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -205,7 +205,8 @@ pub async fn run(
         metrics: metrics.clone(),
         shutdown: stop_rx.clone(),
     };
-    let served = serve(&cfg, service, tls, shutdown, stop_tx.clone()).await;
+    let allowed = flows_tls::serving::ClientAllowList::new(cfg.tls.as_ref().map(|t| t.allowed_clients.as_slice()).unwrap_or_default());
+    let served = serve(&cfg, service, tls, allowed, shutdown, stop_tx.clone()).await;
 
     let _ = stop_tx.send(true);
     let _ = reader.await;
@@ -234,6 +235,7 @@ async fn serve(
     cfg: &ProbeConfig,
     service: ObserverService,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    allowed: flows_tls::serving::ClientAllowList,
     shutdown: impl std::future::Future<Output = ()>,
     stop_all: watch::Sender<bool>,
 ) -> Result<(), ProbeError> {
@@ -251,7 +253,7 @@ async fn serve(
     }
     tracing::info!(node = %cfg.node_name, listen = %local, "node-probe ready");
     flows_tls::serving::server(tls)?
-        .add_service(service.into_server())
+        .add_service(tonic::service::interceptor::InterceptedService::new(service.into_server(), move |r| allowed.check(r)))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
             shutdown.await;
             let _ = stop_all.send(true);

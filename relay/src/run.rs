@@ -122,7 +122,9 @@ pub async fn run(cfg: RelayConfig, shutdown: impl Future<Output = ()> + Send + '
     };
     // Certificates are read before anything connects or listens: a bad file is an
     // error at start, not a handshake failure later.
-    let server_tls = cfg.tls.to_config(cfg.listen).map_err(tls("--tls-*"))?.map(|t| t.load()).transpose().map_err(tls("--tls-*"))?;
+    let server_files = cfg.tls.to_config(cfg.listen).map_err(tls("--tls-*"))?;
+    let allowed = flows_tls::serving::ClientAllowList::new(server_files.as_ref().map(|t| t.allowed_clients.as_slice()).unwrap_or_default());
+    let server_tls = server_files.map(|t| t.load()).transpose().map_err(tls("--tls-*"))?;
     let peer_tls = cfg.peer_tls.to_config().map_err(tls("--peer-tls-*"))?;
     let dialer = flows_tls::Dialer::new(peer_tls.as_ref()).map_err(tls("--peer-tls-*"))?;
     let peers = PeerSet::with_dialer(&cfg.peers, peers::Backoff::default(), dialer);
@@ -190,8 +192,18 @@ pub async fn run(cfg: RelayConfig, shutdown: impl Future<Output = ()> + Send + '
     tracing::info!(listen = %local, "relay serving");
     let history = store.clone().map(|store| HistoryServer::new(HistoryService { store }));
     let served = flows_tls::serving::server(server_tls)?
-        .add_service(ObserverServer::from_arc(svc).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .add_optional_service(history.map(|h| h.max_decoding_message_size(MAX_REQUEST_BYTES)))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ObserverServer::from_arc(svc).max_decoding_message_size(MAX_REQUEST_BYTES),
+            {
+                let a = allowed.clone();
+                move |r| a.check(r)
+            },
+        ))
+        .add_optional_service(history.map(|h| {
+            tonic::service::interceptor::InterceptedService::new(h.max_decoding_message_size(MAX_REQUEST_BYTES), move |r| {
+                allowed.check(r)
+            })
+        }))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
             shutdown.await;
             tracing::info!("shutting down: ending client streams");

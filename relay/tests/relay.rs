@@ -658,3 +658,64 @@ async fn streams_past_the_bound_are_refused_and_a_freed_slot_serves_again() {
     let _ = relay.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Clients are admitted by the name in their certificate, not by any certificate the CA
+/// signed: with `--tls-allow-client`, a certificate of the same CA naming someone else
+/// is refused with PERMISSION_DENIED, on both the Observer and ServerStatus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_are_allowed_by_certificate_name() {
+    let dir = std::env::temp_dir().join(format!("flows-relay-allow-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let spec = flows_tls::certs::CertSpec { client_name: "alice".into(), ..Default::default() };
+    flows_tls::certs::create(&dir, &spec, true).expect("certificates");
+    let f = |n: &str| dir.join(n);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
+    let start = |allowed: &str| {
+        let ready = dir.join(format!("ready-{allowed}"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_flows-relay"))
+            .args(["--peer", "node-1=127.0.0.1:9", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--tls-cert").arg(f("relay.crt")).arg("--tls-key").arg(f("relay.key")).arg("--tls-client-ca").arg(f("ca.crt"))
+            .args(["--tls-allow-client", allowed])
+            .arg("--ready-file").arg(&ready)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("relay");
+        (child, ready)
+    };
+    let call = || async {
+        let tls = flows_tls::ClientTls {
+            ca: f("ca.crt"),
+            cert: Some(f("client.crt")),
+            key: Some(f("client.key")),
+            server_name: Some("flows-relay".into()),
+        }
+        .load()
+        .expect("client tls");
+        let ep = flows_tls::endpoint(&format!("127.0.0.1:{port}"), Some(&tls)).expect("endpoint");
+        let mut c = ObserverClient::new(ep.connect().await.expect("connect"));
+        let status = c.server_status(ServerStatusRequest {}).await.map(|_| ());
+        let flows = c.get_flows(GetFlowsRequest { number: 1, ..Default::default() }).await.map(|_| ());
+        (status, flows)
+    };
+    for (allowed, admitted) in [("bob", false), ("alice", true)] {
+        let (mut relay, ready) = start(allowed);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "relay not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (status, flows) = call().await;
+        if admitted {
+            assert!(status.is_ok() && flows.is_ok(), "alice allowed: {status:?} {flows:?}");
+        } else {
+            for r in [status, flows] {
+                let e = r.expect_err("alice is not bob");
+                assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+                assert!(e.message().contains("alice"), "{e:?}");
+            }
+        }
+        let _ = relay.kill();
+        let _ = relay.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

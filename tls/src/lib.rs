@@ -132,6 +132,11 @@ pub struct ServerTlsArgs {
     /// nothing else can reach. Without it, plaintext is served on loopback only.
     #[arg(long = "insecure-listen", conflicts_with = "tls_cert")]
     pub insecure_listen: bool,
+    /// A client certificate name (DNS name or common name) allowed to call this server;
+    /// repeat for more. Given, a client whose certificate names none of them is refused
+    /// with PERMISSION_DENIED, even with a certificate of the CA.
+    #[arg(long = "tls-allow-client", value_name = "NAME", requires = "tls_cert")]
+    pub tls_allow_client: Vec<String>,
 }
 
 /// Whether only this machine can reach `addr` (127.0.0.0/8, ::1, or ::ffff:127.x).
@@ -145,6 +150,8 @@ pub struct ServerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: PathBuf,
+    /// Names a client certificate must carry (empty: any certificate of the CA).
+    pub allowed_clients: Vec<String>,
 }
 
 impl ServerTlsArgs {
@@ -161,6 +168,7 @@ impl ServerTlsArgs {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: ca.clone(),
+                allowed_clients: self.tls_allow_client.clone(),
             })),
             _ => Err(TlsError::Incomplete {
                 flag: "--tls-cert",

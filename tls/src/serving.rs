@@ -8,6 +8,7 @@
 //!   saying so, instead of queueing without bound.
 
 use std::{
+    collections::BTreeSet,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -17,7 +18,7 @@ use std::{
 use futures_core::Stream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{
-    Status,
+    Request, Status,
     transport::{Server, ServerTlsConfig},
 };
 
@@ -88,4 +89,58 @@ impl<S: Stream + Unpin> Stream for Slotted<S> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
         Pin::new(&mut self.inner).poll_next(cx)
     }
+}
+
+/// Which clients may call a server, by the names in their certificates: identity, not
+/// just "any certificate our CA signed". Empty: every client the TLS handshake admitted.
+#[derive(Clone, Debug, Default)]
+pub struct ClientAllowList {
+    names: Arc<BTreeSet<String>>,
+}
+
+impl ClientAllowList {
+    pub fn new(names: &[String]) -> ClientAllowList {
+        ClientAllowList {
+            names: Arc::new(names.iter().cloned().collect()),
+        }
+    }
+
+    /// A tonic interceptor: the request goes on when its client certificate names an
+    /// allowed client (a DNS name, or the common name), else PERMISSION_DENIED.
+    pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
+        if self.names.is_empty() {
+            return Ok(req);
+        }
+        let certs = req.peer_certs();
+        let leaf = certs.as_ref().and_then(|c| c.first());
+        let names = leaf.map(|c| certificate_names(c.as_ref())).unwrap_or_default();
+        if names.iter().any(|n| self.names.contains(n)) {
+            Ok(req)
+        } else {
+            Err(Status::permission_denied(format!(
+                "client certificate {} is not allowed here",
+                if names.is_empty() { "(none)".to_string() } else { names.join(", ") }
+            )))
+        }
+    }
+}
+
+/// The names a certificate is for: its DNS names, then its common name.
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else { return Vec::new() };
+    let mut names: Vec<String> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    names.extend(cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok().map(str::to_string)));
+    names
 }
