@@ -94,6 +94,7 @@ async fn mutual_tls_serves_its_clients_and_refuses_everyone_else() {
         cert: ours.join("probe.crt"),
         key: ours.join("probe.key"),
         client_ca: ours.join("ca.crt"),
+        allowed_clients: Vec::new(),
     })
     .await;
     let probe_name = &spec.probe_names[0];
@@ -145,6 +146,7 @@ fn bad_certificate_files_are_named() {
         cert: dir.join("nope.crt"),
         key: dir.join("probe.key"),
         client_ca: dir.join("ca.crt"),
+        allowed_clients: Vec::new(),
     };
     let e = missing.load().expect_err("a missing file").to_string();
     assert!(e.contains("nope.crt"), "{e}");
@@ -153,6 +155,7 @@ fn bad_certificate_files_are_named() {
         cert: dir.join("probe.crt"),
         key: dir.join("probe.crt"),
         client_ca: dir.join("ca.crt"),
+        allowed_clients: Vec::new(),
     };
     let e = swapped.load().expect_err("a certificate as key").to_string();
     assert!(e.contains("probe.crt") && e.contains("PRIVATE KEY"), "{e}");
@@ -161,6 +164,7 @@ fn bad_certificate_files_are_named() {
         cert: dir.join("probe.key"),
         key: dir.join("probe.key"),
         client_ca: dir.join("ca.crt"),
+        allowed_clients: Vec::new(),
     };
     let e = not_a_cert.load().expect_err("a key as certificate").to_string();
     let key = std::fs::read_to_string(dir.join("probe.key")).expect("key");
