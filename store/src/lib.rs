@@ -76,6 +76,11 @@ pub enum StoreError {
     Filter { message: String },
     #[error("more than {limit} rows match in the store: narrow the time window or the filters")]
     TooMany { limit: u64 },
+    #[error(
+        "database {db} has schema version {found}, newer than the {known} this build knows: \
+         it was written by a newer flows; run that version (or newer) instead of this one"
+    )]
+    SchemaTooNew { db: String, found: u32, known: u32 },
 }
 
 impl StoreError {
@@ -84,7 +89,7 @@ impl StoreError {
     /// quote SQL and server internals: they stay in the log of whoever holds the store.
     pub fn public_message(&self) -> String {
         match self {
-            StoreError::Filter { .. } | StoreError::TooMany { .. } => self.to_string(),
+            StoreError::Filter { .. } | StoreError::TooMany { .. } | StoreError::SchemaTooNew { .. } => self.to_string(),
             StoreError::Server { .. } => "the ClickHouse server failed to answer (details in the relay's log)".into(),
             _ => "the store failed to answer (details in the relay's log)".into(),
         }
@@ -156,12 +161,19 @@ impl Store {
     pub async fn open_existing(config: &StoreConfig, db: &str) -> Result<Store, StoreError> {
         let store = Store::connect(config, db)?;
         let v = store.schema_version().await?;
+        store.refuse_newer(v)?;
         if v == 0 {
             return Err(StoreError::Engine {
                 message: format!("database {db} holds no flows (no schema)"),
             });
         }
         Ok(store)
+    }
+
+    /// Connects without touching the schema: tests that build an older one, and tools
+    /// that inspect a store as it is.
+    pub fn open_unmigrated(config: &StoreConfig, db: &str) -> Result<Store, StoreError> {
+        Store::connect(config, db)
     }
 
     fn connect(config: &StoreConfig, db: &str) -> Result<Store, StoreError> {
@@ -288,6 +300,9 @@ impl Store {
             .first()
             .and_then(|r| r["v"].as_u64())
             .unwrap_or(0);
+        // A newer relay's columns and tables mean nothing to this one, and its inserts
+        // would fail row by row: refuse before writing anything.
+        self.refuse_newer(u32::try_from(current).unwrap_or(u32::MAX))?;
         for (version, statements) in schema::migrations(&self.db) {
             if u64::from(version) <= current {
                 continue;
@@ -314,6 +329,15 @@ impl Store {
                 self.execute(&statement).await?;
                 tracing::info!(table, days, "store retention set");
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses a schema written by a newer build.
+    fn refuse_newer(&self, found: u32) -> Result<(), StoreError> {
+        let known = schema::LATEST;
+        if found > known {
+            return Err(StoreError::SchemaTooNew { db: self.db.clone(), found, known });
         }
         Ok(())
     }

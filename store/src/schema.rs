@@ -139,6 +139,9 @@ pub fn migrations(db: &str) -> Vec<(u32, Vec<String>)> {
     ]
 }
 
+/// The newest schema version this build knows (the last of [`migrations`]).
+pub const LATEST: u32 = 3;
+
 /// How many recent insert blocks `flows` remembers for deduplication.
 pub const DEDUP_WINDOW: u32 = 1000;
 
@@ -172,4 +175,13 @@ pub fn retention(db: &str, r: Retention) -> Vec<(&'static str, u32, String)> {
             format!("ALTER TABLE {db}.flows_1h MODIFY TTL hour + INTERVAL {} DAY", r.hour_days),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn latest_is_the_last_migration() {
+        let versions: Vec<u32> = super::migrations("db").iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, (1..=super::LATEST).collect::<Vec<_>>(), "versions are 1..=LATEST, in order");
+    }
 }

@@ -391,3 +391,70 @@ async fn clickhouse_server() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A store made by the first release (schema version 1, rows in it) is brought to the
+/// current version on open with its rows intact and readable, and written to again; a
+/// store marked by a newer build is refused, by the writer and by readers, with a
+/// message that says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_upgrade_from_version_one_and_refusal_of_newer() {
+    let dir = temp("upgrade");
+    let config = StoreConfig::Embedded { path: dir.clone(), library: library() };
+    let t = now_ns() - 60_000_000_000;
+    {
+        // Exactly what version 1 created, and a row as version 1 wrote it (no l4_unknown).
+        let v1 = Store::open_unmigrated(&config, "flows").expect("connect");
+        for s in flows_store::schema::bootstrap("flows") {
+            v1.execute(&s).await.expect("bootstrap");
+        }
+        let (version, statements) = flows_store::schema::migrations("flows").remove(0);
+        assert_eq!(version, 1);
+        for s in statements {
+            v1.execute(&s).await.expect("version 1");
+        }
+        v1.execute("INSERT INTO flows.schema_migrations (version) VALUES (1)").await.expect("mark 1");
+        v1.execute(&format!(
+            "INSERT INTO flows.flows (time, node, uuid, verdict, event_type, point, protocol, src_ip, dst_ip, src_port, dst_port, \
+             src_namespace, src_workload, src_workload_kind, dst_namespace, dst_workload, dst_workload_kind) VALUES \
+             (fromUnixTimestamp64Nano({t}), 'node-1', 'old-1', 'DROPPED', 'POLICY_VERDICT', 'FROM_ENDPOINT', 'TCP', \
+             '::ffff:10.244.1.2', '::ffff:10.244.2.3', 40000, 5432, 'shop', 'api', 'Deployment', 'data', 'db', 'StatefulSet')"
+        ))
+        .await
+        .expect("a version-1 row");
+        assert_eq!(v1.schema_version().await.expect("version"), 1);
+    }
+    let store = Store::open(&config, "flows", Retention::default()).await.expect("upgrade on open");
+    assert_eq!(store.schema_version().await.expect("version"), flows_store::schema::LATEST);
+    let old = store.flows(&FlowQuery::default()).await.expect("the old row reads back");
+    assert_eq!(old.len(), 1);
+    assert_eq!((old[0].uuid.as_str(), old[0].l4_unknown), ("old-1", None), "a column added later reads as its default");
+    assert_eq!(old[0].source.as_ref().map(|s| s.namespace.as_str()), Some("shop"));
+    // The rollups made by version 1 still count, and new rows join them.
+    assert_eq!(count(&store, "flows_1m", "verdict = 'DROPPED'").await, 1);
+    let new = recorded(t);
+    store.insert(&new.iter().map(FlowRow::from_flow).collect::<Vec<_>>()).await.expect("write after the upgrade");
+    assert_eq!(count(&store, "flows", "1").await, 1 + new.len() as u64 - 1);
+    drop(store);
+
+    // A newer build was here.
+    let marker = Store::open_unmigrated(&config, "flows").expect("connect");
+    let newer = flows_store::schema::LATEST + 1;
+    marker.execute(&format!("INSERT INTO flows.schema_migrations (version) VALUES ({newer})")).await.expect("mark newer");
+    drop(marker);
+    for (what, r) in [
+        ("writer", Store::open(&config, "flows", Retention::default()).await.map(|_| ())),
+        ("reader", Store::open_existing(&config, "flows").await.map(|_| ())),
+    ] {
+        match r {
+            Err(e @ StoreError::SchemaTooNew { .. }) => {
+                let m = e.to_string();
+                assert!(m.contains(&newer.to_string()) && m.contains("newer flows"), "{what}: {m}");
+                assert_eq!(e.public_message(), m, "{what}: a client is told too");
+            }
+            other => panic!("{what}: a newer schema was not refused: {:?}", other.err()),
+        }
+    }
+    let untouched = Store::open_unmigrated(&config, "flows").expect("connect");
+    assert_eq!(untouched.schema_version().await.expect("version"), newer, "nothing was changed by the refusal");
+    let _ = std::fs::remove_dir_all(&dir);
+}
