@@ -4,6 +4,10 @@
 //! (a sequence number). The writer never waits for readers: when it laps a slow reader,
 //! that reader's next read says how many entries it lost and where to resume, so the
 //! client is told with a LostEvent instead of silently missing flows.
+//!
+//! The ring names every flow it takes: its id ([`flows_flow::id::FlowId`]) is this
+//! ring's instance and the flow's sequence number, so a reader that comes back later
+//! (the relay after a restart) can tell exactly how many flows it can no longer get.
 
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +37,15 @@ impl Entry {
     }
 }
 
+/// 48 random bits: std's hasher keys come from the OS's random source, and the clock
+/// separates two rings of one process.
+fn random_instance() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish() & ((1 << 48) - 1)
+}
+
 #[derive(Debug, Clone)]
 pub enum Read {
     Entry(Arc<Entry>),
@@ -49,6 +62,8 @@ struct Inner {
 
 pub struct FlowRing {
     mask: u64,
+    /// Random per ring: ids from a restarted probe never continue an old sequence.
+    instance: u64,
     inner: Mutex<Inner>,
     written: watch::Sender<u64>,
 }
@@ -61,12 +76,18 @@ impl FlowRing {
         let (written, _) = watch::channel(0);
         Ok(FlowRing {
             mask: capacity as u64 - 1,
+            instance: random_instance(),
             inner: Mutex::new(Inner {
                 slots: vec![None; capacity],
                 next: 0,
             }),
             written,
         })
+    }
+
+    /// The instance part of the ids of the flows this ring holds.
+    pub fn instance(&self) -> u64 {
+        self.instance
     }
 
     pub fn capacity(&self) -> u64 {
@@ -91,7 +112,10 @@ impl FlowRing {
         let mut overwritten = Vec::new();
         let next = {
             let mut g = self.lock();
-            for e in entries {
+            for mut e in entries {
+                if let Entry::Flow(f) = &mut e {
+                    f.uuid = flows_flow::id::FlowId::new(self.instance, g.next).to_uuid();
+                }
                 let idx = (g.next & self.mask) as usize;
                 if let Some(old) = g.slots[idx].replace(Arc::new(e)) {
                     overwritten.push(old);
@@ -152,6 +176,19 @@ mod tests {
                 Entry::Lost(..) => panic!("lost"),
             },
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_flow_is_named_by_instance_and_sequence() {
+        let (a, b) = (FlowRing::new(4).expect("ring"), FlowRing::new(4).expect("ring"));
+        assert_ne!(a.instance(), b.instance(), "two rings, two instances");
+        a.push_all((0..6).map(flow));
+        for seq in 2..6 {
+            let Read::Entry(e) = a.read(seq) else { panic!("entry {seq}") };
+            let Entry::Flow(f) = &*e else { panic!("flow {seq}") };
+            let id = flows_flow::id::FlowId::parse(&f.uuid).expect("a flow id");
+            assert_eq!((id.instance, id.seq), (a.instance(), seq));
         }
     }
 

@@ -293,7 +293,8 @@ impl Decoder {
             source,
             destination,
             time: Some(self.clock.to_timestamp(raw.ts_ns)),
-            uuid: uuid::Uuid::new_v4().to_string(),
+            // Named by the ring that keeps it (instance and sequence).
+            uuid: String::new(),
             node_name: self.node_name.clone(),
             verdict: verdict as i32,
             drop_reason,
