@@ -116,7 +116,7 @@ impl Metrics {
         let store_rows = Family::<ResultLabels, Counter>::default();
         registry.register(
             "store_rows",
-            "Flows for the store, by result (written, lost_buffer_full, lost_shutdown) (relay)",
+            "Flows for the store, by result (written, set_aside, lost_buffer_full, lost_shutdown, lost_refused, lost_unrecoverable, recovered) (relay)",
             store_rows.clone(),
         );
         let store_batches = Family::<ResultLabels, Counter>::default();

@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use flows_proto::{Timestamp, timestamp_from_nanos, timestamp_nanos};
 use flows_store::Store;
+
+use crate::store_slot::StoreSlot;
 use tonic::{Request, Response, Status};
 
 /// A store error as the client's fault (a bad filter), a bound its question hit, or the
@@ -19,10 +21,6 @@ pub fn status(e: flows_store::StoreError) -> Status {
     }
 }
 
-/// How ServerStatus and the History API name the store.
-pub fn backend_name(store: &Store) -> &'static str {
-    if store.is_embedded() { "embedded" } else { "clickhouse" }
-}
 
 fn ns_of(t: &Option<Timestamp>) -> Option<i64> {
     t.as_ref().map(timestamp_nanos)
@@ -30,7 +28,15 @@ fn ns_of(t: &Option<Timestamp>) -> Option<i64> {
 
 /// The History API: the audit, from the relay's store.
 pub struct HistoryService {
-    pub store: Arc<Store>,
+    pub store: StoreSlot,
+}
+
+impl HistoryService {
+    fn store(&self) -> Result<Arc<Store>, Status> {
+        self.store
+            .get()
+            .ok_or_else(|| Status::unavailable("the store is not open yet (the relay is waiting for ClickHouse)"))
+    }
 }
 
 #[tonic::async_trait]
@@ -48,7 +54,7 @@ impl flows_proto::history_server::History for HistoryService {
             deny: r.deny_list,
             top: r.top,
         };
-        let rows = self.store.audit(&q).await.map_err(status)?;
+        let rows = self.store()?.audit(&q).await.map_err(status)?;
         let verdict = |v: &str| match v {
             "FORWARDED" => flows_proto::Verdict::Forwarded,
             "DROPPED" => flows_proto::Verdict::Dropped,
@@ -77,7 +83,7 @@ impl flows_proto::history_server::History for HistoryService {
             .collect();
         Ok(Response::new(flows_proto::AuditResponse {
             groups,
-            backend: backend_name(&self.store).into(),
+            backend: self.store.backend().into(),
         }))
     }
 
@@ -96,8 +102,8 @@ impl flows_proto::history_server::History for HistoryService {
             allow: r.allow_list,
             deny: r.deny_list,
         };
-        let rows = self.store.attempts(&q).await.map_err(status)?;
-        let backend: String = backend_name(&self.store).into();
+        let rows = self.store()?.attempts(&q).await.map_err(status)?;
+        let backend: String = self.store.backend().into();
         let groups: Vec<flows_proto::AttemptGroup> = rows.into_iter().map(flows_store::AttemptRow::into_proto).collect();
         // Batches keep each message far below gRPC's size limit.
         const BATCH: usize = 2_000;

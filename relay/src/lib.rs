@@ -5,7 +5,8 @@
 //! request from every node and the store, annotated from the cluster index
 //! (`flows-k8s`); [`server`] serves it as the same Observer API a node-probe has, so
 //! every client works against either; [`sink`] writes every flow to the store
-//! (`flows-store`); [`history`] serves the audit and attempts from it; [`run`] is the
+//! (`flows-store`, through [`store_slot`]: the store may open after the relay starts);
+//! [`history`] serves the audit and attempts from it; [`run`] is the
 //! whole relay from its configuration.
 
 pub mod history;
@@ -14,6 +15,7 @@ pub mod peers;
 pub mod run;
 pub mod server;
 pub mod sink;
+pub mod store_slot;
 pub mod stream;
 
 /// Largest gRPC request the relay decodes (filters, history queries): anything near it

@@ -107,6 +107,14 @@ struct Args {
     /// overrun), or drop the newest flow and count it.
     #[arg(long, value_enum, default_value = "block")]
     store_when_full: WhenFull,
+    /// Where batches the store refuses (a constraint, bad values) are kept, as RowBinary
+    /// files an operator can load once the cause is fixed. Default: DIR/set-aside for
+    /// `embedded:DIR`, else $TMPDIR/flows-set-aside-<database>.
+    #[arg(long, value_name = "DIR")]
+    store_set_aside_dir: Option<std::path::PathBuf>,
+    /// Bytes kept there at most (MiB); a refused batch past it is counted lost.
+    #[arg(long, default_value_t = 1024)]
+    store_set_aside_max_mib: u64,
     /// Written with the listen address once the relay is serving.
     #[arg(long)]
     ready_file: Option<std::path::PathBuf>,
@@ -142,7 +150,7 @@ impl Args {
             (None, false) => IndexSource::None,
         };
         let store = self.store.clone().map(|spec| StoreSettings {
-            spec,
+            spec: spec.clone(),
             read_limits: flows_store::ReadLimits {
                 max_rows: self.store_read_max_rows.max(1),
                 max_seconds: self.store_read_max_seconds.max(1),
@@ -162,6 +170,13 @@ impl Args {
                 flush: Duration::from_millis(self.store_flush_ms),
                 buffer_rows: self.store_buffer_rows.max(1),
                 when_full: self.store_when_full,
+                set_aside: Some((
+                    self.store_set_aside_dir.clone().unwrap_or_else(|| match spec.strip_prefix("embedded:") {
+                        Some(dir) => std::path::Path::new(dir).join("set-aside"),
+                        None => std::env::temp_dir().join(format!("flows-set-aside-{}", self.store_database)),
+                    }),
+                    self.store_set_aside_max_mib.saturating_mul(1 << 20),
+                )),
                 ..Default::default()
             },
         });

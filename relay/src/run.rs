@@ -20,6 +20,7 @@ use crate::{
     peers::{self, PeerSet},
     server::RelayService,
     sink::{self, SinkConfig, SinkStats},
+    store_slot::StoreSlot,
     stream::Merger,
 };
 
@@ -150,9 +151,10 @@ pub async fn run(cfg: RelayConfig, shutdown: impl Future<Output = ()> + Send + '
         tokio::spawn(flows_metrics::serve(addr, metrics.clone()));
         report_nodes(peers.clone(), metrics.clone());
     }
-    let store = match &cfg.store {
-        Some(s) => Some(open_store(s).await?),
-        None => None,
+    let sink_stats = cfg.store.as_ref().map(|_| Arc::new(SinkStats::default()));
+    let store = match (&cfg.store, &sink_stats) {
+        (Some(s), Some(stats)) => Some(store_slot(s, stats.clone()).await?),
+        _ => None,
     };
     let merger = Arc::new(Merger {
         peers,
@@ -162,7 +164,6 @@ pub async fn run(cfg: RelayConfig, shutdown: impl Future<Output = ()> + Send + '
         sort_buffer: cfg.sort_buffer,
         store: store.clone(),
     });
-    let sink_stats = store.as_ref().map(|_| Arc::new(SinkStats::default()));
     let (stop_clients, client_stop) = tokio::sync::watch::channel(false);
     let svc = Arc::new(RelayService {
         merger: merger.clone(),
@@ -173,14 +174,18 @@ pub async fn run(cfg: RelayConfig, shutdown: impl Future<Output = ()> + Send + '
     });
     let (stop_sink, sink_stop) = tokio::sync::watch::channel(false);
     let sink = match (&store, &sink_stats, &cfg.store) {
-        (Some(store), Some(stats), Some(s)) => Some(tokio::spawn(sink::run(
-            merger.clone(),
-            store.clone(),
-            s.sink.clone(),
-            stats.clone(),
-            metrics.clone(),
-            sink_stop,
-        ))),
+        (Some(slot), Some(stats), Some(s)) => {
+            let (merger, slot, config, stats, metrics) = (merger.clone(), slot.clone(), s.sink.clone(), stats.clone(), metrics.clone());
+            let mut stop = sink_stop.clone();
+            Some(tokio::spawn(async move {
+                // Written from when the store opens: the nodes' rings hold what came before.
+                let store = tokio::select! {
+                    s = slot.wait() => s,
+                    _ = stop.changed() => return,
+                };
+                sink::run(merger, store, config, stats, metrics, sink_stop).await
+            }))
+        }
         _ => None,
     };
     let io = |what: String| move |source| RunError::Io { what, source };
@@ -275,9 +280,43 @@ fn report_nodes(set: Arc<PeerSet>, m: Arc<flows_metrics::Metrics>) {
     });
 }
 
-async fn open_store(s: &StoreSettings) -> Result<Arc<Store>, RunError> {
+/// The store, opened now when it can be. A ClickHouse server that cannot be reached
+/// (or fails) is tried again in the background while the relay serves live flows;
+/// anything else (a bad setting, a schema newer than this relay) ends the relay now.
+async fn store_slot(s: &StoreSettings, stats: Arc<SinkStats>) -> Result<StoreSlot, RunError> {
     let config = StoreConfig::parse(&s.spec, s.chdb_library.clone(), s.user.clone(), s.password.clone())?;
-    let store = Store::open(&config, &s.database, s.retention).await?.with_read_limits(s.read_limits);
+    let slot = StoreSlot::empty(matches!(config, StoreConfig::Embedded { .. }));
+    match open_store(&config, s).await {
+        Ok(store) => slot.set(store),
+        Err(e) if e.is_of_the_server() => {
+            tracing::warn!(error = %e, "the store cannot be opened yet; serving live flows, and trying again");
+            stats.set_error(e.to_string());
+            let (slot, s) = (slot.clone(), s.clone());
+            tokio::spawn(async move {
+                let mut delay = Duration::from_millis(500);
+                loop {
+                    tokio::time::sleep(delay).await;
+                    match open_store(&config, &s).await {
+                        Ok(store) => {
+                            stats.set_error(String::new());
+                            return slot.set(store);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, retry_in = ?delay, "the store cannot be opened yet");
+                            stats.set_error(e.to_string());
+                        }
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(slot)
+}
+
+async fn open_store(config: &StoreConfig, s: &StoreSettings) -> Result<Arc<Store>, flows_store::StoreError> {
+    let store = Store::open(config, &s.database, s.retention).await?.with_read_limits(s.read_limits);
     tracing::info!(embedded = store.is_embedded(), database = %s.database, "store open");
     Ok(Arc::new(store))
 }

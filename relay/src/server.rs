@@ -101,7 +101,11 @@ impl Observer for RelayService {
         if let (Some(store), Some(sink)) = (&self.merger.store, &self.sink) {
             use std::sync::atomic::Ordering::Relaxed;
             out.store = Some(flows_proto::StoreStatus {
-                backend: crate::history::backend_name(store).into(),
+                backend: store.backend().into(),
+                waiting: store.get().is_none(),
+                rows_set_aside: sink.set_aside_rows.load(Relaxed),
+                batches_set_aside: sink.set_aside_batches.load(Relaxed),
+                rows_unrecoverable: sink.unrecoverable.load(Relaxed),
                 rows_written: sink.written.load(Relaxed),
                 rows_lost: sink.lost.load(Relaxed),
                 rows_buffered: sink.buffered.load(Relaxed),

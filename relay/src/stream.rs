@@ -20,13 +20,13 @@ use flows_proto::{
     GetFlowsRequest, GetFlowsResponse, NodeState, NodeStatusEvent, Timestamp,
     get_flows_response::ResponseTypes, timestamp_from_nanos, timestamp_nanos,
 };
-use flows_store::Store;
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::{
     merge::{Nanos, SortWindow},
     peers::{Peer, PeerSet},
+    store_slot::StoreSlot,
 };
 
 /// What a merged stream is made from: the nodes, who addresses belong to, the store.
@@ -42,7 +42,7 @@ pub struct Merger {
     /// Flows held for sorting at most; beyond, the oldest go out at once.
     pub sort_buffer: usize,
     /// Flow history, read for requests reaching further back than the nodes' rings.
-    pub store: Option<Arc<Store>>,
+    pub store: Option<StoreSlot>,
 }
 
 type Out = mpsc::Sender<Result<GetFlowsResponse, Status>>;
@@ -288,7 +288,7 @@ fn limit(mut all: Vec<GetFlowsResponse>, number: u64, first: bool) -> Vec<GetFlo
 /// Adds the store's flows for the same request to what the nodes answered: the store
 /// reaches further back than the nodes' rings. Flows both hold are sent once.
 async fn with_stored(
-    store: &Store,
+    slot: &StoreSlot,
     mut out: Vec<GetFlowsResponse>,
     req: &GetFlowsRequest,
     until: Option<Timestamp>,
@@ -300,6 +300,11 @@ async fn with_stored(
         until: until.as_ref().map(timestamp_nanos),
         number: req.number,
         last: !req.first,
+    };
+    let Some(store) = slot.get() else {
+        let msg = "reading the store: it is not open yet (the relay is waiting for ClickHouse)".to_string();
+        out.push(node_status(NodeState::Error, vec!["store".into()], msg));
+        return out;
     };
     match store.flows(&query).await {
         Ok(stored) => {
@@ -316,7 +321,7 @@ async fn with_stored(
                 let msg = format!(
                     "{} flows from the store ({}), which reaches further back than the nodes' rings",
                     fresh.len(),
-                    crate::history::backend_name(store),
+                    slot.backend(),
                 );
                 out.push(GetFlowsResponse {
                     time: first,
@@ -351,10 +356,40 @@ async fn with_stored(
 const LATE_ARRIVAL: Nanos = 2_000_000_000;
 
 
+/// Where each node's flows start for the relay's own store writer: at the newest flow
+/// the store holds of that node, by the node's own clock (a node whose clock is behind
+/// the others' is resumed from its own time, not from theirs).
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    /// Nanoseconds, by node name; a node not named gives everything it still holds.
+    pub since: HashMap<String, i64>,
+}
+
+impl Resume {
+    fn since_for(&self, node: &str) -> Timestamp {
+        timestamp_from_nanos(self.since.get(node).copied().unwrap_or(0))
+    }
+}
+
 impl Merger {
-    /// The merged, annotated and filtered answer to `req`, as the Observer API streams it
-    /// (clients, and the relay's own store writer).
+    /// The merged, annotated and filtered answer to `req`, as the Observer API streams it.
     pub fn stream(&self, req: GetFlowsRequest) -> Result<mpsc::Receiver<Result<GetFlowsResponse, Status>>, Status> {
+        self.start(req, None)
+    }
+
+    /// Every node's flows from where `resume` says, then on as they come: what the
+    /// store writer reads. Each node is one uninterrupted follow from its own starting
+    /// time (no history part, no floor in the relay's clock), and the store is not read.
+    pub fn resume(&self, resume: Resume) -> Result<mpsc::Receiver<Result<GetFlowsResponse, Status>>, Status> {
+        let req = GetFlowsRequest { follow: true, ..Default::default() };
+        self.start(req, Some(Arc::new(resume)))
+    }
+
+    fn start(
+        &self,
+        req: GetFlowsRequest,
+        resume: Option<Arc<Resume>>,
+    ) -> Result<mpsc::Receiver<Result<GetFlowsResponse, Status>>, Status> {
         let valid = request::validate(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
         // What the nodes can filter themselves; the rest is filtered here, after
         // annotation, and then counts can only be applied here.
@@ -373,7 +408,8 @@ impl Merger {
                 filters: valid.filters,
             }),
             peers: self.peers.clone(),
-            store: self.store.clone(),
+            store: if resume.is_some() { None } else { self.store.clone() },
+            resume,
             metrics: self.metrics.clone(),
             sort_window: self.sort_window,
             sort_buffer: self.sort_buffer,
@@ -391,7 +427,9 @@ struct Run {
     node_req: GetFlowsRequest,
     pipeline: Arc<Pipeline>,
     peers: Arc<PeerSet>,
-    store: Option<Arc<Store>>,
+    store: Option<StoreSlot>,
+    /// Per-node starting points (the store writer's request).
+    resume: Option<Arc<Resume>>,
     metrics: Arc<flows_metrics::Metrics>,
     sort_window: Duration,
     sort_buffer: usize,
@@ -421,7 +459,7 @@ impl Run {
             }
         }
         let t0 = now_nanos();
-        let with_history = !self.req.follow || self.req.number > 0 || self.req.since.is_some();
+        let with_history = self.resume.is_none() && (!self.req.follow || self.req.number > 0 || self.req.since.is_some());
         let mut sent = Sent::default();
         if with_history {
             match self.history(&peers, &tx, t0).await {
@@ -496,6 +534,7 @@ impl Run {
             tx: mtx,
             by_peer: HashMap::new(),
             joined_later: false,
+            resume: self.resume.clone(),
         };
         let mut set = self.peers.subscribe();
         let mut refresh = true;
@@ -548,6 +587,8 @@ struct Readers {
     by_peer: HashMap<usize, (String, tokio::task::AbortHandle)>,
     /// After the first set, a node that joins is read from when it joins.
     joined_later: bool,
+    /// Per-node starting points instead (the store writer's request).
+    resume: Option<Arc<Resume>>,
 }
 
 impl Readers {
@@ -568,12 +609,12 @@ impl Readers {
             if self.by_peer.contains_key(&k) {
                 continue;
             }
-            let r = if self.joined_later {
-                GetFlowsRequest { since: None, ..self.live.clone() }
-            } else {
-                self.live.clone()
-            };
             let name = p.name();
+            let r = match &self.resume {
+                Some(resume) => GetFlowsRequest { since: Some(resume.since_for(&name)), ..self.live.clone() },
+                None if self.joined_later => GetFlowsRequest { since: None, ..self.live.clone() },
+                None => self.live.clone(),
+            };
             let h = tokio::spawn(follow_peer(p, r, self.pipeline.clone(), self.sent.clone(), self.tx.clone()));
             self.by_peer.insert(k, (name, h.abort_handle()));
         }

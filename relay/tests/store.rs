@@ -20,6 +20,7 @@ use flows_proto::{Flow, Ip, IpVersion, ServerStatusRequest, observer_server::Obs
 use flows_relay::{
     peers::{Backoff, PeerSet},
     server::RelayService,
+    store_slot::StoreSlot,
     stream::Merger,
     sink::{self, SinkConfig, SinkStats, WhenFull},
 };
@@ -27,13 +28,17 @@ use flows_store::{Retention, Store, StoreConfig};
 use tokio::sync::watch;
 
 async fn node(ring: Arc<FlowRing>) -> std::net::SocketAddr {
+    node_named(ring, "node-1").await
+}
+
+async fn node_named(ring: Arc<FlowRing>, name: &str) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (keep, shutdown) = watch::channel(false);
     let svc = ObserverService {
         ring,
         stats: Arc::new(ProbeStats::default()),
-        node_name: "node-1".into(),
+        node_name: name.into(),
         streams: flows_tls::serving::StreamSlots::new(64),
         started: Instant::now(),
         metrics: Arc::new(Metrics::new()),
@@ -50,10 +55,16 @@ async fn node(ring: Arc<FlowRing>) -> std::net::SocketAddr {
 }
 
 fn flow(n: u64) -> Entry {
+    flow_on("node-1", 0, n)
+}
+
+/// A flow recorded now on `node`, whose clock is `behind_ns` behind.
+fn flow_on(node: &str, behind_ns: i64, n: u64) -> Entry {
+    let now = flows_proto::timestamp_nanos(&flows_proto::timestamp_now());
     Entry::Flow(Flow {
-        time: Some(flows_proto::timestamp_now()),
-        uuid: format!("flow-{n}"),
-        node_name: "node-1".into(),
+        time: Some(flows_proto::timestamp_from_nanos(now - behind_ns)),
+        packet_length: n as u32,
+        node_name: node.into(),
         ip: Some(Ip {
             source: "10.244.1.2".into(),
             destination: "10.244.1.3".into(),
@@ -75,6 +86,18 @@ async fn relay(addr: std::net::SocketAddr, store: Arc<Store>) -> Relay {
 }
 
 async fn relay_with(addr: std::net::SocketAddr, store: Arc<Store>, buffer_rows: usize, when_full: WhenFull) -> Relay {
+    let config = SinkConfig {
+        batch_rows: 500,
+        flush: Duration::from_millis(200),
+        buffer_rows,
+        when_full,
+        max_backoff: Duration::from_secs(2),
+        ..Default::default()
+    };
+    relay_configured(addr, store, config).await
+}
+
+async fn relay_configured(addr: std::net::SocketAddr, store: Arc<Store>, config: SinkConfig) -> Relay {
     let peers = PeerSet::fixed(
         &[format!("node-1={addr}")],
         Backoff { initial: Duration::from_millis(50), max: Duration::from_millis(200) },
@@ -87,7 +110,7 @@ async fn relay_with(addr: std::net::SocketAddr, store: Arc<Store>, buffer_rows: 
         metrics: metrics.clone(),
         sort_window: Duration::from_millis(100),
         sort_buffer: 10_000,
-        store: Some(store.clone()),
+        store: Some(StoreSlot::ready(store.clone())),
     });
     let svc = Arc::new(RelayService {
         merger: merger.clone(),
@@ -109,13 +132,6 @@ async fn relay_with(addr: std::net::SocketAddr, store: Arc<Store>, buffer_rows: 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (stop, stopped) = watch::channel(false);
-    let config = SinkConfig {
-        batch_rows: 500,
-        flush: Duration::from_millis(200),
-        buffer_rows,
-        when_full,
-        max_backoff: Duration::from_secs(2),
-    };
     let sink = tokio::spawn(sink::run(merger, store, config, stats.clone(), metrics, stopped));
     Relay { svc, stats, stop, sink }
 }
@@ -303,6 +319,76 @@ async fn relay_restart_on_the_embedded_store_loses_nothing() {
     until_written(&store, 2_501, "the last flow").await;
     assert_eq!(stored(&store).await, (2_501, 2_501), "every flow once, none twice");
     assert_eq!(r.stats.lost.load(Ordering::Relaxed), 0);
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+
+/// ClickHouse refuses one batch (a constraint an operator added rejects one row in it):
+/// that batch goes to disk after a few tries, counted and visible in ServerStatus, and
+/// every batch behind it is written. The file loads into ClickHouse as it is once the
+/// constraint is gone, and then every flow is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_is_set_aside_and_the_rest_written() {
+    let dir = temp("refused");
+    let config = StoreConfig::Embedded { path: dir.clone(), library: flows_store::chdb::default_library() };
+    let store = Arc::new(Store::open(&config, "flows", Retention::default()).await.expect("open"));
+    store.execute("ALTER TABLE flows.flows ADD CONSTRAINT no_poison CHECK packet_length != 666").await.expect("constraint");
+    let ring = Arc::new(FlowRing::new(65_536).expect("ring"));
+    let addr = node(ring.clone()).await;
+    let aside = dir.join("set-aside");
+    let sink = SinkConfig {
+        batch_rows: 100,
+        flush: Duration::from_millis(200),
+        max_backoff: Duration::from_millis(400),
+        set_aside: Some((aside.clone(), 64 << 20)),
+        ..Default::default()
+    };
+    let r = relay_configured(addr, store.clone(), sink).await;
+    produce(&ring, 0, 1, Duration::ZERO).await;
+    until_written(&store, 1, "the first flow").await;
+    // 600 flows; the 300th is one ClickHouse will not take.
+    produce(&ring, 1, 299, Duration::from_millis(600)).await;
+    produce(&ring, 666, 1, Duration::ZERO).await;
+    produce(&ring, 301, 300, Duration::from_millis(600)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (written, kept) = loop {
+        let (w, a) = (r.stats.written.load(Ordering::Relaxed), r.stats.set_aside_rows.load(Ordering::Relaxed));
+        if w + a == 601 {
+            break (w, a);
+        }
+        assert!(Instant::now() < deadline, "written {w} + set aside {a} != 601");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!((1..=100).contains(&kept), "one batch set aside: {kept} rows");
+    assert_eq!(stored(&store).await.0, written, "what is counted written is stored");
+    assert_eq!(r.stats.set_aside_batches.load(Ordering::Relaxed), 1);
+    assert_eq!(r.stats.lost.load(Ordering::Relaxed), 0);
+    let st = flows_proto::observer_server::Observer::server_status(&*r.svc, tonic::Request::new(ServerStatusRequest {}))
+        .await
+        .expect("status")
+        .into_inner()
+        .store
+        .expect("store status");
+    assert_eq!((st.rows_set_aside, st.batches_set_aside), (kept, 1));
+    // The file holds exactly those rows, the refused one among them.
+    let files: Vec<PathBuf> = std::fs::read_dir(&aside).expect("set-aside dir").flatten().map(|e| e.path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let bytes = std::fs::read(&files[0]).expect("read");
+    let mut rest = bytes.as_slice();
+    let mut rows = Vec::new();
+    while !rest.is_empty() {
+        rows.push(flows_store::FlowRow::decode(&mut rest).expect("a row"));
+    }
+    assert_eq!(rows.len() as u64, kept);
+    assert!(rows.iter().any(|x| x.to_flow().packet_length == 666));
+    // The operator's way back: drop the constraint, load the file.
+    store.execute("ALTER TABLE flows.flows DROP CONSTRAINT no_poison").await.expect("drop constraint");
+    store
+        .execute(&format!("INSERT INTO flows.flows FROM INFILE '{}' FORMAT RowBinary", files[0].display()))
+        .await
+        .expect("load the set-aside file");
+    assert_eq!(stored(&store).await, (601, 601), "every flow once");
     r.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -68,6 +68,8 @@ pub enum StoreError {
     Engine { message: String },
     #[error("ClickHouse server at {url}: {message}")]
     Server { url: String, message: String },
+    #[error("ClickHouse server at {url} is unreachable: {message}")]
+    Unreachable { url: String, message: String },
     #[error("query failed: {message} (query: {query})")]
     Query { message: String, query: String },
     #[error("unexpected answer from ClickHouse: {message}")]
@@ -83,7 +85,41 @@ pub enum StoreError {
     SchemaTooNew { db: String, found: u32, known: u32 },
 }
 
+/// ClickHouse's codes for "this data cannot go in as it is": bad values, a constraint,
+/// a column or table that is not there. Trying the same batch again cannot help.
+const REFUSAL_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    8,   // THERE_IS_NO_COLUMN
+    16,  // NO_SUCH_COLUMN_IN_TABLE
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    33,  // CANNOT_READ_ALL_DATA
+    53,  // TYPE_MISMATCH
+    60,  // UNKNOWN_TABLE
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    81,  // UNKNOWN_DATABASE
+    117, // INCORRECT_DATA
+    469, // VIOLATED_CONSTRAINT
+];
+
 impl StoreError {
+    /// An error of the place the store is (a server down, refusing or failing, which
+    /// may pass), not of flows' configuration or of the data in the store.
+    pub fn is_of_the_server(&self) -> bool {
+        matches!(self, StoreError::Server { .. } | StoreError::Unreachable { .. })
+    }
+
+    /// The store answered that it will not take this data (a constraint, bad values, a
+    /// missing table): trying the same rows again cannot succeed. Not for errors that
+    /// pass (unreachable, overloaded, out of memory, too many parts).
+    pub fn is_refusal(&self) -> bool {
+        let message = match self {
+            StoreError::Engine { message } | StoreError::Server { message, .. } | StoreError::Query { message, .. } => message,
+            _ => return false,
+        };
+        clickhouse_code(message).is_some_and(|c| REFUSAL_CODES.contains(&c))
+    }
+
     /// What a client may be told: its own filter's fault or the limit its question hit,
     /// in full; of anything else only that the store failed. ClickHouse's messages
     /// quote SQL and server internals: they stay in the log of whoever holds the store.
@@ -91,6 +127,7 @@ impl StoreError {
         match self {
             StoreError::Filter { .. } | StoreError::TooMany { .. } | StoreError::SchemaTooNew { .. } => self.to_string(),
             StoreError::Server { .. } => "the ClickHouse server failed to answer (details in the relay's log)".into(),
+            StoreError::Unreachable { .. } => "the ClickHouse server is unreachable (details in the relay's log)".into(),
             _ => "the store failed to answer (details in the relay's log)".into(),
         }
     }
@@ -119,6 +156,16 @@ pub struct Store {
     backend: Backend,
     db: String,
     limits: ReadLimits,
+}
+
+/// What the store holds of one node's newest flows ([`Store::resume_marks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeMark {
+    pub node: String,
+    /// Its newest stored flow's time, nanoseconds (the node's clock).
+    pub newest: i64,
+    /// Ids of its flows stored within the margin before `newest`.
+    pub uuids: Vec<String>,
 }
 
 /// Tables' sizes on disk.
@@ -243,9 +290,10 @@ impl Store {
     }
 
     fn server_err(url: &str, e: clickhouse::error::Error) -> StoreError {
-        StoreError::Server {
-            url: url.to_string(),
-            message: e.to_string(),
+        let (url, message) = (url.to_string(), e.to_string());
+        match e {
+            clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut => StoreError::Unreachable { url, message },
+            _ => StoreError::Server { url, message },
         }
     }
 
@@ -464,6 +512,36 @@ impl Store {
         })
     }
 
+    /// Each node's newest stored flow, and the ids of its flows stored within `margin_ns`
+    /// before it: where the relay's writer resumes that node after a restart (each node
+    /// on its own clock), and what it must not write twice.
+    pub async fn resume_marks(&self, margin_ns: i64) -> Result<Vec<NodeMark>, StoreError> {
+        let rows = self
+            .select_json(&format!(
+                "SELECT f.node AS node, toUnixTimestamp64Nano(max(f.time)) AS newest, groupArray(f.uuid) AS uuids \
+                 FROM {db}.flows AS f INNER JOIN (SELECT node, max(time) AS m FROM {db}.flows GROUP BY node) AS n \
+                 ON f.node = n.node WHERE f.time >= n.m - toIntervalNanosecond({margin}) GROUP BY f.node",
+                db = self.db,
+                margin = margin_ns.max(0),
+            ))
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                let bad = || StoreError::Decode { message: format!("resume mark: {r}") };
+                Ok(NodeMark {
+                    node: r["node"].as_str().ok_or_else(bad)?.to_string(),
+                    newest: json_u64(&r["newest"]).ok_or_else(bad)? as i64,
+                    uuids: r["uuids"]
+                        .as_array()
+                        .ok_or_else(bad)?
+                        .iter()
+                        .filter_map(|u| u.as_str().map(str::to_string))
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+
     /// Active parts of the raw table: rows and bytes, compressed and not.
     pub async fn disk_usage(&self) -> Result<DiskUsage, StoreError> {
         let r = self
@@ -488,6 +566,13 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// The error code in a ClickHouse message ("Code: 469. DB::Exception: ...").
+fn clickhouse_code(message: &str) -> Option<u32> {
+    let rest = &message[message.find("Code: ")? + 6..];
+    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
 
 /// Numbers the embedded store's insert files.
@@ -516,5 +601,21 @@ mod tests {
         }
         assert!(StoreError::Filter { message: "bad CIDR 10/40".into() }.public_message().contains("10/40"));
         assert!(StoreError::TooMany { limit: 7 }.public_message().contains('7'));
+    }
+
+    #[test]
+    fn refusals_are_told_from_errors_that_pass() {
+        let server = |m: &str| StoreError::Server { url: "http://ch:8123".into(), message: m.into() };
+        assert!(server("bad response: Code: 469. DB::Exception: Constraint `c` is violated").is_refusal());
+        assert!(StoreError::Engine { message: "Code: 53. DB::Exception: Type mismatch".into() }.is_refusal());
+        for passing in [
+            server("network error: connection refused"),
+            server("bad response: Code: 252. DB::Exception: Too many parts"),
+            server("bad response: Code: 241. DB::Exception: Memory limit exceeded"),
+            server("timeout expired"),
+            StoreError::Engine { message: "Code: 4690. not a refusal".into() },
+        ] {
+            assert!(!passing.is_refusal(), "{passing}");
+        }
     }
 }

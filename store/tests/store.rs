@@ -131,6 +131,13 @@ async fn suite(store: &Store, what: &str) {
     // Already past its retention: not kept (the rollups still count it).
     assert_eq!(count(store, "flows", "1").await, flows.len() as u64 - 1, "{what}");
     assert_eq!(store.last_time().await.expect("last"), Some(t + 42 * 1_000_000), "{what}");
+    // Where a restarted writer resumes: per node, its newest flow and what lies within
+    // the margin before it (here 2.5 ms: f-40, f-41, f-42).
+    let marks = store.resume_marks(2_500_000).await.expect("resume marks");
+    assert_eq!(marks.len(), 1, "{what}: {marks:?}");
+    let mut ids = marks[0].uuids.clone();
+    ids.sort();
+    assert_eq!((marks[0].node.as_str(), marks[0].newest, ids), ("node-1", t + 42 * 1_000_000, vec!["f-40".to_string(), "f-41".into(), "f-42".into()]), "{what}");
 
     // Read back: what was stored is what comes out, in time order.
     let back = store.flows(&FlowQuery::default()).await.expect("flows");
