@@ -479,7 +479,11 @@ async fn relay_killed_resumes_each_node_from_its_own_newest_flow_and_counts_what
     const SKEW: i64 = 5_000_000_000;
     let dir = temp("sigkill");
     std::fs::create_dir_all(&dir).expect("dir");
-    let spec = format!("embedded:{}", dir.join("store").display());
+    // A server, not the embedded engine: this process opens it afterwards to count, and
+    // one process holds one embedded engine (other tests here have theirs).
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
+    let _server = Server::start(&dir.join("ch"), port);
+    let spec = format!("http://127.0.0.1:{port}");
     let (fast, small) = (Arc::new(FlowRing::new(65_536).expect("ring")), Arc::new(FlowRing::new(1_024).expect("ring")));
     let peers = [
         format!("node-1={}", node_named(fast.clone(), "node-1").await),
@@ -507,11 +511,11 @@ async fn relay_killed_resumes_each_node_from_its_own_newest_flow_and_counts_what
     let gone = store_of(&st).rows_unrecoverable;
     assert!(gone > 0, "node-2's ring was overwritten: {st:?}");
     drop(relay);
-    let store = Store::open_existing(&StoreConfig::Embedded { path: dir.join("store"), library: flows_store::chdb::default_library() }, "flows")
+    let store = Store::open_existing(&StoreConfig::Server { url: spec.clone(), user: None, password: None }, "flows")
         .await
         .expect("open");
     let per_node = store
-        .select_json("SELECT node, count() AS n, uniqExact(uuid) AS u FROM flows.flows GROUP BY node ORDER BY node")
+        .select_json("SELECT toString(node) AS node, count() AS n, uniqExact(uuid) AS u FROM flows.flows GROUP BY node ORDER BY node")
         .await
         .expect("per node");
     let n = |v: &serde_json::Value| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).unwrap_or(0);
