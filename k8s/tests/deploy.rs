@@ -562,6 +562,15 @@ fn the_chart_lints_and_renders_valid_objects_for_every_documented_value_set() {
         let name = values.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
         let probe = args_of(&o, "DaemonSet");
         let relay = args_of(&o, "Deployment");
+        // Every flag the chart passes is one the binary takes (a renamed flag would
+        // leave the pod crash-looping).
+        for (bin, args) in [("flows-node-probe", &probe), ("flows-relay", &relay)] {
+            let help = flags_of(bin);
+            for a in args.iter().filter_map(|a| a.strip_prefix("--")) {
+                let flag = a.split('=').next().unwrap_or_default();
+                assert!(help.contains(flag), "{v}: {bin} has no --{flag}");
+            }
+        }
         match name {
             "tls" => {
                 for a in ["--tls-cert", "--tls-key", "--tls-client-ca"] {
@@ -678,6 +687,17 @@ impl Drop for Reaped {
 }
 
 /// The workspace's binaries (built by `cargo build --bins`, as scripts/test.sh does).
+/// The long flags a binary's --help lists.
+fn flags_of(bin: &str) -> BTreeSet<String> {
+    let out = Command::new(binary(bin)).arg("--help").output().expect("--help");
+    assert!(out.status.success(), "{bin} --help");
+    String::from_utf8_lossy(&out.stdout)
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '=' || c == '[' || c == '<')
+        .filter_map(|w| w.strip_prefix("--"))
+        .map(String::from)
+        .collect()
+}
+
 fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let p = exe.parent().and_then(Path::parent).expect("target dir").join(name);
