@@ -77,7 +77,7 @@ async fn the_cluster_is_written_as_the_probe_reads_it_and_kept_current() {
     api.put("pods", pod("data", "db", "10.244.1.20", json!({"app": "db"})));
     let dir = temp("sync");
     let client = flows_k8s::watch::client_for(&api.url()).expect("client");
-    let mut progress = flows_k8s::export::start(client, dir.clone(), Duration::from_millis(50));
+    let progress = flows_k8s::export::start(client, dir.clone(), Duration::from_millis(50));
     until("the first write", || progress.borrow().writes >= 1).await;
     assert_eq!(progress.borrow().synced_kinds, 3, "written only after all three kinds were listed");
     let m = read(&dir);

@@ -242,6 +242,7 @@ impl Observer for ObserverService {
             policy_reads: snap.policy_reads,
             policy_revision: snap.policy_revision,
             store: None,
+            time: Some(flows_proto::timestamp_now()),
         }))
     }
 }

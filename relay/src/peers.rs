@@ -9,7 +9,14 @@
 //! answers nothing: every call to it is bounded (`CALL_TIMEOUT`), so it is reported
 //! unavailable within seconds, and HTTP/2 keepalive ends the streams open to it.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
 
 use flows_proto::{ServerStatusRequest, observer_client::ObserverClient};
 use tokio::sync::watch;
@@ -56,9 +63,17 @@ pub struct Peer {
     /// The name given in the configuration, if any (else learnt from ServerStatus).
     pub configured_name: Option<String>,
     pub state: watch::Receiver<PeerState>,
+    /// The node's clock less the relay's, in nanoseconds (0 until measured).
+    offset: Arc<AtomicI64>,
 }
 
 impl Peer {
+    /// The node's clock less the relay's (nanoseconds), from its status answers: add it
+    /// to a relay time to get the same moment in the node's flow times.
+    pub fn clock_offset(&self) -> i64 {
+        self.offset.load(Ordering::Relaxed)
+    }
+
     /// The node's name: as configured, as it reported, or its address.
     pub fn name(&self) -> String {
         if let Some(n) = &self.configured_name {
@@ -105,15 +120,63 @@ impl Default for Backoff {
 pub fn spawn(spec: &str, backoff: Backoff, dialer: Dialer) -> Arc<Peer> {
     let (name, addr) = parse_peer(spec);
     let (tx, rx) = watch::channel(PeerState::Connecting);
-    tokio::spawn(maintain(addr.clone(), dialer, tx, backoff));
+    let offset = Arc::new(AtomicI64::new(0));
+    tokio::spawn(maintain(addr.clone(), dialer, tx, backoff, Clocks::new(offset.clone())));
     Arc::new(Peer {
+        offset,
         addr,
         configured_name: name,
         state: rx,
     })
 }
 
-async fn maintain(url: String, dialer: Dialer, tx: watch::Sender<PeerState>, backoff: Backoff) {
+/// A node's clock offset from its status answers: of the last few samples, the one
+/// with the shortest round trip (the least uncertain).
+struct Clocks {
+    offset: Arc<AtomicI64>,
+    /// (round trip, offset), nanoseconds.
+    samples: VecDeque<(i64, i64)>,
+}
+
+impl Clocks {
+    const KEPT: usize = 8;
+
+    fn new(offset: Arc<AtomicI64>) -> Clocks {
+        Clocks { offset, samples: VecDeque::with_capacity(Clocks::KEPT) }
+    }
+
+    /// A status call that left at `sent` and came back at `received` (relay clock),
+    /// answered at `node_time` (node clock).
+    fn sample(&mut self, sent: i64, received: i64, node_time: Option<&flows_proto::Timestamp>) {
+        let Some(t) = node_time else { return };
+        let rtt = received.saturating_sub(sent);
+        let offset = flows_proto::timestamp_nanos(t).saturating_sub(sent + rtt / 2);
+        if self.samples.len() == Clocks::KEPT {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((rtt, offset));
+        if let Some((_, best)) = self.samples.iter().min_by_key(|(rtt, _)| *rtt) {
+            self.offset.store(*best, Ordering::Relaxed);
+        }
+    }
+}
+
+fn now_ns() -> i64 {
+    flows_proto::timestamp_nanos(&flows_proto::timestamp_now())
+}
+
+/// A status call, bounded, with its clock sample.
+async fn status(
+    client: &mut ObserverClient<Channel>,
+    clocks: &mut Clocks,
+) -> Result<flows_proto::ServerStatusResponse, tonic::Status> {
+    let sent = now_ns();
+    let st = bounded(client.server_status(ServerStatusRequest {})).await?.into_inner();
+    clocks.sample(sent, now_ns(), st.time.as_ref());
+    Ok(st)
+}
+
+async fn maintain(url: String, dialer: Dialer, tx: watch::Sender<PeerState>, backoff: Backoff, mut clocks: Clocks) {
     let mut delay = backoff.initial;
     loop {
         let attempt = async {
@@ -126,10 +189,7 @@ async fn maintain(url: String, dialer: Dialer, tx: watch::Sender<PeerState>, bac
                 .keep_alive_while_idle(true);
             let channel = ep.connect().await.map_err(|e| error_chain(&e))?;
             let mut client = ObserverClient::new(channel);
-            let st = bounded(client.server_status(ServerStatusRequest {}))
-                .await
-                .map_err(|e| error_chain(&e))?
-                .into_inner();
+            let st = status(&mut client, &mut clocks).await.map_err(|e| error_chain(&e))?;
             Ok::<_, String>((client, st.node_name))
         };
         match attempt.await {
@@ -146,7 +206,7 @@ async fn maintain(url: String, dialer: Dialer, tx: watch::Sender<PeerState>, bac
                     if tx.is_closed() {
                         return;
                     }
-                    if let Err(e) = bounded(client.server_status(ServerStatusRequest {})).await {
+                    if let Err(e) = status(&mut client, &mut clocks).await {
                         tracing::warn!(%url, error = %e, "node-probe unavailable");
                         let _ = tx.send(PeerState::Unavailable {
                             error: e.message().to_string(),
@@ -229,5 +289,33 @@ impl PeerSet {
             }
             changed
         });
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[test]
+    fn the_offset_is_the_sample_with_the_shortest_round_trip() {
+        let shared = Arc::new(AtomicI64::new(0));
+        let mut c = Clocks::new(shared.clone());
+        let at = |ns: i64| flows_proto::timestamp_from_nanos(ns);
+        // Sent at 1,000, back at 1,200: the node said 6,100 (5,000 ahead, ±100).
+        c.sample(1_000, 1_200, Some(&at(6_100)));
+        assert_eq!(shared.load(Ordering::Relaxed), 5_000);
+        // A slow round trip is less certain: kept, not used.
+        c.sample(2_000, 4_000, Some(&at(8_000)));
+        assert_eq!(shared.load(Ordering::Relaxed), 5_000);
+        c.sample(3_000, 3_020, Some(&at(-1_990)));
+        assert_eq!(shared.load(Ordering::Relaxed), -5_000, "a node behind");
+        // An answer without a time (an older probe) changes nothing.
+        c.sample(4_000, 4_001, None);
+        assert_eq!(shared.load(Ordering::Relaxed), -5_000);
+        // Only the last few count: a clock that was stepped is followed.
+        for i in 0..Clocks::KEPT as i64 {
+            c.sample(10_000 + i, 10_100 + i, Some(&at(10_050 + i + 700)));
+        }
+        assert_eq!(shared.load(Ordering::Relaxed), 700);
     }
 }

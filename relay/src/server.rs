@@ -65,6 +65,7 @@ impl Observer for RelayService {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ns: self.started.elapsed().as_nanos() as u64,
             node_name: "relay".into(),
+            time: Some(flows_proto::timestamp_now()),
             ..Default::default()
         };
         let mut lost: BTreeMap<i32, u64> = BTreeMap::new();

@@ -83,6 +83,21 @@ impl Sent {
     }
 }
 
+/// Each node's clock less the relay's, by node name (0 for a node not measured): a
+/// relay time plus a node's offset is that moment in the node's flow times.
+#[derive(Default)]
+struct Offsets(HashMap<String, Nanos>);
+
+impl Offsets {
+    fn of(peers: &[Arc<Peer>]) -> Offsets {
+        Offsets(peers.iter().map(|p| (p.name(), Nanos::from(p.clock_offset()))).collect())
+    }
+
+    fn get(&self, node: &str) -> Nanos {
+        self.0.get(node).copied().unwrap_or(0)
+    }
+}
+
 fn nanos(t: &Option<Timestamp>) -> Nanos {
     t.as_ref().map(|t| Nanos::from(timestamp_nanos(t))).unwrap_or(0)
 }
@@ -216,13 +231,18 @@ const HISTORY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 async fn history(
     peers: &[Arc<Peer>],
     req: &GetFlowsRequest,
+    until: Option<Nanos>,
     pipeline: &Pipeline,
     number: u64,
     first: bool,
 ) -> Vec<GetFlowsResponse> {
     let mut all = Vec::new();
-    let calls = peers.iter().filter_map(|p| Some((p.name(), p.client()?))).map(|(name, mut c)| {
-        let r = req.clone();
+    let calls = peers.iter().filter_map(|p| Some((p.name(), p.clock_offset(), p.client()?))).map(|(name, offset, mut c)| {
+        let mut r = req.clone();
+        // The same moment by the node's clock.
+        if let Some(t) = until {
+            r.until = Some(timestamp(t + Nanos::from(offset)));
+        }
         async move {
             let read = async {
                 let mut out = Vec::new();
@@ -477,17 +497,16 @@ impl Run {
     /// has gone).
     async fn history(&self, peers: &[Arc<Peer>], tx: &Out, t0: Nanos) -> Option<Sent> {
         let req = &self.req;
-        let mut hreq = GetFlowsRequest {
+        let hreq = GetFlowsRequest {
             follow: false,
             ..self.node_req.clone()
         };
-        if req.follow {
-            hreq.until = Some(timestamp(t0));
-        }
-        let mut out = history(peers, &hreq, &self.pipeline, req.number, req.first).await;
+        let until = req.follow.then_some(t0);
+        let mut out = history(peers, &hreq, until, &self.pipeline, req.number, req.first).await;
         if let Some(store) = &self.store {
-            out = with_stored(store, out, req, hreq.until).await;
+            out = with_stored(store, out, req, until.map(timestamp)).await;
         }
+        let offsets = Offsets::of(peers);
         let mut sent = Sent::default();
         if req.follow {
             let flows = out.iter().filter_map(|m| match &m.response_types {
@@ -495,8 +514,8 @@ impl Run {
                 _ => None,
             });
             for f in flows.clone() {
-                // Only recent ones can come again.
-                if nanos(&f.time) >= t0 - LATE_ARRIVAL {
+                // Only recent ones (by their node's clock) can come again.
+                if nanos(&f.time) >= t0 + offsets.get(&f.node_name) - LATE_ARRIVAL {
                     sent.uuids.insert(f.uuid.clone());
                 }
             }
@@ -524,8 +543,13 @@ impl Run {
         };
         // Without history, the request's arrival is the floor: a flow stamped after it
         // but before every node's stream is open still comes.
-        let floor = if with_history { nanos(&self.req.since).max(t0 - LATE_ARRIVAL) } else { t0 };
-        live.since = Some(timestamp(floor));
+        // Relay times; each node's reader moves them to its clock.
+        let floor = if with_history {
+            Floor { relay_time: t0 - LATE_ARRIVAL, since: nanos(&self.req.since) }
+        } else {
+            Floor { relay_time: t0, since: 0 }
+        };
+        live.since = None;
         let (mtx, mut mrx) = mpsc::channel::<Merged>(4096);
         let mut readers = Readers {
             live,
@@ -535,6 +559,7 @@ impl Run {
             by_peer: HashMap::new(),
             joined_later: false,
             resume: self.resume.clone(),
+            floor,
         };
         let mut set = self.peers.subscribe();
         let mut refresh = true;
@@ -589,6 +614,23 @@ struct Readers {
     joined_later: bool,
     /// Per-node starting points instead (the store writer's request).
     resume: Option<Arc<Resume>>,
+    /// Where the nodes that are there at the start are read from.
+    floor: Floor,
+}
+
+/// Where a follow request's live part starts on each node: at a relay time (moved to
+/// each node's clock), but not before the client's own `since` (a time the client
+/// chose, taken as it is).
+#[derive(Debug, Clone, Copy)]
+struct Floor {
+    relay_time: Nanos,
+    since: Nanos,
+}
+
+impl Floor {
+    fn on(self, peer: &Peer) -> Timestamp {
+        timestamp((self.relay_time + Nanos::from(peer.clock_offset())).max(self.since))
+    }
 }
 
 impl Readers {
@@ -613,7 +655,7 @@ impl Readers {
             let r = match &self.resume {
                 Some(resume) => GetFlowsRequest { since: Some(resume.since_for(&name)), ..self.live.clone() },
                 None if self.joined_later => GetFlowsRequest { since: None, ..self.live.clone() },
-                None => self.live.clone(),
+                None => GetFlowsRequest { since: Some(self.floor.on(&p)), ..self.live.clone() },
             };
             let h = tokio::spawn(follow_peer(p, r, self.pipeline.clone(), self.sent.clone(), self.tx.clone()));
             self.by_peer.insert(k, (name, h.abort_handle()));

@@ -36,8 +36,38 @@ struct Node {
     done: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// A node whose clock is `behind` nanoseconds behind the relay's: its status says so
+/// (the test's flows for it are stamped the same way). Everything else is the probe's
+/// own service.
+struct Clocked {
+    inner: ObserverService,
+    behind: i64,
+}
+
+#[tonic::async_trait]
+impl flows_proto::observer_server::Observer for Clocked {
+    type GetFlowsStream = <ObserverService as flows_proto::observer_server::Observer>::GetFlowsStream;
+
+    async fn get_flows(&self, r: tonic::Request<GetFlowsRequest>) -> Result<tonic::Response<Self::GetFlowsStream>, tonic::Status> {
+        self.inner.get_flows(r).await
+    }
+
+    async fn server_status(
+        &self,
+        r: tonic::Request<ServerStatusRequest>,
+    ) -> Result<tonic::Response<flows_proto::ServerStatusResponse>, tonic::Status> {
+        let mut st = self.inner.server_status(r).await?.into_inner();
+        st.time = st.time.map(|t| flows_proto::timestamp_from_nanos(flows_proto::timestamp_nanos(&t) - self.behind));
+        Ok(tonic::Response::new(st))
+    }
+}
+
 impl Node {
     async fn start(name: &str, ring: Arc<FlowRing>, addr: &str) -> Node {
+        Node::start_behind(name, ring, addr, 0).await
+    }
+
+    async fn start_behind(name: &str, ring: Arc<FlowRing>, addr: &str, behind: i64) -> Node {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (streams, shutdown) = tokio::sync::watch::channel(false);
@@ -53,7 +83,7 @@ impl Node {
         let (tx, rx) = oneshot::channel::<()>();
         let done = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
-                .add_service(ObserverServer::new(svc))
+                .add_service(ObserverServer::new(Clocked { inner: svc, behind }))
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
                     async {
@@ -718,4 +748,51 @@ async fn clients_are_allowed_by_certificate_name() {
         let _ = relay.wait();
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+
+/// node-2's clock is 5 s behind the relay's and node-1's. A follower without history
+/// gets node-2's flows made after it asked; one with history gets what node-2 made
+/// after the history was read, once, and nothing from the history twice. (Starting
+/// each node at one relay time, node-2's next 5 s of flows were below it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_is_5_s_behind_loses_nothing_to_followers() {
+    const BEHIND: i128 = 5_000_000_000;
+    let (r1, r2) = (Arc::new(FlowRing::new(1024).expect("ring")), Arc::new(FlowRing::new(1024).expect("ring")));
+    let n1 = Node::start("node-1", r1.clone(), "127.0.0.1:0").await;
+    let n2 = Node::start_behind("node-2", r2.clone(), "127.0.0.1:0", BEHIND as i64).await;
+    let mut c = relay(&[&n1, &n2]).await;
+    let flows = |m: flows_proto::GetFlowsResponse| match m.response_types {
+        Some(ResponseTypes::Flow(f)) => Some((f.node_name, f.packet_length)),
+        _ => None,
+    };
+    // History: one flow on each node, from before the request.
+    r1.push(flow("node-1", now_ns(), 1));
+    r2.push(flow("node-2", now_ns() - BEHIND, 2));
+    let mut plain = c.get_flows(GetFlowsRequest { follow: true, ..Default::default() }).await.expect("follow").into_inner();
+    let since = Some(flows_proto::timestamp_from_nanos((now_ns() - 60_000_000_000) as i64));
+    let mut hist = c.get_flows(GetFlowsRequest { follow: true, since, ..Default::default() }).await.expect("follow").into_inner();
+    let mut got = BTreeSet::new();
+    while got.len() < 2 {
+        if let Some(f) = flows(next(&mut hist).await) {
+            assert!(got.insert(f.clone()), "{f:?} twice");
+        }
+    }
+    // Made after both requests (the history part is sent once read): node-2's stamp
+    // is 5 s behind the time the relay asked at.
+    r2.push(flow("node-2", now_ns() - BEHIND, 3));
+    // Then a marker on the right clock: once it is there, everything before it is.
+    r1.push(flow("node-1", now_ns(), 4));
+    for (what, s, before) in [("with history", &mut hist, got.len()), ("without", &mut plain, 0)] {
+        let mut seen = Vec::new();
+        while !seen.contains(&("node-1".to_string(), 4)) {
+            if let Some(f) = flows(next(s).await) {
+                seen.push(f);
+            }
+        }
+        let late = seen.iter().filter(|f| f.1 == 3).count();
+        assert_eq!(late, 1, "{what}: node-2's flow made after the request, once: {seen:?}");
+        assert!(seen.iter().all(|f| f.1 >= 3), "{what}: nothing from the history again: {seen:?} (history had {before})");
+    }
+    drop((n1, n2));
 }
