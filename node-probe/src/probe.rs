@@ -234,7 +234,7 @@ pub async fn run(
 async fn serve(
     cfg: &ProbeConfig,
     service: ObserverService,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<Arc<flows_tls::reload::ReloadingTls>>,
     allowed: flows_tls::serving::ClientAllowList,
     shutdown: impl std::future::Future<Output = ()>,
     stop_all: watch::Sender<bool>,
@@ -252,13 +252,13 @@ async fn serve(
         })?;
     }
     tracing::info!(node = %cfg.node_name, listen = %local, "node-probe ready");
-    flows_tls::serving::server(tls)?
-        .add_service(tonic::service::interceptor::InterceptedService::new(service.into_server(), move |r| allowed.check(r)))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-            shutdown.await;
-            let _ = stop_all.send(true);
-        })
-        .await?;
+    let router = flows_tls::serving::server()
+        .add_service(tonic::service::interceptor::InterceptedService::new(service.into_server(), move |r| allowed.check(r)));
+    flows_tls::serving::serve(router, listener, tls, async move {
+        shutdown.await;
+        let _ = stop_all.send(true);
+    })
+    .await?;
     Ok(())
 }
 

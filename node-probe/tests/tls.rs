@@ -44,11 +44,9 @@ async fn serve_tls(tls: &ServerTls) -> String {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let server = tonic::transport::Server::builder()
-        .tls_config(tls.load().expect("server TLS"))
-        .expect("tls config")
-        .add_service(svc.into_server());
-    tokio::spawn(server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+    let router = flows_tls::serving::server().add_service(svc.into_server());
+    let tls = tls.load().expect("server TLS");
+    tokio::spawn(flows_tls::serving::serve(router, listener, Some(tls), std::future::pending()));
     addr.to_string()
 }
 
@@ -170,4 +168,58 @@ fn bad_certificate_files_are_named() {
     let key = std::fs::read_to_string(dir.join("probe.key")).expect("key");
     let body: String = key.lines().nth(1).unwrap_or_default().to_string();
     assert!(!body.is_empty() && !e.contains(&body), "{e}");
+}
+
+
+/// Certificates rotated on disk the way a Secret volume does it (new files renamed into
+/// place) are served from the next connection, without a restart; a connection opened
+/// before keeps working; files that do not make a valid pair leave the last good ones
+/// in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_certificates_are_served_without_a_restart() {
+    let (live, old, new) = (temp("live"), temp("old"), temp("new"));
+    let _clean = Dirs(vec![live.clone(), old.clone(), new.clone()]);
+    let spec = certs::CertSpec::default();
+    certs::create(&old, &spec, false).expect("the first CA's certificates");
+    certs::create(&new, &spec, false).expect("the next CA's certificates");
+    std::fs::create_dir_all(&live).expect("dir");
+    let put = |from: &std::path::Path, file: &str, as_: &str| {
+        let tmp = live.join(format!(".{as_}.tmp"));
+        std::fs::copy(from.join(file), &tmp).expect("copy");
+        std::fs::rename(&tmp, live.join(as_)).expect("rename into place");
+    };
+    for f in ["probe.crt", "probe.key", "ca.crt"] {
+        put(&old, f, f);
+    }
+    let addr = serve_tls(&ServerTls {
+        cert: live.join("probe.crt"),
+        key: live.join("probe.key"),
+        client_ca: live.join("ca.crt"),
+        allowed_clients: Vec::new(),
+    })
+    .await;
+    let name = &spec.probe_names[0];
+    let (before, after) = (
+        Dialer::new(Some(&client(&old, true, name))).expect("tls"),
+        Dialer::new(Some(&client(&new, true, name))).expect("tls"),
+    );
+    assert_eq!(status(&before, &addr).await, Ok("node-tls".to_string()));
+    assert!(status(&after, &addr).await.is_err(), "the next CA is not trusted yet");
+    let kept = before.endpoint(&addr).expect("endpoint").connect().await.expect("connect");
+    let mut kept = ObserverClient::new(kept);
+    kept.server_status(ServerStatusRequest {}).await.expect("an open connection");
+
+    for f in ["probe.crt", "probe.key", "ca.crt"] {
+        put(&new, f, f);
+    }
+    assert_eq!(status(&after, &addr).await, Ok("node-tls".to_string()), "the rotated files are served");
+    assert!(status(&before, &addr).await.is_err(), "the old CA's clients are refused now");
+    kept.server_status(ServerStatusRequest {}).await.expect("the connection opened before still works");
+
+    // A key that does not belong to the certificate (a rotation caught halfway): the
+    // last good pair stays in force.
+    put(&old, "probe.key", "probe.key");
+    assert_eq!(status(&after, &addr).await, Ok("node-tls".to_string()), "the last good files stay in force");
+    put(&new, "probe.key", "probe.key");
+    assert_eq!(status(&after, &addr).await, Ok("node-tls".to_string()));
 }

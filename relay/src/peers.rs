@@ -65,6 +65,8 @@ pub struct Peer {
     pub state: watch::Receiver<PeerState>,
     /// The node's clock less the relay's, in nanoseconds (0 until measured).
     offset: Arc<AtomicI64>,
+    /// How far off that may be: half the round trip it was measured over.
+    uncertainty: Arc<AtomicI64>,
 }
 
 impl Peer {
@@ -72,6 +74,12 @@ impl Peer {
     /// to a relay time to get the same moment in the node's flow times.
     pub fn clock_offset(&self) -> i64 {
         self.offset.load(Ordering::Relaxed)
+    }
+
+    /// How far the offset may be off (nanoseconds): a starting time moved to the node's
+    /// clock is moved earlier by this, so that no flow is missed for it.
+    pub fn clock_uncertainty(&self) -> i64 {
+        self.uncertainty.load(Ordering::Relaxed)
     }
 
     /// The node's name: as configured, as it reported, or its address.
@@ -120,10 +128,11 @@ impl Default for Backoff {
 pub fn spawn(spec: &str, backoff: Backoff, dialer: Dialer) -> Arc<Peer> {
     let (name, addr) = parse_peer(spec);
     let (tx, rx) = watch::channel(PeerState::Connecting);
-    let offset = Arc::new(AtomicI64::new(0));
-    tokio::spawn(maintain(addr.clone(), dialer, tx, backoff, Clocks::new(offset.clone())));
+    let (offset, uncertainty) = (Arc::new(AtomicI64::new(0)), Arc::new(AtomicI64::new(0)));
+    tokio::spawn(maintain(addr.clone(), dialer, tx, backoff, Clocks::new(offset.clone(), uncertainty.clone())));
     Arc::new(Peer {
         offset,
+        uncertainty,
         addr,
         configured_name: name,
         state: rx,
@@ -134,6 +143,7 @@ pub fn spawn(spec: &str, backoff: Backoff, dialer: Dialer) -> Arc<Peer> {
 /// with the shortest round trip (the least uncertain).
 struct Clocks {
     offset: Arc<AtomicI64>,
+    uncertainty: Arc<AtomicI64>,
     /// (round trip, offset), nanoseconds.
     samples: VecDeque<(i64, i64)>,
 }
@@ -141,8 +151,8 @@ struct Clocks {
 impl Clocks {
     const KEPT: usize = 8;
 
-    fn new(offset: Arc<AtomicI64>) -> Clocks {
-        Clocks { offset, samples: VecDeque::with_capacity(Clocks::KEPT) }
+    fn new(offset: Arc<AtomicI64>, uncertainty: Arc<AtomicI64>) -> Clocks {
+        Clocks { offset, uncertainty, samples: VecDeque::with_capacity(Clocks::KEPT) }
     }
 
     /// A status call that left at `sent` and came back at `received` (relay clock),
@@ -155,8 +165,9 @@ impl Clocks {
             self.samples.pop_front();
         }
         self.samples.push_back((rtt, offset));
-        if let Some((_, best)) = self.samples.iter().min_by_key(|(rtt, _)| *rtt) {
+        if let Some((rtt, best)) = self.samples.iter().min_by_key(|(rtt, _)| *rtt) {
             self.offset.store(*best, Ordering::Relaxed);
+            self.uncertainty.store(rtt / 2 + 1, Ordering::Relaxed);
         }
     }
 }
@@ -298,12 +309,12 @@ mod clock_tests {
 
     #[test]
     fn the_offset_is_the_sample_with_the_shortest_round_trip() {
-        let shared = Arc::new(AtomicI64::new(0));
-        let mut c = Clocks::new(shared.clone());
+        let (shared, unsure) = (Arc::new(AtomicI64::new(0)), Arc::new(AtomicI64::new(0)));
+        let mut c = Clocks::new(shared.clone(), unsure.clone());
         let at = |ns: i64| flows_proto::timestamp_from_nanos(ns);
         // Sent at 1,000, back at 1,200: the node said 6,100 (5,000 ahead, ±100).
         c.sample(1_000, 1_200, Some(&at(6_100)));
-        assert_eq!(shared.load(Ordering::Relaxed), 5_000);
+        assert_eq!((shared.load(Ordering::Relaxed), unsure.load(Ordering::Relaxed)), (5_000, 101));
         // A slow round trip is less certain: kept, not used.
         c.sample(2_000, 4_000, Some(&at(8_000)));
         assert_eq!(shared.load(Ordering::Relaxed), 5_000);

@@ -196,7 +196,7 @@ pub async fn run(cfg: RelayConfig, shutdown: impl Future<Output = ()> + Send + '
     }
     tracing::info!(listen = %local, "relay serving");
     let history = store.clone().map(|store| HistoryServer::new(HistoryService { store }));
-    let served = flows_tls::serving::server(server_tls)?
+    let router = flows_tls::serving::server()
         .add_service(tonic::service::interceptor::InterceptedService::new(
             ObserverServer::from_arc(svc).max_decoding_message_size(MAX_REQUEST_BYTES),
             {
@@ -208,13 +208,13 @@ pub async fn run(cfg: RelayConfig, shutdown: impl Future<Output = ()> + Send + '
             tonic::service::interceptor::InterceptedService::new(h.max_decoding_message_size(MAX_REQUEST_BYTES), move |r| {
                 allowed.check(r)
             })
-        }))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-            shutdown.await;
-            tracing::info!("shutting down: ending client streams");
-            let _ = stop_clients.send(true);
-        })
-        .await;
+        }));
+    let served = flows_tls::serving::serve(router, listener, server_tls, async move {
+        shutdown.await;
+        tracing::info!("shutting down: ending client streams");
+        let _ = stop_clients.send(true);
+    })
+    .await;
     if let Some(path) = &cfg.ready_file {
         let _ = std::fs::remove_file(path);
     }

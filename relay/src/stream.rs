@@ -237,7 +237,8 @@ async fn history(
     first: bool,
 ) -> Vec<GetFlowsResponse> {
     let mut all = Vec::new();
-    let calls = peers.iter().filter_map(|p| Some((p.name(), p.clock_offset(), p.client()?))).map(|(name, offset, mut c)| {
+    // Later by the offset's uncertainty: what both parts hold is sent once (`Sent`).
+    let calls = peers.iter().filter_map(|p| Some((p.name(), p.clock_offset() + p.clock_uncertainty(), p.client()?))).map(|(name, offset, mut c)| {
         let mut r = req.clone();
         // The same moment by the node's clock.
         if let Some(t) = until {
@@ -629,7 +630,8 @@ struct Floor {
 
 impl Floor {
     fn on(self, peer: &Peer) -> Timestamp {
-        timestamp((self.relay_time + Nanos::from(peer.clock_offset())).max(self.since))
+        let at = self.relay_time + Nanos::from(peer.clock_offset()) - Nanos::from(peer.clock_uncertainty());
+        timestamp(at.max(self.since))
     }
 }
 

@@ -766,9 +766,10 @@ async fn a_node_whose_clock_is_5_s_behind_loses_nothing_to_followers() {
         Some(ResponseTypes::Flow(f)) => Some((f.node_name, f.packet_length)),
         _ => None,
     };
-    // History: one flow on each node, from before the request.
-    r1.push(flow("node-1", now_ns(), 1));
-    r2.push(flow("node-2", now_ns() - BEHIND, 2));
+    // History: one flow on each node, from a second before the request (an offset
+    // measured over a round trip is good to a fraction of it, not to the nanosecond).
+    r1.push(flow("node-1", now_ns() - 1_000_000_000, 1));
+    r2.push(flow("node-2", now_ns() - BEHIND - 1_000_000_000, 2));
     let mut plain = c.get_flows(GetFlowsRequest { follow: true, ..Default::default() }).await.expect("follow").into_inner();
     let since = Some(flows_proto::timestamp_from_nanos((now_ns() - 60_000_000_000) as i64));
     let mut hist = c.get_flows(GetFlowsRequest { follow: true, since, ..Default::default() }).await.expect("follow").into_inner();

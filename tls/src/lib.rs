@@ -12,6 +12,7 @@
 //! never formatted into errors or logs.
 
 pub mod certs;
+pub mod reload;
 pub mod serving;
 
 use std::{
@@ -22,7 +23,7 @@ use std::{
 };
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -179,16 +180,9 @@ impl ServerTlsArgs {
 }
 
 impl ServerTls {
-    /// Reads and checks the files; the result goes to `Server::builder().tls_config`.
-    pub fn load(&self) -> Result<ServerTlsConfig, TlsError> {
-        let cert = read_certs("server certificate", &self.cert)?;
-        let key = read_key(&self.key)?;
-        let ca = read_certs("client CA", &self.client_ca)?;
-        Ok(ServerTlsConfig::new()
-            .identity(Identity::from_pem(cert, key))
-            .client_ca_root(Certificate::from_pem(ca))
-            .client_auth_optional(false)
-            .timeout(HANDSHAKE_TIMEOUT))
+    /// Reads and checks the files, and reads them again whenever they change.
+    pub fn load(&self) -> Result<std::sync::Arc<reload::ReloadingTls>, TlsError> {
+        reload::ReloadingTls::new(self.clone())
     }
 }
 

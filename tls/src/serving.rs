@@ -16,25 +16,56 @@ use std::{
 };
 
 use futures_core::Stream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tonic::{
     Request, Status,
-    transport::{Server, ServerTlsConfig},
+    transport::{Server, server::Router},
 };
+
+use crate::reload::ReloadingTls;
 
 /// HTTP/2 streams one connection may have open at once.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
-/// A server with flows' connection bounds, and its TLS when given.
-pub fn server(tls: Option<ServerTlsConfig>) -> Result<Server, tonic::transport::Error> {
-    let builder = Server::builder()
+/// A server with flows' connection bounds; [`serve`] adds the TLS.
+pub fn server() -> Server {
+    Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tcp_keepalive(Some(Duration::from_secs(60)));
+}
+
+/// TCP keepalive on an accepted connection: a peer whose host is gone is found within
+/// minutes even when no stream is open.
+pub fn keep_alive(tcp: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+    let _ = tcp.set_nodelay(true);
+}
+
+/// Serves `router` on `listener` until `shutdown`: with mutual TLS from files that are
+/// read again when they change, or plaintext (whoever allowed that decided it).
+pub async fn serve(
+    router: Router,
+    listener: TcpListener,
+    tls: Option<Arc<ReloadingTls>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
     match tls {
-        Some(t) => builder.tls_config(t),
-        None => Ok(builder),
+        Some(tls) => router.serve_with_incoming_shutdown(tls.incoming(listener), shutdown).await,
+        None => {
+            use tokio_stream::StreamExt;
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|r| {
+                if let Ok(tcp) = &r {
+                    keep_alive(tcp);
+                }
+                r
+            });
+            router.serve_with_incoming_shutdown(incoming, shutdown).await
+        }
     }
 }
 
