@@ -222,4 +222,21 @@ async fn rotated_certificates_are_served_without_a_restart() {
     assert_eq!(status(&after, &addr).await, Ok("node-tls".to_string()), "the last good files stay in force");
     put(&new, "probe.key", "probe.key");
     assert_eq!(status(&after, &addr).await, Ok("node-tls".to_string()));
+
+    // The client side (the relay dialling probes): one Dialer, its files rotated under
+    // it, is let in again from its next connection on.
+    let mine = live.join("client");
+    std::fs::create_dir_all(&mine).expect("dir");
+    let put_client = |from: &std::path::Path| {
+        for f in ["ca.crt", "client.crt", "client.key"] {
+            let tmp = mine.join(format!(".{f}.tmp"));
+            std::fs::copy(from.join(f), &tmp).expect("copy");
+            std::fs::rename(&tmp, mine.join(f)).expect("rename into place");
+        }
+    };
+    put_client(&old);
+    let dialer = Dialer::new(Some(&client(&mine, true, name))).expect("tls");
+    assert!(status(&dialer, &addr).await.is_err(), "the old CA's client is refused");
+    put_client(&new);
+    assert_eq!(status(&dialer, &addr).await, Ok("node-tls".to_string()), "the same dialer with rotated files");
 }

@@ -289,10 +289,12 @@ pub fn endpoint(addr: &str, tls: Option<&ClientTlsConfig>) -> Result<Endpoint, T
     Ok(ep)
 }
 
-/// Client TLS loaded once, or plaintext; cheap to clone into every connection.
+/// Client TLS, or plaintext; cheap to clone into every connection. The files are read
+/// again for every new connection, so a rotated client certificate is used from the
+/// next (re)connect on; files that fail to read leave the last good ones in use.
 #[derive(Clone, Default)]
 pub struct Dialer {
-    tls: Option<ClientTlsConfig>,
+    tls: Option<(ClientTls, std::sync::Arc<std::sync::Mutex<ClientTlsConfig>>)>,
 }
 
 impl fmt::Debug for Dialer {
@@ -306,10 +308,13 @@ impl Dialer {
         Self { tls: None }
     }
 
+    /// Reads the files now: a bad file is an error at start.
     pub fn new(tls: Option<&ClientTls>) -> Result<Self, TlsError> {
-        Ok(Self {
-            tls: tls.map(ClientTls::load).transpose()?,
-        })
+        let tls = match tls {
+            Some(files) => Some((files.clone(), std::sync::Arc::new(std::sync::Mutex::new(files.load()?)))),
+            None => None,
+        };
+        Ok(Self { tls })
     }
 
     pub fn is_tls(&self) -> bool {
@@ -317,7 +322,13 @@ impl Dialer {
     }
 
     pub fn endpoint(&self, addr: &str) -> Result<Endpoint, TlsError> {
-        endpoint(addr, self.tls.as_ref())
+        let Some((files, last)) = &self.tls else { return endpoint(addr, None) };
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        match files.load() {
+            Ok(cfg) => *last = cfg,
+            Err(e) => tracing::warn!(error = %e, "client TLS files not read again; the previous ones stay in use"),
+        }
+        endpoint(addr, Some(&*last))
     }
 }
 
