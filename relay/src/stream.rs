@@ -83,6 +83,62 @@ impl Sent {
     }
 }
 
+/// Collects, while a follow request's history part goes out, what its live part must
+/// not send again: the recent flows (by their node's clock), which can come again.
+struct Recent {
+    on: bool,
+    t0: Nanos,
+    offsets: Offsets,
+    sent: Sent,
+}
+
+impl Recent {
+    fn note(&mut self, m: &GetFlowsResponse) {
+        if let (true, Some(ResponseTypes::Flow(f))) = (self.on, &m.response_types)
+            && nanos(&f.time) >= self.t0 + self.offsets.get(&f.node_name) - LATE_ARRIVAL
+        {
+            self.sent.uuids.insert(f.uuid.clone());
+        }
+    }
+}
+
+/// The store's pages of one read, with its errors as a client may read them.
+struct StoredPages {
+    store: Option<Arc<flows_store::Store>>,
+    pages: Result<flows_store::FlowPages, String>,
+}
+
+/// Rows per page of a streamed read: a page is what the relay holds of the store's
+/// answer at once (tens of megabytes at most).
+const PAGE_ROWS: u64 = 10_000;
+
+impl StoredPages {
+    async fn open(slot: &StoreSlot, query: &flows_store::FlowQuery) -> StoredPages {
+        let Some(store) = slot.get() else {
+            let msg = "reading the store: it is not open yet (the relay is waiting for ClickHouse)".to_string();
+            return StoredPages { store: None, pages: Err(msg) };
+        };
+        let pages = store.flow_pages(query, PAGE_ROWS).await.map_err(store_message);
+        StoredPages { store: Some(store), pages }
+    }
+
+    async fn next(&mut self) -> Result<Option<Vec<flows_proto::Flow>>, String> {
+        let (Some(store), Ok(pages)) = (&self.store, &mut self.pages) else {
+            // Said once, then done.
+            let e = std::mem::replace(&mut self.pages, Err(String::new()));
+            return match e {
+                Err(msg) if !msg.is_empty() => Err(msg),
+                _ => Ok(None),
+            };
+        };
+        pages.next_page(store).await.map_err(store_message)
+    }
+}
+
+fn store_message(e: flows_store::StoreError) -> String {
+    format!("reading the store: {}", crate::history::status(e).message())
+}
+
 /// Each node's clock less the relay's, by node name (0 for a node not measured): a
 /// relay time plus a node's offset is that moment in the node's flow times.
 #[derive(Default)]
@@ -503,33 +559,105 @@ impl Run {
             ..self.node_req.clone()
         };
         let until = req.follow.then_some(t0);
-        let mut out = history(peers, &hreq, until, &self.pipeline, req.number, req.first).await;
-        if let Some(store) = &self.store {
-            out = with_stored(store, out, req, until.map(timestamp)).await;
-        }
-        let offsets = Offsets::of(peers);
-        let mut sent = Sent::default();
-        if req.follow {
-            let flows = out.iter().filter_map(|m| match &m.response_types {
-                Some(ResponseTypes::Flow(f)) => Some(f),
-                _ => None,
-            });
-            for f in flows.clone() {
-                // Only recent ones (by their node's clock) can come again.
-                if nanos(&f.time) >= t0 + offsets.get(&f.node_name) - LATE_ARRIVAL {
-                    sent.uuids.insert(f.uuid.clone());
-                }
+        let nodes = history(peers, &hreq, until, &self.pipeline, req.number, req.first).await;
+        // The store's part ends where the request does, or (following) at t0.
+        let store_until = until.map(timestamp).or(req.until);
+        let mut recent = Recent { on: req.follow, t0, offsets: Offsets::of(peers), sent: Sent::default() };
+        let out = match &self.store {
+            Some(slot) if req.number == 0 => {
+                return self.stream_stored(slot, nodes, store_until, tx, recent).await;
             }
-            if req.number > 0 && flows.clone().count() as u64 >= req.number {
-                sent.before = flows.map(|f| nanos(&f.time)).min().unwrap_or(0);
-            }
+            Some(slot) => with_stored(slot, nodes, req, store_until).await,
+            None => nodes,
+        };
+        let flows = out.iter().filter_map(|m| match &m.response_types {
+            Some(ResponseTypes::Flow(f)) => Some(f),
+            _ => None,
+        });
+        if req.follow && req.number > 0 && flows.clone().count() as u64 >= req.number {
+            recent.sent.before = flows.map(|f| nanos(&f.time)).min().unwrap_or(0);
         }
         for m in out {
+            recent.note(&m);
             if !self.send(tx, m).await {
                 return None;
             }
         }
-        Some(sent)
+        Some(recent.sent)
+    }
+
+    /// The history part of a read without a count (`--all`, a time window): the
+    /// store's flows page by page ([`flows_store::FlowPages`]), merged in time order with
+    /// what the nodes answered (flows both hold go out once), so the relay holds a page
+    /// and the nodes' rings, never the whole answer. None: the client has gone.
+    async fn stream_stored(
+        &self,
+        slot: &StoreSlot,
+        nodes: Vec<GetFlowsResponse>,
+        until: Option<Timestamp>,
+        tx: &Out,
+        mut recent: Recent,
+    ) -> Option<Sent> {
+        let held: HashSet<String> = nodes
+            .iter()
+            .filter_map(|m| match &m.response_types {
+                Some(ResponseTypes::Flow(f)) => Some(f.uuid.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut nodes = nodes.into_iter().peekable();
+        let query = flows_store::FlowQuery {
+            allow: self.req.allow_list.clone(),
+            deny: self.req.deny_list.clone(),
+            since: self.req.since.as_ref().map(timestamp_nanos),
+            until: until.as_ref().map(timestamp_nanos),
+            number: 0,
+            last: false,
+        };
+        let mut pages = StoredPages::open(slot, &query).await;
+        let mut announced = false;
+        loop {
+            let page = match pages.next().await {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(msg) => {
+                    if !self.send(tx, node_status(NodeState::Error, vec!["store".into()], msg)).await {
+                        return None;
+                    }
+                    break;
+                }
+            };
+            if !announced {
+                announced = true;
+                let msg = format!("flows from the store ({}), which reaches further back than the nodes' rings", slot.backend());
+                let mut m = node_status(NodeState::Connected, vec!["store".into()], msg);
+                m.time = page.first().and_then(|f| f.time);
+                if !self.send(tx, m).await {
+                    return None;
+                }
+            }
+            for f in page.into_iter().filter(|f| !held.contains(&f.uuid)) {
+                let at = nanos(&f.time);
+                while let Some(m) = nodes.next_if(|m| nanos(&m.time) <= at) {
+                    recent.note(&m);
+                    if !self.send(tx, m).await {
+                        return None;
+                    }
+                }
+                let m = GetFlowsResponse { time: f.time, node_name: f.node_name.clone(), response_types: Some(ResponseTypes::Flow(f)) };
+                recent.note(&m);
+                if !self.send(tx, m).await {
+                    return None;
+                }
+            }
+        }
+        for m in nodes {
+            recent.note(&m);
+            if !self.send(tx, m).await {
+                return None;
+            }
+        }
+        Some(recent.sent)
     }
 
     /// The live part: every node's stream into one sort window, nodes joining and

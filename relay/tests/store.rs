@@ -572,3 +572,52 @@ async fn clickhouse_down_at_start_live_flows_served_and_written_once_it_is_up() 
     assert_eq!(stored(&store).await, (pushed, pushed), "every flow the node held, once");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A read of a whole time window streams from the store page by page: 25,000 stored
+/// flows come out through a relay whose bound on one read is 5,000 rows (a single read
+/// of them all is refused), merged in time order with the node's ring, each flow once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_read_streams_past_the_read_bound_in_time_order() {
+    let dir = temp("stream");
+    let config = StoreConfig::Embedded { path: dir.clone(), library: flows_store::chdb::default_library() };
+    let limits = flows_store::ReadLimits { max_rows: 5_000, ..Default::default() };
+    let store = Arc::new(Store::open(&config, "flows", Retention::default()).await.expect("open").with_read_limits(limits));
+    let t = flows_proto::timestamp_nanos(&flows_proto::timestamp_now()) - 3_600_000_000_000;
+    let rows: Vec<flows_store::FlowRow> = (0..25_000i64)
+        .map(|i| {
+            let Entry::Flow(mut f) = flow(i as u64) else { unreachable!() };
+            f.time = Some(flows_proto::timestamp_from_nanos(t + i * 100_000_000));
+            f.uuid = format!("stored-{i}");
+            flows_store::FlowRow::from_flow(&f)
+        })
+        .collect();
+    for chunk in rows.chunks(5_000) {
+        store.insert(chunk).await.expect("insert");
+    }
+    let all = flows_store::FlowQuery { since: Some(t - 1), ..Default::default() };
+    assert!(matches!(store.flows(&all).await, Err(flows_store::StoreError::TooMany { limit: 5_000 })), "one read of them all is refused");
+    let ring = Arc::new(FlowRing::new(65_536).expect("ring"));
+    let addr = node(ring.clone()).await;
+    let r = relay(addr, store.clone()).await;
+    produce(&ring, 0, 100, Duration::ZERO).await;
+    until_written(&store, 25_100, "the ring's flows stored too").await;
+    let req = flows_proto::GetFlowsRequest { since: Some(flows_proto::timestamp_from_nanos(t - 1)), ..Default::default() };
+    let mut s = flows_proto::observer_server::Observer::get_flows(&*r.svc, tonic::Request::new(req)).await.expect("GetFlows").into_inner();
+    let mut got = Vec::new();
+    use tokio_stream::StreamExt;
+    while let Some(m) = s.next().await {
+        let m = m.expect("message");
+        match m.response_types {
+            Some(flows_proto::get_flows_response::ResponseTypes::Flow(f)) => got.push((flows_proto::timestamp_nanos(&f.time.unwrap_or_default()), f.uuid)),
+            Some(flows_proto::get_flows_response::ResponseTypes::NodeStatus(st)) => {
+                assert_ne!(st.state_change, flows_proto::NodeState::Error as i32, "{st:?}")
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(got.len(), 25_100, "every stored flow and the ring's, once");
+    assert!(got.windows(2).all(|w| w[0].0 <= w[1].0), "in time order");
+    assert_eq!(got.iter().map(|g| &g.1).collect::<std::collections::HashSet<_>>().len(), 25_100, "no flow twice");
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -158,6 +158,66 @@ pub struct Store {
     limits: ReadLimits,
 }
 
+/// The flows of a large read, a slice of time at a time: each page is the matching flows
+/// of the next slice, in time order, at most `page_rows` of them; a slice holding more
+/// is narrowed before it is read, a sparse one widened after. What one page costs is
+/// bounded however much the whole read returns: the relay streams a read of 100
+/// million rows in the memory of a page.
+#[derive(Debug, Clone)]
+pub struct FlowPages {
+    cond: String,
+    /// Where the next slice starts, and where the read ends (nanoseconds, exclusive).
+    next: i64,
+    end: i64,
+    span: i64,
+    page_rows: u64,
+}
+
+impl FlowPages {
+    const FIRST_SPAN: i64 = 60_000_000_000;
+    const MAX_SPAN: i64 = 86_400_000_000_000;
+
+    /// The next page; None when the read is done.
+    pub async fn next_page(&mut self, store: &Store) -> Result<Option<Vec<flows_proto::Flow>>, StoreError> {
+        while self.next < self.end {
+            let hi = self.next.saturating_add(self.span).min(self.end);
+            // A slice of one nanosecond is taken whole, up to the read bound.
+            let narrowest = hi - self.next <= 1;
+            let lim = if narrowest { store.limits.max_rows } else { self.page_rows } + 1;
+            let q = format!(
+                "SELECT * FROM {}.flows WHERE {} AND {} ORDER BY time LIMIT {lim}{}",
+                store.db,
+                self.cond,
+                sql::time_range(Some(self.next), Some(hi)),
+                sql::read_settings(&store.limits),
+            );
+            let bytes = store.fetch(&q, "RowBinary").await?;
+            let mut rest = bytes.as_slice();
+            let mut out = Vec::new();
+            while !rest.is_empty() {
+                out.push(FlowRow::decode(&mut rest)?.to_flow());
+            }
+            if out.len() as u64 >= lim {
+                if narrowest {
+                    return Err(StoreError::TooMany { limit: store.limits.max_rows });
+                }
+                // Too dense: the same start, an eighth of the span.
+                self.span = ((hi - self.next) / 8).max(1);
+                continue;
+            }
+            self.next = hi;
+            // Sparse (an empty slice always is): four times as wide next time.
+            if out.len() as u64 <= self.page_rows / 8 {
+                self.span = self.span.saturating_mul(4).min(FlowPages::MAX_SPAN);
+            }
+            if !out.is_empty() {
+                return Ok(Some(out));
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// What the store holds of one node's newest flows ([`Store::resume_marks`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeMark {
@@ -495,6 +555,31 @@ impl Store {
         Ok(out)
     }
 
+    /// A read too large to hold at once, in pages ([`FlowPages`]): every flow the
+    /// query matches (its `number` and `last` are not used), oldest first.
+    pub async fn flow_pages(&self, query: &FlowQuery, page_rows: u64) -> Result<FlowPages, StoreError> {
+        let cond = sql::condition(&query.allow, &query.deny)?;
+        let r = self
+            .select_json(&format!(
+                "SELECT toUnixTimestamp64Nano(min(time)) AS lo, toUnixTimestamp64Nano(max(time)) AS hi, count() AS n \
+                 FROM {}.flows WHERE {cond} AND {}{}",
+                self.db,
+                sql::time_range(query.since, query.until),
+                sql::read_settings(&self.limits),
+            ))
+            .await?;
+        let row = r.first().cloned().unwrap_or_default();
+        let n = json_u64(&row["n"]).unwrap_or(0);
+        let (lo, hi) = (json_i64(&row["lo"]).unwrap_or(0), json_i64(&row["hi"]).unwrap_or(0));
+        Ok(FlowPages {
+            cond,
+            next: if n == 0 { 0 } else { lo },
+            end: if n == 0 { 0 } else { hi.saturating_add(1) },
+            span: FlowPages::FIRST_SPAN,
+            page_rows: page_rows.max(1),
+        })
+    }
+
     /// The newest flow's time (nanoseconds), if any: where ingest resumes after a restart.
     pub async fn last_time(&self) -> Result<Option<i64>, StoreError> {
         let r = self
@@ -581,6 +666,10 @@ static INSERTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// ClickHouse's JSON output quotes 64-bit integers.
 pub(crate) fn json_u64(v: &serde_json::Value) -> Option<u64> {
     v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+}
+
+pub(crate) fn json_i64(v: &serde_json::Value) -> Option<i64> {
+    v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
 }
 
 #[cfg(test)]
