@@ -407,7 +407,9 @@ impl RelayProcess {
         let mut cmd = Command::new(sibling_binary("flows-relay"));
         cmd.args(["--listen", "127.0.0.1:0", "--store", store, "--store-batch-rows", "200", "--store-flush-ms", "5000"])
             .arg("--ready-file")
-            .arg(&ready);
+            .arg(&ready)
+            .arg("--store-set-aside-dir")
+            .arg(dir.join("set-aside"));
         for p in peers {
             cmd.args(["--peer", p]);
         }
