@@ -627,19 +627,20 @@ impl Run {
                     break;
                 }
             };
-            if !announced {
-                announced = true;
-                let msg = format!("flows from the store ({}), which reaches further back than the nodes' rings", slot.backend());
-                let mut m = node_status(NodeState::Connected, vec!["store".into()], msg);
-                m.time = page.first().and_then(|f| f.time);
-                if !self.send(tx, m).await {
-                    return None;
-                }
-            }
             for f in page.into_iter().filter(|f| !held.contains(&f.uuid)) {
                 let at = nanos(&f.time);
                 while let Some(m) = nodes.next_if(|m| nanos(&m.time) <= at) {
                     recent.note(&m);
+                    if !self.send(tx, m).await {
+                        return None;
+                    }
+                }
+                // Said once, before the first flow only the store had.
+                if !announced {
+                    announced = true;
+                    let msg = format!("flows from the store ({}), which reaches further back than the nodes' rings", slot.backend());
+                    let mut m = node_status(NodeState::Connected, vec!["store".into()], msg);
+                    m.time = f.time;
                     if !self.send(tx, m).await {
                         return None;
                     }

@@ -27,13 +27,19 @@ pub struct SetAside {
 }
 
 impl SetAside {
-    /// Creates the directory and counts what it already holds against the bound.
+    /// Counts what the directory already holds against the bound (it is made when the
+    /// first batch is set aside).
     pub fn open(dir: &Path, max_bytes: u64) -> Result<SetAside, AsideError> {
         let io = |source| AsideError::Io { path: dir.to_path_buf(), source };
-        std::fs::create_dir_all(dir).map_err(io)?;
         let mut used = 0;
-        for e in std::fs::read_dir(dir).map_err(io)?.flatten() {
-            used += e.metadata().map(|m| m.len()).unwrap_or(0);
+        match std::fs::read_dir(dir) {
+            Ok(entries) => {
+                for e in entries.flatten() {
+                    used += e.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
         }
         Ok(SetAside { dir: dir.to_path_buf(), max_bytes, used: AtomicU64::new(used) })
     }
@@ -61,6 +67,7 @@ impl SetAside {
         let path = self.dir.join(&name);
         let partial = self.dir.join(format!(".{name}.partial"));
         let io = |source| AsideError::Io { path: path.clone(), source };
+        std::fs::create_dir_all(&self.dir).map_err(io)?;
         std::fs::write(&partial, &data).map_err(io)?;
         std::fs::rename(&partial, &path).map_err(io)?;
         self.used.fetch_add(data.len() as u64, Ordering::Relaxed);
