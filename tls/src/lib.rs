@@ -259,6 +259,14 @@ impl ClientTls {
     }
 }
 
+/// TCP keepalive on an accepted connection: a peer whose host is gone is found within
+/// minutes even when no stream is open.
+pub fn keep_alive(tcp: &tokio::net::TcpStream) {
+    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+    let _ = tcp.set_nodelay(true);
+}
+
 /// Where a client connects: `host:port`, `http://host:port` or `https://host:port`.
 /// With TLS the scheme becomes https (tonic only does TLS for https URIs); asking for
 /// https without TLS, or http with it, is an error rather than a silent downgrade.

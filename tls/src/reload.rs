@@ -129,7 +129,7 @@ impl ReloadingTls {
                         continue;
                     }
                 };
-                crate::serving::keep_alive(&tcp);
+                crate::keep_alive(&tcp);
                 let acceptor = self.acceptor();
                 let out = tx.clone();
                 tokio::spawn(async move {

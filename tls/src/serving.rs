@@ -17,7 +17,7 @@ use std::{
 
 use futures_core::Stream;
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tonic::{
@@ -38,14 +38,6 @@ pub fn server() -> Server {
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
 }
 
-/// TCP keepalive on an accepted connection: a peer whose host is gone is found within
-/// minutes even when no stream is open.
-pub fn keep_alive(tcp: &TcpStream) {
-    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
-    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
-    let _ = tcp.set_nodelay(true);
-}
-
 /// Serves `router` on `listener` until `shutdown`: with mutual TLS from files that are
 /// read again when they change, or plaintext (whoever allowed that decided it).
 pub async fn serve(
@@ -60,7 +52,7 @@ pub async fn serve(
             use tokio_stream::StreamExt;
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|r| {
                 if let Ok(tcp) = &r {
-                    keep_alive(tcp);
+                    crate::keep_alive(tcp);
                 }
                 r
             });
