@@ -132,7 +132,10 @@ async fn main() {
         match m.response_types {
             Some(ResponseTypes::Flow(_)) => {
                 flows += 1;
-                first.get_or_insert_with(|| t.elapsed());
+                if first.is_none() {
+                    first = Some(t.elapsed());
+                    eprintln!("first flow after {:.2} s; relay RSS idle {idle} MiB", t.elapsed().as_secs_f64());
+                }
                 if flows % 1_000_000 == 0 {
                     let (rss, _) = memory(relay.id());
                     peak_seen = peak_seen.max(rss);
