@@ -209,6 +209,14 @@ impl Drop for Server {
     }
 }
 
+/// One process holds one embedded engine at a time: the tests that open one here take
+/// turns (the test harness runs tests in parallel).
+static EMBEDDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn embedded_turn() -> std::sync::MutexGuard<'static, ()> {
+    EMBEDDED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn temp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("flows-relay-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -294,6 +302,7 @@ async fn server_gone_for_60_seconds_buffers_within_a_bound_or_counts_the_loss() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_restart_on_the_embedded_store_loses_nothing() {
+    let _turn = embedded_turn();
     let dir = temp("restart");
     let config = StoreConfig::Embedded { path: dir.clone(), library: flows_store::chdb::default_library() };
     let ring = Arc::new(FlowRing::new(65_536).expect("ring"));
@@ -330,6 +339,7 @@ async fn relay_restart_on_the_embedded_store_loses_nothing() {
 /// constraint is gone, and then every flow is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_batch_is_set_aside_and_the_rest_written() {
+    let _turn = embedded_turn();
     let dir = temp("refused");
     let config = StoreConfig::Embedded { path: dir.clone(), library: flows_store::chdb::default_library() };
     let store = Arc::new(Store::open(&config, "flows", Retention::default()).await.expect("open"));
@@ -580,6 +590,7 @@ async fn clickhouse_down_at_start_live_flows_served_and_written_once_it_is_up() 
 /// of them all is refused), merged in time order with the node's ring, each flow once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_read_streams_past_the_read_bound_in_time_order() {
+    let _turn = embedded_turn();
     let dir = temp("stream");
     let config = StoreConfig::Embedded { path: dir.clone(), library: flows_store::chdb::default_library() };
     let limits = flows_store::ReadLimits { max_rows: 5_000, ..Default::default() };

@@ -317,6 +317,14 @@ fn library() -> PathBuf {
     lib
 }
 
+/// One process holds one embedded engine at a time: the tests that open one here take
+/// turns (the test harness runs tests in parallel).
+static EMBEDDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn embedded_turn() -> std::sync::MutexGuard<'static, ()> {
+    EMBEDDED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn temp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("flows-store-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -341,6 +349,7 @@ async fn bounded_reads(store: Store) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_engine() {
+    let _turn = embedded_turn();
     let dir = temp("embedded");
     let config = StoreConfig::Embedded { path: dir.clone(), library: library() };
     let store = Store::open(&config, "flows", Retention::default()).await.expect("open");
@@ -421,6 +430,7 @@ async fn clickhouse_server() {
 /// message that says what to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_upgrade_from_version_one_and_refusal_of_newer() {
+    let _turn = embedded_turn();
     let dir = temp("upgrade");
     let config = StoreConfig::Embedded { path: dir.clone(), library: library() };
     let t = now_ns() - 60_000_000_000;
