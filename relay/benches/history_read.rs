@@ -15,38 +15,17 @@ use std::{
 use flows_proto::{GetFlowsRequest, get_flows_response::ResponseTypes, observer_client::ObserverClient};
 use flows_store::{Retention, Store, StoreConfig};
 
-/// Makes `rows` flows over the last six days in the store at `dir`: 10 nodes, 20
-/// namespaces, 100 workloads, one flow in ten dropped.
+/// Makes `rows` flows over the last six days in the store at `dir`, each distinct
+/// (`flows_store::synthetic`: 8 nodes, 20 namespaces, 400 workloads, one in ten denied).
 async fn generate(dir: &Path, rows: u64) {
     let config = StoreConfig::Embedded { path: dir.to_path_buf(), library: flows_store::chdb::default_library() };
     let store = Store::open(&config, "flows", Retention::default()).await.expect("open");
     let now = flows_proto::timestamp_nanos(&flows_proto::timestamp_now());
     let span: i64 = 6 * 86_400_000_000_000;
     let step = span / rows.max(1) as i64;
-    let start = now - span;
-    let chunk = 10_000_000u64;
-    let mut from = 0;
-    while from < rows {
-        let n = chunk.min(rows - from);
-        store
-            .execute(&format!(
-                "INSERT INTO flows.flows (time, node, uuid, verdict, drop_reason, event_type, point, direction, protocol, ip_version, \
-                 src_ip, dst_ip, src_port, dst_port, src_namespace, src_pod, src_workload, src_workload_kind, \
-                 dst_namespace, dst_pod, dst_workload, dst_workload_kind, packet_length) \
-                 SELECT fromUnixTimestamp64Nano(toInt64({start}) + toInt64(number) * {step}, 'UTC'), concat('node-', toString(number % 10)), \
-                 concat('bench-', toString(number)), if(number % 10 = 0, 'DROPPED', 'FORWARDED'), if(number % 10 = 0, 'POLICY_DENIED', ''), \
-                 if(number % 10 = 0, 'POLICY_VERDICT', 'TRACE'), 'FROM_ENDPOINT', 'EGRESS', 'TCP', 4, \
-                 toIPv6(IPv4NumToString(toUInt32(184549376 + number % 65000))), toIPv6(IPv4NumToString(toUInt32(184614912 + number % 5000))), \
-                 toUInt16(32768 + number % 28000), toUInt16(80 + number % 3), concat('ns-', toString(number % 20)), concat('pod-', toString(number % 2000)), \
-                 concat('app-', toString(number % 100)), 'Deployment', concat('ns-', toString((number + 7) % 20)), concat('pod-', toString((number + 11) % 2000)), \
-                 concat('app-', toString((number + 13) % 100)), 'Deployment', toUInt32(60 + number % 1400) \
-                 FROM numbers({from}, {n})"
-            ))
-            .await
-            .expect("insert");
-        from += n;
-        eprintln!("generated {from} of {rows}");
-    }
+    flows_store::synthetic::fill(&store, 0, rows, now - span, step, |made| eprintln!("generated {made} of {rows}"))
+        .await
+        .expect("generate");
 }
 
 /// Resident and peak resident memory of a process, in MiB (VmRSS, VmHWM).

@@ -2,21 +2,32 @@
 //! - ingest rows/s through `Store::insert` (the flows table, its ordering and its two
 //!   rollup views) against a raw insert of the same rows, same client, into a bare
 //!   MergeTree table with the same columns (the baseline);
-//! - audit query latency over N stored flows (10 million embedded; the server's N from
-//!   FLOWS_BENCH_SERVER_ROWS, default 100 million; rows past 10 million are copies the
-//!   engine makes of the stored ones, with new uuids);
+//! - audit latency over N stored flows spread evenly over the last day (10 million
+//!   embedded; the server's N from FLOWS_BENCH_SERVER_ROWS, default 100 million): every
+//!   row distinct, the rows past the ingest sample made by the engine
+//!   (`flows_store::synthetic`, the same flows a client would insert);
+//! - insert latency while audits of the whole day run back to back, against the same
+//!   inserts with nothing else running (the baseline);
 //! - bytes on disk per flow after compression.
 //! Run: `cargo build --release --bins && cargo bench -p flows-store --bench ingest`.
 
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
-use flows_store::{AuditQuery, FlowRow, Retention, Store, StoreConfig};
+use flows_store::{AuditQuery, FlowRow, Retention, Store, StoreConfig, synthetic};
 
 const BATCH: usize = 50_000;
+/// The time the stored flows span, ending now.
+const SPAN: i64 = 86_400_000_000_000;
+/// The relay's batches while it keeps up with a busy cluster are about this size.
+const LIVE_BATCH: usize = 5_000;
 
 fn now_ns() -> i64 {
     SystemTime::now()
@@ -25,68 +36,29 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// A batch of realistic rows: 20 namespaces, 400 workloads, 10% denied, within the last
-/// 50 minutes.
-fn batch(start: u64, n: usize, t0: i64) -> Vec<FlowRow> {
-    (start..start + n as u64)
-        .map(|i| {
-            let src = (i * 7919) % 400;
-            let dst = (i * 104_729 + 13) % 400;
-            let denied = i % 10 == 0;
-            FlowRow {
-                time: t0 + (i % 3_000_000_000) as i64 * 1_000,
-                node: format!("node-{}", i % 8),
-                uuid: format!("{i:016x}-4a1b-9c2d-{:012x}", i * 31),
-                verdict: if denied { 2 } else { 1 },
-                drop_reason: if denied { "POLICY_DENIED".into() } else { String::new() },
-                event_type: if denied { 3 } else { 1 },
-                point: 1 + (i % 2) as i8,
-                direction: 1 + (i % 2) as i8,
-                is_reply: i % 4 == 3,
-                ip_version: 4,
-                protocol: if i % 5 == 0 { "UDP" } else { "TCP" }.into(),
-                src_ip: std::net::Ipv4Addr::new(10, 244, (src / 250) as u8, (src % 250) as u8 + 2).to_ipv6_mapped(),
-                dst_ip: std::net::Ipv4Addr::new(10, 244, (dst / 250) as u8, (dst % 250) as u8 + 2).to_ipv6_mapped(),
-                src_port: 32_768 + (i % 28_000) as u16,
-                dst_port: [80, 443, 5432, 6379, 8080, 53, 9090, 3306][(dst % 8) as usize],
-                tcp_flags: 2,
-                src_namespace: format!("ns-{}", src % 20),
-                src_pod: format!("app-{src}-7d9f8-{:05}", i % 3),
-                src_workload: format!("app-{src}"),
-                src_workload_kind: "Deployment".into(),
-                src_workloads: vec![format!("ReplicaSet/app-{src}-7d9f8"), format!("Deployment/app-{src}")],
-                src_labels: vec![format!("app=app-{src}"), format!("tier=t{}", src % 3)],
-                src_node: format!("node-{}", src % 8),
-                src_world: false,
-                src_identity: src as u32,
-                dst_namespace: format!("ns-{}", dst % 20),
-                dst_pod: format!("app-{dst}-7d9f8-{:05}", i % 2),
-                dst_workload: format!("app-{dst}"),
-                dst_workload_kind: "Deployment".into(),
-                dst_workloads: vec![format!("ReplicaSet/app-{dst}-7d9f8"), format!("Deployment/app-{dst}")],
-                dst_labels: vec![format!("app=app-{dst}"), format!("tier=t{}", dst % 3)],
-                dst_node: format!("node-{}", dst % 8),
-                dst_world: false,
-                dst_identity: dst as u32,
-                src_service: String::new(),
-                dst_service: String::new(),
-                ingress_allowed_by: Vec::new(),
-                egress_allowed_by: Vec::new(),
-                ingress_denied_by: if denied { vec![format!("NetworkPolicy:ns-{}/default-deny", dst % 20)] } else { Vec::new() },
-                egress_denied_by: Vec::new(),
-                packet_length: 60,
-                l4_unknown: String::new(),
-            }
-        })
-        .collect()
+/// Where flow `i` of `rows` falls: evenly over the last day.
+struct Spread {
+    start: i64,
+    step: i64,
+}
+
+impl Spread {
+    fn new(rows: u64) -> Spread {
+        Spread { start: now_ns() - SPAN, step: SPAN / rows.max(1) as i64 }
+    }
+
+    fn batch(&self, from: u64, n: usize) -> Vec<FlowRow> {
+        (from..from + n as u64).map(|i| synthetic::row(i, self.start + i as i64 * self.step)).collect()
+    }
 }
 
 fn rows_per_s(n: u64, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
 
-async fn measure(store: &Store, what: &str, rows: u64) {
-    let t0 = now_ns() - 3_000_000_000_000;
+/// Ingest: the first `sample` rows each way, alternating batches so both see the same
+/// conditions; the bare table is dropped after.
+async fn ingest(store: &Store, what: &str, spread: &Spread, sample: u64) {
     store
         .execute(&format!(
             "CREATE TABLE IF NOT EXISTS {db}.bare AS {db}.flows ENGINE = MergeTree ORDER BY tuple()",
@@ -94,12 +66,10 @@ async fn measure(store: &Store, what: &str, rows: u64) {
         ))
         .await
         .expect("bare table");
-    // Ingest: 1 M rows each way, alternating batches so both see the same conditions.
-    let sample = 1_000_000u64;
     let (mut t_bare, mut t_store) = (Duration::ZERO, Duration::ZERO);
     let mut i = 0;
     while i < sample {
-        let b = batch(i, BATCH, t0);
+        let b = spread.batch(i, BATCH);
         let t = Instant::now();
         store.insert_into("bare", &b).await.expect("bare insert");
         t_bare += t.elapsed();
@@ -116,62 +86,94 @@ async fn measure(store: &Store, what: &str, rows: u64) {
         t_store.as_secs_f64() / t_bare.as_secs_f64()
     );
     store.execute(&format!("DROP TABLE {}.bare", store.database())).await.expect("drop bare");
-    // Fill up to `rows` for the audit: generated rows up to 10 M, then copies of the
-    // stored rows made by the engine itself (new uuids), which is what makes 100 M
-    // reachable on two cores.
-    let t = Instant::now();
-    let generated = rows.min(10_000_000);
-    while i < generated {
-        let n = BATCH.min((generated - i) as usize);
-        store.insert(&batch(i, n, t0)).await.expect("fill");
-        i += n as u64;
-    }
-    let db = store.database().to_string();
-    loop {
-        let r = store.select_json(&format!("SELECT count() AS n FROM {db}.flows")).await.expect("count");
-        let v = &r[0]["n"];
-        let have = v.as_u64().or_else(|| v.as_str().and_then(|x| x.parse().ok())).expect("a count");
-        if have >= rows {
-            break;
-        }
-        store
-            .execute(&format!(
-                "INSERT INTO {db}.flows SELECT * REPLACE (concat(uuid, '-c{have}') AS uuid) FROM {db}.flows LIMIT {}",
-                (rows - have).min(have)
-            ))
-            .await
-            .expect("copy");
-    }
-    if rows > sample {
-        println!("{what}: filled to {rows} rows in {:.0} s", t.elapsed().as_secs_f64());
-    }
-    let q = AuditQuery {
-        since: Some(now_ns() - 3_600_000_000_000),
-        top: 20,
-        ..Default::default()
-    };
+}
+
+/// Median, min and max of five audits, in milliseconds.
+async fn audit_times(store: &Store, q: &AuditQuery) -> (usize, [f64; 3]) {
     let mut times = Vec::new();
     let mut groups = 0;
     for _ in 0..5 {
         let t = Instant::now();
-        groups = store.audit(&q).await.expect("audit").len();
-        times.push(t.elapsed());
+        groups = store.audit(q).await.expect("audit").len();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    times.sort();
-    let scan = Instant::now();
-    let _ = store
-        .select_json(&format!("SELECT count() FROM {}.flows WHERE verdict = 'DROPPED'", store.database()))
-        .await
-        .expect("count");
-    let scan = scan.elapsed();
+    times.sort_by(f64::total_cmp);
+    (groups, [times[2], times[0], times[4]])
+}
+
+fn whole_day() -> AuditQuery {
+    AuditQuery { since: Some(now_ns() - SPAN - 3_600_000_000_000), top: 20, ..Default::default() }
+}
+
+async fn audits(store: &Store, what: &str, rows: u64) {
+    let hour = AuditQuery { since: Some(now_ns() - 3_600_000_000_000), top: 20, ..Default::default() };
+    for (name, q) in [("last hour", hour), ("whole day", whole_day())] {
+        let (groups, [median, min, max]) = audit_times(store, &q).await;
+        println!(
+            "{what}: audit ({name}, top {groups} workload-pair groups) over {rows} flows: median {median:.0} ms (min {min:.0}, max {max:.0})"
+        );
+    }
+}
+
+/// Latencies of `n` inserts of [`LIVE_BATCH`] new rows from `from`, sorted, in ms.
+async fn live_inserts(store: &Store, spread: &Spread, from: u64, n: usize) -> Vec<f64> {
+    let mut times = Vec::with_capacity(n);
+    for k in 0..n {
+        let rows = spread.batch(from + (k * LIVE_BATCH) as u64, LIVE_BATCH);
+        let t = Instant::now();
+        store.insert(&rows).await.expect("live insert");
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+fn quantiles(t: &[f64]) -> String {
+    let at = |q: f64| t[((t.len() - 1) as f64 * q).round() as usize];
+    format!("p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms", at(0.5), at(0.99), at(1.0))
+}
+
+/// Ingest while audits of the whole day run back to back, against the same inserts alone.
+async fn ingest_during_audits(store: Arc<Store>, what: &str, spread: &Spread, rows: u64) {
+    let n = 40;
+    let alone = live_inserts(&store, spread, rows, n).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let auditor = {
+        let (store, stop, done) = (store.clone(), stop.clone(), done.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                store.audit(&whole_day()).await.expect("audit");
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let during = live_inserts(&store, spread, rows + (n * LIVE_BATCH) as u64, n).await;
+    stop.store(true, Ordering::Relaxed);
+    let audits_during = done.load(Ordering::Relaxed);
+    auditor.await.expect("auditor");
+    let p99 = |t: &[f64]| t[((t.len() - 1) as f64 * 0.99).round() as usize];
     println!(
-        "{what}: audit (last hour, top {groups} of the workload-pair groups) over {rows} flows: median {:.0} ms \
-         (min {:.0}, max {:.0}); a count of the denied flows alone {:.0} ms",
-        times[2].as_secs_f64() * 1e3,
-        times[0].as_secs_f64() * 1e3,
-        times[4].as_secs_f64() * 1e3,
-        scan.as_secs_f64() * 1e3
+        "{what}: {n} inserts of {LIVE_BATCH} rows with nothing else running (baseline): {}; \
+         while whole-day audits ran back to back ({audits_during} finished meanwhile): {} = {:.2}x the baseline's p99",
+        quantiles(&alone),
+        quantiles(&during),
+        p99(&during) / p99(&alone)
     );
+}
+
+async fn measure(store: Store, what: &str, rows: u64) {
+    let spread = Spread::new(rows);
+    let sample = 1_000_000u64.min(rows);
+    ingest(&store, what, &spread, sample).await;
+    let t = Instant::now();
+    synthetic::fill(&store, sample, rows, spread.start, spread.step, |_| ()).await.expect("fill");
+    if rows > sample {
+        println!("{what}: {} more distinct rows made by the engine in {:.0} s", rows - sample, t.elapsed().as_secs_f64());
+    }
+    audits(&store, what, rows).await;
+    let store = Arc::new(store);
+    ingest_during_audits(store.clone(), what, &spread, rows).await;
     store.optimize().await.expect("optimize");
     let u = store.disk_usage().await.expect("usage");
     println!(
@@ -237,7 +239,7 @@ fn main() {
     rt.block_on(async {
         let config = StoreConfig::Embedded { path: base.join("embedded"), library: flows_store::chdb::default_library() };
         let store = Store::open(&config, "flows", Retention::default()).await.expect("embedded");
-        measure(&store, "embedded (chDB)", 10_000_000).await;
+        measure(store, "embedded (chDB)", 10_000_000).await;
     });
 
     let server_rows: u64 = std::env::var("FLOWS_BENCH_SERVER_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000_000);
@@ -254,7 +256,7 @@ fn main() {
     rt.block_on(async {
         let config = StoreConfig::Server { url: format!("http://127.0.0.1:{port}"), user: None, password: None };
         let store = Store::open(&config, "flows", Retention::default()).await.expect("server");
-        measure(&store, "server (ClickHouse 26.7 over HTTP)", server_rows).await;
+        measure(store, "server (ClickHouse 26.7 over HTTP)", server_rows).await;
     });
     let _ = server.kill();
     let _ = server.wait();

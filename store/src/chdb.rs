@@ -1,8 +1,8 @@
 //! ClickHouse's engine in this process: `libchdb.so` (chDB's C API), loaded at run time.
 //!
-//! chDB allows one connection per process, and a connection is driven from one thread
-//! here: the engine thread owns it and runs queries sent over a channel, so async callers
-//! never block a runtime worker on a query.
+//! One database per process. Each connection is driven from one thread, which owns it and
+//! runs the statements sent over its lane's channel, so async callers never block a
+//! runtime worker on a query. Writes and reads have separate connections (see [`Lane`]).
 
 use std::{
     ffi::{CStr, CString, c_char, c_int},
@@ -87,27 +87,48 @@ struct Job {
     reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, StoreError>>,
 }
 
+/// Which connections run a statement. The engine runs the statements of one connection
+/// one after another, so a long read on the writer's connection would hold every insert
+/// behind it (and the probes' rings would overrun meanwhile): reads have connections of
+/// their own, which the engine runs beside the writer's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Inserts and schema changes: one connection, in the order they were sent.
+    Write,
+    /// Reads: [`READERS`] connections, so one heavy read does not hold every other read.
+    Read,
+}
+
+/// Connections serving reads. Two: a heavy audit leaves one for the pages of a stream and
+/// for status, and the machine's cores are shared with ingest anyway.
+pub const READERS: usize = 2;
+
 struct Inner {
-    jobs: Option<mpsc::SyncSender<Job>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    write: Option<mpsc::SyncSender<Job>>,
+    read: Option<mpsc::SyncSender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // The thread closes the connection when the queue closes; wait for that, so the
+        // Each thread closes its connection when its queue closes; wait for that, so the
         // engine is shut down before anything else (process exit included) runs.
-        self.jobs.take();
-        if let Some(t) = self.thread.take() {
+        self.write.take();
+        self.read.take();
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 }
 
-/// A handle on the engine thread. Dropping the last handle closes the connection.
+/// A handle on the engine's threads. Dropping the last handle closes the connections.
 #[derive(Clone)]
 pub struct Engine {
     inner: std::sync::Arc<Inner>,
 }
+
+/// The jobs of one lane, taken by whichever of its threads is free.
+type Queue = std::sync::Arc<std::sync::Mutex<mpsc::Receiver<Job>>>;
 
 impl Engine {
     /// Opens (creating if needed) the database directory `path` with the library at `lib`.
@@ -117,62 +138,50 @@ impl Engine {
         })?;
         let api = Api::get(lib)?;
         // Inserts carry their rows inside the query text: lift the 256 KiB query limit.
-        let args = [
+        let args = vec![
             "flows".to_string(),
             format!("--path={}", path.display()),
             "--max_query_size=4294967296".to_string(),
         ];
-        let (jobs, rx) = mpsc::sync_channel::<Job>(64);
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StoreError>>();
-        let thread = std::thread::Builder::new()
-            .name("chdb".into())
-            .spawn(move || {
-                let cargs: Vec<CString> = args
-                    .iter()
-                    .filter_map(|a| CString::new(a.as_str()).ok())
-                    .collect();
-                let mut argv: Vec<*mut c_char> = cargs.iter().map(|a| a.as_ptr() as *mut c_char).collect();
-                // SAFETY: argv points at NUL-terminated strings that outlive the call.
-                let conn = unsafe { (api.connect)(argv.len() as c_int, argv.as_mut_ptr()) };
-                // SAFETY: a non-null result points at a connection handle.
-                if conn.is_null() || unsafe { (*conn).is_null() } {
-                    let _ = ready_tx.send(Err(StoreError::Engine {
-                        message: "chdb_connect failed (is another process using the same directory?)".into(),
-                    }));
-                    return;
+        let (write, write_rx) = mpsc::sync_channel::<Job>(64);
+        let (read, read_rx) = mpsc::sync_channel::<Job>(64);
+        let write_rx: Queue = std::sync::Arc::new(std::sync::Mutex::new(write_rx));
+        let read_rx: Queue = std::sync::Arc::new(std::sync::Mutex::new(read_rx));
+        // The first connection opens the database; the others join it. One at a time.
+        let mut threads = Vec::with_capacity(1 + READERS);
+        let lanes = std::iter::once(("chdb-write", write_rx)).chain((0..READERS).map(|_| ("chdb-read", read_rx.clone())));
+        for (name, jobs) in lanes {
+            match connection(api, args.clone(), name, jobs) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // Closing the queues ends the threads already started.
+                    drop(Inner { write: Some(write), read: Some(read), threads });
+                    return Err(e);
                 }
-                let _ = ready_tx.send(Ok(()));
-                for job in rx {
-                    // SAFETY: the connection is open; the buffers live through the call.
-                    let out = unsafe { run(&api, *conn, &job.query, &job.format) };
-                    let _ = job.reply.send(out);
-                }
-                // SAFETY: closing the connection this thread opened, once.
-                unsafe { (api.close)(conn) };
-            })
-            .map_err(|e| StoreError::Engine {
-                message: format!("starting the engine thread: {e}"),
-            })?;
-        ready_rx.recv().map_err(|_| StoreError::Engine {
-            message: "the engine thread ended while opening".into(),
-        })??;
+            }
+        }
         Ok(Engine {
             inner: std::sync::Arc::new(Inner {
-                jobs: Some(jobs),
-                thread: Some(thread),
+                write: Some(write),
+                read: Some(read),
+                threads,
             }),
         })
     }
 
-    /// Runs one statement; returns its output in `format`.
-    pub async fn query(&self, query: Vec<u8>, format: &str) -> Result<Vec<u8>, StoreError> {
+    /// Runs one statement on `lane`; returns its output in `format`.
+    pub async fn query(&self, lane: Lane, query: Vec<u8>, format: &str) -> Result<Vec<u8>, StoreError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job = Job {
             query,
             format: format.to_string(),
             reply,
         };
-        let jobs = self.inner.jobs.clone().ok_or_else(|| StoreError::Engine {
+        let jobs = match lane {
+            Lane::Write => self.inner.write.clone(),
+            Lane::Read => self.inner.read.clone(),
+        }
+        .ok_or_else(|| StoreError::Engine {
             message: "the engine is closed".into(),
         })?;
         // The channel is bounded: waiting for room is blocking work.
@@ -186,6 +195,48 @@ impl Engine {
             message: "the engine thread dropped a query".into(),
         })?
     }
+}
+
+/// Starts a thread that opens one connection and runs the jobs it takes from `jobs` until
+/// the queue closes; returns once the connection is open (or failed to open).
+fn connection(api: &'static Api, args: Vec<String>, name: &str, jobs: Queue) -> Result<std::thread::JoinHandle<()>, StoreError> {
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StoreError>>();
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let cargs: Vec<CString> = args.iter().filter_map(|a| CString::new(a.as_str()).ok()).collect();
+            let mut argv: Vec<*mut c_char> = cargs.iter().map(|a| a.as_ptr() as *mut c_char).collect();
+            // SAFETY: argv points at NUL-terminated strings that outlive the call.
+            let conn = unsafe { (api.connect)(argv.len() as c_int, argv.as_mut_ptr()) };
+            // SAFETY: a non-null result points at a connection handle.
+            if conn.is_null() || unsafe { (*conn).is_null() } {
+                let _ = ready_tx.send(Err(StoreError::Engine {
+                    message: "chdb_connect failed (is another process using the same directory?)".into(),
+                }));
+                return;
+            }
+            let _ = ready_tx.send(Ok(()));
+            loop {
+                // The lock is held only to take a job, never while running one.
+                let job = match jobs.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => break,
+                };
+                let Ok(job) = job else { break };
+                // SAFETY: the connection is open; the buffers live through the call.
+                let out = unsafe { run(api, *conn, &job.query, &job.format) };
+                let _ = job.reply.send(out);
+            }
+            // SAFETY: closing the connection this thread opened, once.
+            unsafe { (api.close)(conn) };
+        })
+        .map_err(|e| StoreError::Engine {
+            message: format!("starting an engine thread: {e}"),
+        })?;
+    ready_rx.recv().map_err(|_| StoreError::Engine {
+        message: "an engine thread ended while opening".into(),
+    })??;
+    Ok(thread)
 }
 
 /// SAFETY: `conn` must be an open connection of `api`.

@@ -15,8 +15,11 @@ pub mod chdb;
 pub mod row;
 pub mod schema;
 mod sql;
+pub mod synthetic;
 
 use std::path::PathBuf;
+
+use chdb::Lane;
 
 pub use attempts::{AttemptQuery, AttemptRow, AttemptSide};
 pub use audit::{AuditQuery, AuditRow};
@@ -360,7 +363,7 @@ impl Store {
     /// Runs a statement that returns nothing.
     pub async fn execute(&self, sql: &str) -> Result<(), StoreError> {
         match &self.backend {
-            Backend::Embedded(e, _) => e.query(sql.as_bytes().to_vec(), "TabSeparated").await.map(|_| ()),
+            Backend::Embedded(e, _) => e.query(Lane::Write, sql.as_bytes().to_vec(), "TabSeparated").await.map(|_| ()),
             Backend::Server { client, url } => client
                 .query(sql)
                 .execute()
@@ -372,7 +375,7 @@ impl Store {
     /// Runs a query and returns its output in `format`.
     pub async fn fetch(&self, sql: &str, format: &str) -> Result<Vec<u8>, StoreError> {
         match &self.backend {
-            Backend::Embedded(e, _) => e.query(sql.as_bytes().to_vec(), format).await,
+            Backend::Embedded(e, _) => e.query(Lane::Read, sql.as_bytes().to_vec(), format).await,
             Backend::Server { client, url } => {
                 let mut cursor = client
                     .query(sql)
@@ -499,7 +502,7 @@ impl Store {
                     sql::quote(&file.display().to_string()),
                     sql::quote(&Store::dedup_token(rows))
                 );
-                let out = e.query(q.into_bytes(), "TabSeparated").await.map(|_| ());
+                let out = e.query(Lane::Write, q.into_bytes(), "TabSeparated").await.map(|_| ());
                 let _ = std::fs::remove_file(&file);
                 out
             }

@@ -491,3 +491,77 @@ async fn schema_upgrade_from_version_one_and_refusal_of_newer() {
     assert_eq!(untouched.schema_version().await.expect("version"), newer, "nothing was changed by the refusal");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The embedded engine runs one connection's statements one after another: a long read
+/// there would hold every insert behind it while the probes' rings overrun. Reads have
+/// connections of their own, so inserts go on while one runs, and so does a second read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_read_does_not_hold_inserts() {
+    let _turn = embedded_turn();
+    let dir = temp("long-read");
+    let config = StoreConfig::Embedded { path: dir.clone(), library: library() };
+    let store = std::sync::Arc::new(Store::open(&config, "flows", Retention::default()).await.expect("open"));
+    // A read that runs until ClickHouse stops it: as long as any audit may run.
+    let long = "SELECT count() AS n FROM numbers(10000000000000) WHERE cityHash64(number) = 7 \
+                SETTINGS max_execution_time = 20, timeout_overflow_mode = 'break'";
+    let reader = {
+        let store = store.clone();
+        tokio::spawn(async move { store.select_json(long).await })
+    };
+    // The read is running once the engine lists it (asked on the other reading connection).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let running = store
+            .select_json("SELECT count() AS n FROM system.processes WHERE query LIKE '%cityHash64(number) = 7%' AND query NOT LIKE '%system.processes%'")
+            .await
+            .expect("list the running queries");
+        if running[0]["n"].as_u64().or_else(|| running[0]["n"].as_str().and_then(|s| s.parse().ok())) == Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the long read never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = now_ns() - 10_000_000_000;
+    let mut slowest = Duration::ZERO;
+    for i in 0..20u32 {
+        let rows: Vec<FlowRow> = recorded(t + i as i64 * 1_000_000)
+            .iter()
+            .take(20)
+            .enumerate()
+            .map(|(k, f)| FlowRow::from_flow(&Flow { uuid: format!("long-read-{i}-{k}"), ..f.clone() }))
+            .collect();
+        let started = Instant::now();
+        store.insert(&rows).await.expect("insert while the read runs");
+        slowest = slowest.max(started.elapsed());
+    }
+    assert!(!reader.is_finished(), "the read ended before the inserts did: nothing was proven");
+    assert_eq!(count(&store, "flows", "uuid LIKE 'long-read-%'").await, 400);
+    eprintln!("20 inserts while a long read ran: slowest {slowest:?}");
+    reader.await.expect("join").expect("the long read");
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The benchmarks' made-up flows are the same whether the engine makes them or a client
+/// inserts them: what a benchmark fills in-engine is what its name says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_flows_are_the_same_made_by_the_engine() {
+    let _turn = embedded_turn();
+    let dir = temp("synthetic");
+    let config = StoreConfig::Embedded { path: dir.clone(), library: library() };
+    let store = Store::open(&config, "flows", Retention::default()).await.expect("open");
+    let (start, step) = (now_ns() - 3_600_000_000_000, 1_000_003);
+    let mut made = Vec::new();
+    flows_store::synthetic::fill(&store, 1_000, 3_000, start, step, |n| made.push(n)).await.expect("fill");
+    assert_eq!(made, vec![3_000]);
+    let all = FlowQuery { allow: Vec::new(), deny: Vec::new(), since: None, until: None, number: 5_000, last: false };
+    let stored = store.flows(&all).await.expect("read back");
+    assert_eq!(stored.len(), 2_000);
+    for (k, got) in stored.iter().enumerate() {
+        let i = 1_000 + k as u64;
+        let want = flows_store::synthetic::row(i, start + i as i64 * step).to_flow();
+        assert_eq!(got, &want, "flow {i}");
+    }
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
