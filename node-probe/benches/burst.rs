@@ -58,31 +58,34 @@ fn main() {
     // The trial's last events may still be on their way: count from the point where a
     // marker sent after them has arrived everywhere.
     let seen_now = || -> u64 { probes.iter().map(|p| server_status(&p.addr).seen_flows).sum() };
+    // Losses are counted since each probe started: the trial's are not the burst's.
+    let lost_now = || -> (u64, u64) {
+        probes.iter().fold((0, 0), |(lost, full), p| {
+            let s = server_status(&p.addr);
+            let ring = s
+                .lost
+                .iter()
+                .filter(|l| l.source == LostEventSource::KernelRingBuffer as i32)
+                .map(|l| l.count)
+                .sum::<u64>();
+            (lost + ring, full + s.datapath_counters.get("ringbuf_full").copied().unwrap_or(0))
+        })
+    };
     settle(&lab.state, &probes);
     let before = seen_now();
+    let (lost_before, full_before) = lost_now();
 
     let count = (rate * 10.0).max(1000.0) as u64;
     let t = Instant::now();
     let report = drive::run(&lab.state, &scenario(count), &opts).expect("drive");
     let secs = t.elapsed().as_secs_f64();
     settle(&lab.state, &probes);
-    // What one settle's markers add, measured by a second one, is not the burst's.
     let after = seen_now();
+    let (lost_after, full_after) = lost_now();
+    // What one settle's markers add, measured by a second one, is not the burst's.
     settle(&lab.state, &probes);
     let markers = seen_now() - after;
-
-    let mut lost = 0;
-    let mut ringbuf_full = 0;
-    for p in &probes {
-        let s = server_status(&p.addr);
-        lost += s
-            .lost
-            .iter()
-            .filter(|l| l.source == LostEventSource::KernelRingBuffer as i32)
-            .map(|l| l.count)
-            .sum::<u64>();
-        ringbuf_full += s.datapath_counters.get("ringbuf_full").copied().unwrap_or(0);
-    }
+    let (lost, ringbuf_full) = (lost_after - lost_before, full_after - full_before);
     let seen = after - before - markers;
     // Cross-node TCP: attempt + first reply on each of the two nodes.
     let answered = report.succeeded as u64;

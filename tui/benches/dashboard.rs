@@ -3,14 +3,20 @@
 //! - frame time (p50, p99) and CPU share while 10,000 flows/s arrive, 10 frames a
 //!   second for 30 s, against the same dashboard idle (no flows) in the same run;
 //! - resident memory after one hour of flows at 10,000/s (36 million, replayed as fast
-//!   as they fold in), against the resident memory before.
+//!   as they fold in), against the resident memory after the first minute. One flow in
+//!   ten comes from a world address never seen before (a scan from the internet), so the
+//!   number of keys offered to the aggregates grows without end, far past what they keep
+//!   ([`MAX_KEYS`] per map): the figure is the footprint with their pruning at work.
 //!
 //! `cargo bench -p flows-tui --bench dashboard` (FLOWS_BENCH_TUI_HOURS scales the soak).
 
 use std::time::{Duration, Instant};
 
 use flows_proto::{Endpoint, Flow, Ip, Layer4, Tcp, Timestamp, Verdict, Workload, layer4};
-use flows_tui::{state::App, view};
+use flows_tui::{
+    state::{App, aggregate::MAX_KEYS},
+    view,
+};
 use ratatui::{Terminal, backend::TestBackend};
 
 fn flow(i: u64) -> Flow {
@@ -22,6 +28,9 @@ fn flow(i: u64) -> Flow {
         node_name: format!("node-{}", i % 4),
         ..Default::default()
     };
+    if i % 10 == 5 {
+        return scan(i);
+    }
     let denied = i % 20 == 0;
     Flow {
         time: Some(Timestamp { seconds: 1_700_000_000 + (i / 10_000) as i64, nanos: ((i % 10_000) * 100_000) as i32 }),
@@ -35,6 +44,23 @@ fn flow(i: u64) -> Flow {
         }),
         source: Some(pod(format!("ns-{}", i % 12), format!("svc-{}", i % 300))),
         destination: Some(pod(format!("ns-{}", (i / 3) % 12), format!("svc-{}", (i / 7) % 300))),
+        ..Default::default()
+    }
+}
+
+/// A denied attempt from a world address no earlier flow came from.
+fn scan(i: u64) -> Flow {
+    let from = std::net::Ipv4Addr::from(0x2d00_0000u32.wrapping_add(i as u32));
+    Flow {
+        time: Some(Timestamp { seconds: 1_700_000_000 + (i / 10_000) as i64, nanos: ((i % 10_000) * 100_000) as i32 }),
+        uuid: format!("u{i}"),
+        node_name: format!("node-{}", i % 4),
+        verdict: Verdict::Dropped as i32,
+        drop_reason: "POLICY_DENIED".into(),
+        ip: Some(Ip { source: from.to_string(), destination: format!("10.244.{}.{}", (i / 7) % 200, 3), ..Default::default() }),
+        l4: Some(Layer4 { protocol: Some(layer4::Protocol::Tcp(Tcp { source_port: 40_000, destination_port: 22, flags: None })) }),
+        source: Some(Endpoint { is_world: true, labels: vec!["reserved:world".into()], ..Default::default() }),
+        destination: Some(Endpoint { namespace: format!("ns-{}", i % 12), pod_name: format!("svc-{}", i % 300), ..Default::default() }),
         ..Default::default()
     }
 }
@@ -128,8 +154,13 @@ fn main() {
         }
     }
     let after = rss_kib();
+    // Each scan brings a key to two maps (talkers, denied pairs): the keys offered.
+    let offered = 2 * total / 10;
+    assert!(offered > 3 * MAX_KEYS as u64, "the soak must offer more keys than the aggregates keep");
+    assert!(app.aggregates.len() <= 3 * (MAX_KEYS + 1), "the aggregates keep at most {MAX_KEYS} keys per map");
     println!(
-        "\n{total} flows ({hours} h at 10,000/s) folded in {:.1} s: RSS {} MiB before, {} MiB after the first minute, {} MiB after all ({:.2}x the first minute); aggregate entries {}",
+        "\n{total} flows ({hours} h at 10,000/s) folded in {:.1} s: RSS {} MiB before, {} MiB after the first minute, {} MiB after all ({:.2}x the first minute); \
+         aggregate entries kept {} of more than {offered} keys offered",
         t.elapsed().as_secs_f64(),
         before / 1024,
         after_first_minute / 1024,
