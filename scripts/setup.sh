@@ -96,7 +96,32 @@ fi
 ln -sf "$TOOLS/bin/helm" /usr/local/bin/helm
 ln -sf "$TOOLS/bin/kubectl" /usr/local/bin/kubectl
 
-# 6. Kernel filesystems the probe needs.
+# 6. A real Kubernetes control plane for `flows lab up --apiserver` (v1.36: etcd, API
+#    server, controller manager, scheduler, kube-proxy), built from public source and
+#    shipped gzip'd beside this repository in ../shared/bin/k8s (FLOWS_K8S_SOURCE points
+#    elsewhere). Unpacked once, checked against their SHA256SUMS, kept across runs.
+k8s_src="${FLOWS_K8S_SOURCE:-}"
+if [ -z "$k8s_src" ]; then
+  for d in "$(cd "$(dirname "$0")/.." && pwd)/../shared/bin/k8s" /work/shared/bin/k8s; do
+    [ -f "$d/SHA256SUMS" ] && { k8s_src="$d"; break; }
+  done
+fi
+k8s_dir="$TOOLS/k8s"
+if [ -n "$k8s_src" ]; then
+  mkdir -p "$k8s_dir"
+  if ! (cd "$k8s_dir" && sha256sum --quiet -c "$k8s_src/SHA256SUMS" >/dev/null 2>&1); then
+    log "unpacking the Kubernetes control plane from $k8s_src"
+    for f in "$k8s_src"/*.gz; do
+      name="$(basename "$f" .gz)"
+      gunzip -c "$f" > "$k8s_dir/$name.part" && chmod 0755 "$k8s_dir/$name.part" && mv "$k8s_dir/$name.part" "$k8s_dir/$name"
+    done
+    (cd "$k8s_dir" && sha256sum --quiet -c "$k8s_src/SHA256SUMS") || { log "the control plane's checksums do not match"; exit 1; }
+  fi
+else
+  log "no Kubernetes binaries found (../shared/bin/k8s): \`flows lab up --apiserver\` and its tests will say so"
+fi
+
+# 7. Kernel filesystems the probe needs.
 mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
 mkdir -p /sys/fs/bpf
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf

@@ -52,7 +52,9 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // The Kubernetes client logs every refused request, handled or not; what is not
+            // handled comes back as an error and is said once, where it is handled.
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube_client::client::builder=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -8,6 +8,7 @@
 //! - [`export`]: Namespaces, Pods and NetworkPolicies written as the manifest file the
 //!   node-probe enforces (`flows kube-sync`, the probe's sidecar on a cluster).
 
+pub mod cluster;
 pub mod discover;
 pub mod export;
 pub mod index;

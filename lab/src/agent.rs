@@ -14,7 +14,6 @@ use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -104,6 +103,18 @@ pub fn main(dir: &Path) -> i32 {
             1
         }
     }
+}
+
+/// The lab's kubelet runs beside the listeners, for as long as they do.
+fn kubelet_thread(api: &crate::state::ApiRec, state: &State) {
+    let kubeconfig = api.kubeconfig.clone();
+    let nodes: Vec<String> = state.nodes.iter().map(|n| n.name.clone()).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _ = std::thread::Builder::new().name("kubelet".into()).spawn(move || {
+        if let Err(e) = crate::cluster_api::kubelet(&kubeconfig, nodes, stop) {
+            eprintln!("flows lab agent: the kubelet stopped: {e}");
+        }
+    });
 }
 
 /// What one socket serves.
@@ -506,6 +517,9 @@ pub fn run(dir: &Path) -> Result<(), LabError> {
         ));
     }
     let state = State::load(dir)?;
+    if let Some(api) = &state.api {
+        kubelet_thread(api, &state);
+    }
     let specs = listen_specs(&state);
     let sockets = open_all(&specs)?;
     let poll = Poll::new().map_err(|e| LabError::sys("epoll_create", e))?;
@@ -591,29 +605,7 @@ pub(crate) fn spawn(dir: &Path, launch: &AgentLaunch) -> Result<u32, LabError> {
         }
     };
     cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
-    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(|error| LabError::Spawn {
-        command: shown,
-        hint: String::new(),
-        error,
-    })?;
-    let pid = child.id();
-    // Reap it when it ends so a long-lived caller (a test binary) keeps no zombie; the thread
-    // simply dies with a short-lived caller (the CLI), and the agent lives on.
-    let _ = std::thread::Builder::new()
-        .name("flows-lab-agent-reaper".to_string())
-        .spawn(move || {
-            let _ = child.wait();
-        });
-    Ok(pid)
+    crate::daemon::spawn_detached(cmd, shown)
 }
 
 /// Waits until the agent wrote its ready file, or failed, or `timeout` passed.

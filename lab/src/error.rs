@@ -51,6 +51,11 @@ pub enum LabError {
     #[error("writing the lab's manifests: {message}")]
     Manifests { message: String },
 
+    /// The Kubernetes control plane (etcd, API server, controllers, scheduler) or the
+    /// lab's writes to it. `log` is the daemon's log when one is to blame.
+    #[error("control plane: {message}{}", log.as_ref().map(|l| format!(" (log: {})", l.display())).unwrap_or_default())]
+    ControlPlane { message: String, log: Option<PathBuf> },
+
     #[error("a lab is already up ({detail}); run `flows lab down` first")]
     AlreadyUp { detail: String },
 

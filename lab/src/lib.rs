@@ -9,6 +9,9 @@
 //! - [`testing::LabGuard`]: a lab for a test, serialized across test binaries.
 
 pub mod agent;
+pub mod cluster_api;
+pub mod control_plane;
+mod daemon;
 pub mod dns;
 pub mod drive;
 pub mod manifests;
@@ -20,6 +23,7 @@ pub mod proxy;
 pub mod spec;
 pub mod state;
 pub mod testing;
+mod runtime;
 mod time;
 
 use std::fs::{self, File, OpenOptions};
@@ -45,6 +49,9 @@ pub struct UpOptions {
     pub agent: AgentLaunch,
     /// How long to wait for the agent's listeners; `None`: 30 s plus 100 ms per pod.
     pub ready_timeout: Option<Duration>,
+    /// Run on a real Kubernetes control plane, from the binaries in this directory
+    /// ([`control_plane::bin_dir`]); `None`: the cluster comes from the manifests alone.
+    pub apiserver: Option<PathBuf>,
 }
 
 impl UpOptions {
@@ -55,6 +62,7 @@ impl UpOptions {
             state_dir: state_dir.into(),
             agent: AgentLaunch::default(),
             ready_timeout: None,
+            apiserver: None,
         }
     }
 }
@@ -85,6 +93,27 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// A loopback address whose port is free now and below the kernel's ephemeral range, so
+/// that no outgoing connection takes it as its local port before the daemon binds it (a
+/// port from `bind(0)` comes from that range, and one lab run lost its probe to it).
+pub fn free_fixed_port() -> std::io::Result<String> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low.max(10_001));
+    // Spread over the range by process id and time, then the first that binds.
+    let seed = std::process::id() as u64 ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0);
+    let n = u64::from(to - from);
+    for i in 0..n {
+        let port = from + ((seed.wrapping_mul(2_654_435_761).wrapping_add(i)) % n) as u16;
+        if let Ok(sock) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(sock.local_addr()?.to_string());
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free port below the ephemeral range"))
+}
+
 pub(crate) fn take_build_lock() -> Result<File, LabError> {
     let path = Path::new(BUILD_LOCK);
     let file = OpenOptions::new()
@@ -111,7 +140,7 @@ pub fn up(opts: &UpOptions) -> Result<State, LabError> {
     let dir = &opts.state_dir;
     state.save(dir)?;
     let started = Instant::now();
-    match build_and_start(&mut state, opts) {
+    match build_and_start(&mut state, &input, opts) {
         Ok(()) => {
             tracing::info!(
                 pods = state.pods.len(),
@@ -131,8 +160,19 @@ pub fn up(opts: &UpOptions) -> Result<State, LabError> {
     }
 }
 
-fn build_and_start(state: &mut State, opts: &UpOptions) -> Result<(), LabError> {
+fn build_and_start(state: &mut State, input: &spec::Input, opts: &UpOptions) -> Result<(), LabError> {
     let dir = &opts.state_dir;
+    if let Some(bin) = &opts.apiserver {
+        let api = control_plane::start(dir, bin, |program, pid| {
+            // Recorded as each starts, so a failure later still stops it.
+            state.daemons.push(Daemon { role: control_plane::role(program), node: None, pid });
+            state.save(dir)
+        })?;
+        state.api = Some(api.clone());
+        state.save(dir)?;
+        cluster_api::write_and_place(&api, &opts.paths, input, state)?;
+        state.save(dir)?;
+    }
     net::build(state)?;
     let pid = agent::spawn(dir, &opts.agent)?;
     // Recorded before waiting, so a failed start is still stopped by the cleanup.
@@ -145,7 +185,11 @@ fn build_and_start(state: &mut State, opts: &UpOptions) -> Result<(), LabError> 
     let timeout = opts.ready_timeout.unwrap_or_else(|| {
         Duration::from_secs(30) + Duration::from_millis(100) * state.pods.len() as u32
     });
-    agent::wait_ready(dir, pid, timeout)
+    agent::wait_ready(dir, pid, timeout)?;
+    if let Some(api) = &state.api {
+        cluster_api::post_running(api, state)?;
+    }
+    Ok(())
 }
 
 /// Refuses if a lab is up; forgets a stale state file whose namespaces are gone.
@@ -190,8 +234,14 @@ pub fn down(dir: &Path) -> Result<DownReport, LabError> {
 
 pub(crate) fn down_unlocked(dir: &Path) -> Result<DownReport, LabError> {
     let mut pids = Vec::new();
+    // etcd stops last: an API server whose etcd is gone ignores SIGTERM.
+    let mut last = Vec::new();
     match State::load(dir) {
-        Ok(s) => pids.extend(s.daemons.iter().map(|d| d.pid)),
+        Ok(s) => {
+            for d in &s.daemons {
+                if d.role == control_plane::role("lab-etcd") { last.push(d.pid) } else { pids.push(d.pid) }
+            }
+        }
         Err(LabError::NoState { .. }) => {}
         Err(e) => tracing::warn!(error = %e, "state unreadable; removing the lab by name"),
     }
@@ -203,7 +253,10 @@ pub(crate) fn down_unlocked(dir: &Path) -> Result<DownReport, LabError> {
     }
     pids.sort_unstable();
     pids.dedup();
-    let stopped = stop_processes(&pids);
+    let mut stopped = stop_processes(&pids);
+    stopped.extend(stop_processes(&last));
+    // The control plane's data and PKI go with the lab.
+    let _ = fs::remove_dir_all(dir.join("k8s"));
 
     // The probes leave their TC links pinned (enforcement outlives a probe restart):
     // unpinned here, the kernel detaches them.

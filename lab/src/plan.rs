@@ -268,6 +268,7 @@ pub fn plan(input: &Input, nodes: usize) -> Result<State, LabError> {
             ipv6: WORLD_IPV6,
         },
         daemons: Vec::new(),
+        api: None,
     })
 }
 

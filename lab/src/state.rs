@@ -27,6 +27,9 @@ pub struct State {
     pub services: Vec<ServiceRec>,
     pub world: WorldRec,
     pub daemons: Vec<Daemon>,
+    /// The Kubernetes control plane the lab runs on; none for a lab from manifests only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiRec>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +105,17 @@ pub struct WorldRec {
     pub netns: String,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
+}
+
+/// How to reach a running control plane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiRec {
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// The administrator's kubeconfig (system:masters).
+    pub kubeconfig: PathBuf,
+    /// The directory of the PKI, kubeconfigs, etcd data and logs.
+    pub dir: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -306,6 +320,7 @@ mod tests {
                 ipv6: "2001:db8:100::10".parse().expect("literal"),
             },
             daemons: Vec::new(),
+            api: None,
         }
     }
 

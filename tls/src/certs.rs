@@ -68,9 +68,16 @@ fn sans(names: &[String]) -> Result<Vec<SanType>, TlsError> {
 }
 
 fn params(cn: &str, days: u32) -> Result<CertificateParams, TlsError> {
+    params_in(cn, &["flows"], days)
+}
+
+/// A subject with these organisations (Kubernetes reads them as the user's groups).
+fn params_in(cn: &str, orgs: &[&str], days: u32) -> Result<CertificateParams, TlsError> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "flows");
+    for o in orgs {
+        dn.push(DnType::OrganizationName, *o);
+    }
     dn.push(DnType::CommonName, cn);
     p.distinguished_name = dn;
     let now = time::OffsetDateTime::now_utc();
@@ -87,13 +94,85 @@ fn leaf(
     days: u32,
     issuer: &Issuer<'_, KeyPair>,
 ) -> Result<(String, String), TlsError> {
-    let mut p = params(cn, days)?;
+    leaf_in(cn, &["flows"], names, usages, days, issuer)
+}
+
+fn leaf_in(
+    cn: &str,
+    orgs: &[&str],
+    names: &[String],
+    usages: Vec<ExtendedKeyUsagePurpose>,
+    days: u32,
+    issuer: &Issuer<'_, KeyPair>,
+) -> Result<(String, String), TlsError> {
+    let mut p = params_in(cn, orgs, days)?;
     p.subject_alt_names = sans(names)?;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     p.extended_key_usages = usages;
     let key = KeyPair::generate()?;
     let cert = p.signed_by(&key, issuer)?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A certificate authority held in memory, for a whole PKI made at once (the lab's
+/// Kubernetes control plane).
+pub struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+    key_pem: String,
+    days: u32,
+}
+
+/// What a certificate is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Usage {
+    Server,
+    Client,
+    Both,
+}
+
+impl Authority {
+    pub fn new(cn: &str, days: u32) -> Result<Authority, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut ca = params_in(cn, &[], days)?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let cert = ca.self_signed(&key)?;
+        let (pem, key_pem) = (cert.pem(), key.serialize_pem());
+        Ok(Authority { issuer: Issuer::new(ca, key), pem, key_pem, days })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.pem
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// A certificate and its key (PEM) for `cn` in `orgs`, valid for `names`.
+    pub fn issue(&self, cn: &str, orgs: &[&str], names: &[String], usage: Usage) -> Result<(String, String), TlsError> {
+        let (server, client) = (ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth);
+        let usages = match usage {
+            Usage::Server => vec![server],
+            Usage::Client => vec![client],
+            Usage::Both => vec![server, client],
+        };
+        leaf_in(cn, orgs, names, usages, self.days, &self.issuer)
+    }
+}
+
+/// A signing key pair as PEM (private PKCS#8, public SPKI): ECDSA P-256.
+pub fn signing_key() -> Result<(String, String), TlsError> {
+    let key = KeyPair::generate()?;
+    Ok((key.serialize_pem(), key.public_key_pem()))
+}
+
+/// Writes `contents` to `path`, mode 0600 when `secret`, replacing what was there.
+pub fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    write(dir, &name, contents, secret, true).map(|_| ())
 }
 
 fn write(dir: &Path, name: &str, contents: &str, secret: bool, force: bool) -> Result<PathBuf, TlsError> {

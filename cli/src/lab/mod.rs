@@ -51,6 +51,15 @@ pub enum LabCommand {
         /// (http://host:8123), also after `flows lab relay start`.
         #[arg(long, requires = "probes", default_value = "embedded")]
         store: String,
+        /// Run the cluster on a real Kubernetes control plane (etcd, kube-apiserver,
+        /// kube-controller-manager, kube-scheduler): the cluster is written through the
+        /// API, the controllers and the scheduler make and place the pods, the lab is
+        /// their kubelet. Without it the cluster comes from the manifests alone.
+        #[arg(long)]
+        apiserver: bool,
+        /// Where the control plane's binaries are (scripts/setup.sh unpacks them).
+        #[arg(long, env = "FLOWS_K8S_BIN", default_value = "/opt/flows-tools/k8s", requires = "apiserver")]
+        k8s_bin: PathBuf,
         #[command(flatten)]
         dir: StateDir,
     },
@@ -142,8 +151,10 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             probes,
             tls,
             store,
+            apiserver,
+            k8s_bin,
             dir,
-        } => up(paths, nodes, probes, tls, &store, &dir.state_dir),
+        } => up(paths, nodes, probes, tls, &store, apiserver.then_some(k8s_bin), &dir.state_dir),
         LabCommand::Down { dir } => down(&dir.state_dir),
         LabCommand::Policy { command, dir } => crate::lab::policy::run(&dir.state_dir, command),
         LabCommand::Status { output, dir } => status(&dir.state_dir, output),
@@ -189,13 +200,14 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
     }
 }
 
-fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, tls: bool, store: &str, dir: &Path) -> anyhow::Result<()> {
+fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, tls: bool, store: &str, apiserver: Option<PathBuf>, dir: &Path) -> anyhow::Result<()> {
     if store != "embedded" && !(store.starts_with("http://") || store.starts_with("https://")) {
         bail!("--store {store}: expected `embedded` or a ClickHouse server's http(s):// address");
     }
     let exe = std::env::current_exe().context("finding the flows executable")?;
     let mut opts = UpOptions::new(paths, dir);
     opts.nodes = nodes;
+    opts.apiserver = apiserver;
     opts.agent = AgentLaunch::Command {
         program: exe,
         args: vec![
@@ -343,6 +355,14 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
 }
 
 fn print_state(state: &State) {
+    match &state.api {
+        Some(api) => println!(
+            "KUBERNETES\nAPI server {}\nkubectl --kubeconfig {} get pods -A -o wide\n",
+            api.url,
+            api.kubeconfig.display()
+        ),
+        None => println!("KUBERNETES\nnone: the cluster comes from the manifests alone (`flows lab up --apiserver` runs a control plane)\n"),
+    }
     println!("NODES");
     table(
         &["NAME", "NETNS", "UPLINK", "POD CIDRS"],

@@ -47,30 +47,9 @@ fn kept_address(path: PathBuf) -> anyhow::Result<String> {
             return Ok(a.trim().to_string());
         }
     }
-    let addr = free_fixed_port().context("finding a free port")?;
+    let addr = flows_lab::free_fixed_port().context("finding a free port")?;
     std::fs::write(&path, &addr).with_context(|| format!("writing {}", path.display()))?;
     Ok(addr)
-}
-
-/// A loopback address whose port is free now and below the kernel's ephemeral range, so
-/// that no outgoing connection takes it as its local port before the daemon binds it (a
-/// port from `bind(0)` comes from that range, and one lab run lost its probe to it).
-fn free_fixed_port() -> std::io::Result<String> {
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
-        .unwrap_or(32768);
-    let (from, to) = (10_000u16, low.max(10_001));
-    // Spread over the range by process id and time, then the first that binds.
-    let seed = std::process::id() as u64 ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0);
-    let n = u64::from(to - from);
-    for i in 0..n {
-        let port = from + ((seed.wrapping_mul(2_654_435_761).wrapping_add(i)) % n) as u16;
-        if let Ok(sock) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            return Ok(sock.local_addr()?.to_string());
-        }
-    }
-    Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free port below the ephemeral range"))
 }
 
 /// The lab's TLS files, when it was started with `--tls`.

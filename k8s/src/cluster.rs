@@ -1,0 +1,268 @@
+//! Writing a cluster into an API server and playing its kubelets: what the lab needs to
+//! run on a real control plane. Objects are applied server-side (as `kubectl apply
+//! --server-side` does); what is read back is reduced to the plain records below, so no
+//! other crate sees Kubernetes' client types.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::ReplicaSet,
+        core::v1::{Pod, Service},
+    },
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use serde_json::{Value, json};
+
+/// The field manager of everything the lab writes.
+pub const MANAGER: &str = "flows-lab";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("kubeconfig {path}: {message}")]
+    Config { path: String, message: String },
+    #[error("{what}: {message}")]
+    Api { what: String, message: String },
+    #[error("object without {field}: {object}")]
+    Object { field: &'static str, object: String },
+}
+
+fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ApiError {
+    let what = what.into();
+    move |e| ApiError::Api { what, message: e.to_string() }
+}
+
+/// A client with the credentials of a kubeconfig file.
+pub async fn connect(kubeconfig: &Path) -> Result<Client, ApiError> {
+    let err = |message: String| ApiError::Config { path: kubeconfig.display().to_string(), message };
+    let file = Kubeconfig::read_from(kubeconfig).map_err(|e| err(e.to_string()))?;
+    let config = kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    Client::try_from(config).map_err(|e| err(e.to_string()))
+}
+
+/// True once the API server answers `/readyz` with ok.
+pub async fn ready(client: &Client) -> bool {
+    let Ok(req) = http::Request::get("/readyz").body(Vec::new()) else { return false };
+    matches!(client.request_text(req).await, Ok(t) if t.trim() == "ok")
+}
+
+/// Applies one object (a manifest's document as JSON) server-side, taking ownership of
+/// every field it sets.
+pub async fn apply(client: &Client, object: &Value) -> Result<(), ApiError> {
+    let field = |f: &'static str| ApiError::Object { field: f, object: object.to_string().chars().take(200).collect() };
+    let api_version = object["apiVersion"].as_str().ok_or_else(|| field("apiVersion"))?;
+    let kind = object["kind"].as_str().ok_or_else(|| field("kind"))?;
+    let name = object["metadata"]["name"].as_str().ok_or_else(|| field("metadata.name"))?;
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    let what = format!("applying {kind} {name}");
+    let (resource, caps) = kube::discovery::pinned_kind(client, &gvk).await.map_err(api_err(what.clone()))?;
+    let api: Api<DynamicObject> = match (caps.scope, object["metadata"]["namespace"].as_str()) {
+        (kube::discovery::Scope::Namespaced, ns) => Api::namespaced_with(client.clone(), ns.unwrap_or("default"), &resource),
+        (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
+    };
+    api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(object))
+        .await
+        .map_err(api_err(what))?;
+    Ok(())
+}
+
+/// A node as the lab builds it.
+#[derive(Debug, Clone)]
+pub struct NodeRecord {
+    pub name: String,
+    pub pod_cidrs: Vec<String>,
+    pub addresses: Vec<String>,
+}
+
+fn now() -> String {
+    Timestamp::now().to_string()
+}
+
+/// Registers a node and says it is ready, with room for pods (the scheduler binds only
+/// to nodes that have it).
+pub async fn register_node(client: &Client, node: &NodeRecord) -> Result<(), ApiError> {
+    let what = format!("registering node {}", node.name);
+    let object = json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": node.name, "labels": { "kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux" } },
+        "spec": { "podCIDR": node.pod_cidrs.first(), "podCIDRs": node.pod_cidrs },
+    });
+    apply(client, &object).await?;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let room = json!({ "cpu": "32", "memory": "64Gi", "pods": "250" });
+    let status = json!({ "status": {
+        "addresses": node.addresses.iter().map(|a| json!({ "type": "InternalIP", "address": a }))
+            .chain(std::iter::once(json!({ "type": "Hostname", "address": node.name }))).collect::<Vec<_>>(),
+        "capacity": room, "allocatable": room,
+        "conditions": [ready_condition()],
+        "nodeInfo": { "kubeletVersion": "flows-lab", "operatingSystem": "linux", "architecture": "amd64",
+                      "containerRuntimeVersion": "flows-lab://1", "kernelVersion": "", "osImage": "flows lab",
+                      "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": "" },
+    }});
+    nodes
+        .patch_status(&node.name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .map_err(api_err(what))?;
+    renew_lease(client, &node.name).await
+}
+
+fn ready_condition() -> Value {
+    let t = now();
+    json!({ "type": "Ready", "status": "True", "reason": "KubeletReady", "message": "the flows lab is this node's kubelet",
+            "lastHeartbeatTime": t, "lastTransitionTime": t })
+}
+
+/// The node's heartbeat: its lease in `kube-node-lease`, renewed.
+pub async fn renew_lease(client: &Client, node: &str) -> Result<(), ApiError> {
+    let lease = json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": { "name": node, "namespace": "kube-node-lease" },
+        "spec": { "holderIdentity": node, "leaseDurationSeconds": 40,
+                  "renewTime": Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string() },
+    });
+    apply(client, &lease).await
+}
+
+/// A pod as the API holds it, reduced to what the lab builds from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRecord {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
+    /// Empty until the scheduler has bound it.
+    pub node: String,
+    /// (name, port, protocol) of every container port.
+    pub ports: Vec<(Option<String>, u16, String)>,
+    /// The controller that owns it (kind, name), and that one's own controller.
+    pub owner: Option<(String, String)>,
+    pub workload: Option<(String, String)>,
+    pub deleting: bool,
+    pub phase: String,
+}
+
+fn controller_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<(String, String)> {
+    meta.owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| (o.kind.clone(), o.name.clone()))
+}
+
+/// Every pod, with its owner and the owner's controller (a ReplicaSet's Deployment).
+pub async fn pods(client: &Client) -> Result<Vec<PodRecord>, ApiError> {
+    let list = Api::<Pod>::all(client.clone()).list(&ListParams::default()).await.map_err(api_err("listing pods"))?;
+    let sets = Api::<ReplicaSet>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(api_err("listing replica sets"))?;
+    let set_owner: BTreeMap<(String, String), (String, String)> = sets
+        .items
+        .iter()
+        .filter_map(|rs| {
+            let key = (rs.metadata.namespace.clone()?, rs.metadata.name.clone()?);
+            Some((key, controller_of(&rs.metadata)?))
+        })
+        .collect();
+    Ok(list.items.iter().map(|p| pod_record(p, &set_owner)).collect())
+}
+
+fn pod_record(p: &Pod, set_owner: &BTreeMap<(String, String), (String, String)>) -> PodRecord {
+    let namespace = p.metadata.namespace.clone().unwrap_or_default();
+    let owner = controller_of(&p.metadata);
+    let workload = match &owner {
+        Some((kind, name)) if kind == "ReplicaSet" => set_owner.get(&(namespace.clone(), name.clone())).cloned(),
+        _ => None,
+    };
+    let spec = p.spec.clone().unwrap_or_default();
+    let ports = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.clone().unwrap_or_default())
+        .map(|cp| (cp.name.clone(), cp.container_port as u16, cp.protocol.clone().unwrap_or_else(|| "TCP".into())))
+        .collect();
+    PodRecord {
+        name: p.metadata.name.clone().unwrap_or_default(),
+        uid: p.metadata.uid.clone().unwrap_or_default(),
+        labels: p.metadata.labels.clone().unwrap_or_default(),
+        node: spec.node_name.clone().unwrap_or_default(),
+        ports,
+        owner,
+        workload,
+        deleting: p.metadata.deletion_timestamp.is_some(),
+        phase: p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default(),
+        namespace,
+    }
+}
+
+/// A service as the API holds it: its cluster addresses are the API server's to give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRecord {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ips: Vec<String>,
+}
+
+pub async fn services(client: &Client) -> Result<Vec<ServiceRecord>, ApiError> {
+    let list = Api::<Service>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(api_err("listing services"))?;
+    Ok(list
+        .items
+        .iter()
+        .map(|s| ServiceRecord {
+            namespace: s.metadata.namespace.clone().unwrap_or_default(),
+            name: s.metadata.name.clone().unwrap_or_default(),
+            cluster_ips: s.spec.as_ref().and_then(|s| s.cluster_ips.clone()).unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// Says a pod runs on `node` at `ips`: Running, every container started and ready.
+pub async fn pod_running(client: &Client, namespace: &str, name: &str, ips: &[String], host_ip: &str) -> Result<(), ApiError> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let what = format!("posting the status of pod {namespace}/{name}");
+    let pod = pods.get(name).await.map_err(api_err(what.clone()))?;
+    let t = now();
+    let containers: Vec<Value> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .map(|c| json!({ "name": c.name, "image": c.image, "imageID": "", "ready": true, "started": true, "restartCount": 0,
+                         "containerID": format!("flows-lab://{namespace}/{name}/{}", c.name), "state": { "running": { "startedAt": t } } }))
+        .collect();
+    let cond = |ty: &str| json!({ "type": ty, "status": "True", "lastTransitionTime": t, "lastProbeTime": null });
+    let status = json!({ "status": {
+        "phase": "Running", "startTime": t, "hostIP": host_ip, "hostIPs": [{ "ip": host_ip }],
+        "podIP": ips.first(), "podIPs": ips.iter().map(|ip| json!({ "ip": ip })).collect::<Vec<_>>(),
+        "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"), cond("ContainersReady"), cond("Ready"), cond("PodScheduled")],
+        "containerStatuses": containers,
+    }});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .map_err(api_err(what))?;
+    Ok(())
+}
+
+/// Finishes the deletion of a pod whose grace period a kubelet would have honoured.
+pub async fn finish_deletion(client: &Client, namespace: &str, name: &str) -> Result<(), ApiError> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    match pods.delete(name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(api_err(format!("deleting pod {namespace}/{name}"))(e)),
+    }
+}
+
+/// How long a kubelet may go between heartbeats before its node is marked unknown (40 s
+/// by default): the lab renews well within it.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);

@@ -1,0 +1,257 @@
+//! The lab on a real API server: the cluster is written through the API, the controllers
+//! make the pods, the scheduler places them, and the lab plays each node's kubelet (it
+//! builds what was placed, posts the pods' status, renews the node's lease and finishes
+//! deletions).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use flows_k8s::cluster::{self, NodeRecord, PodRecord};
+use serde_json::{Value, json};
+
+use crate::{
+    LabError,
+    plan::{self, COREDNS_DEPLOYMENT, KUBE_DNS_SERVICE, KUBE_SYSTEM},
+    spec::{Input, WorkloadKind},
+    state::{ApiRec, OwnerRec, PodRec, PortRec, State},
+};
+
+fn api_err(e: impl std::fmt::Display) -> LabError {
+    LabError::ControlPlane { message: e.to_string(), log: None }
+}
+
+/// Every document of the files, as JSON (what the API server takes).
+fn documents(paths: &[PathBuf]) -> Result<Vec<Value>, LabError> {
+    let mut out = Vec::new();
+    for file in crate::spec::expand_paths(paths)? {
+        let text = std::fs::read_to_string(&file).map_err(|e| LabError::io(&file, e))?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = <Value as serde::Deserialize>::deserialize(doc)
+                .map_err(|e| LabError::Yaml { file: file.clone(), message: e.to_string() })?;
+            if !v.is_null() {
+                out.push(v);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Services are dual stack unless they say otherwise, as in the lab's own plan.
+fn prepare(mut doc: Value) -> Value {
+    if doc["kind"] == "Service" && doc["spec"].get("ipFamilyPolicy").is_none() && doc["spec"].is_object() {
+        doc["spec"]["ipFamilyPolicy"] = json!("PreferDualStack");
+    }
+    if doc["metadata"].get("namespace").is_none() && !matches!(doc["kind"].as_str(), Some("Namespace" | "Node")) {
+        doc["metadata"]["namespace"] = json!("default");
+    }
+    doc
+}
+
+/// The cluster DNS, built in as in the lab's plan: its address is fixed.
+fn built_ins() -> Vec<Value> {
+    let labels = json!({ "k8s-app": "kube-dns" });
+    let ports = json!([{ "name": "dns", "containerPort": 53, "protocol": "UDP" },
+                       { "name": "dns-tcp", "containerPort": 53, "protocol": "TCP" },
+                       { "name": "metrics", "containerPort": 9153, "protocol": "TCP" }]);
+    vec![
+        json!({ "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": { "name": COREDNS_DEPLOYMENT, "namespace": KUBE_SYSTEM, "labels": labels },
+                "spec": { "replicas": 1, "selector": { "matchLabels": labels },
+                          "template": { "metadata": { "labels": labels },
+                                        "spec": { "containers": [{ "name": "coredns", "image": "flows-lab/coredns", "ports": ports }] } } } }),
+        json!({ "apiVersion": "v1", "kind": "Service",
+                "metadata": { "name": KUBE_DNS_SERVICE, "namespace": KUBE_SYSTEM, "labels": labels },
+                "spec": { "selector": labels, "ipFamilyPolicy": "PreferDualStack", "clusterIP": plan::kube_dns_ipv4().to_string(),
+                          "clusterIPs": [plan::kube_dns_ipv4().to_string(), plan::kube_dns_ipv6().to_string()],
+                          "ports": [{ "name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53 },
+                                    { "name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53 }] } }),
+    ]
+}
+
+/// Applies `doc`, again while the API says what a moment will fix (a namespace's
+/// default service account not made yet, a webhook starting).
+async fn apply_patiently(client: &flows_k8s::Client, doc: &Value) -> Result<(), LabError> {
+    let start = Instant::now();
+    loop {
+        match cluster::apply(client, doc).await {
+            Ok(()) => return Ok(()),
+            Err(e) if start.elapsed() < Duration::from_secs(30) && transient(&e.to_string()) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(api_err(e)),
+        }
+    }
+}
+
+fn transient(message: &str) -> bool {
+    ["serviceaccount", "not found", "try again", "connection", "timeout", "503", "500"]
+        .iter()
+        .any(|m| message.to_lowercase().contains(m))
+}
+
+/// How many pods the input makes (with the cluster DNS).
+fn expected_pods(input: &Input) -> usize {
+    1 + input
+        .workloads
+        .iter()
+        .map(|w| match &w.kind {
+            WorkloadKind::Pod => 1,
+            WorkloadKind::Deployment { replicas, .. } => *replicas as usize,
+        })
+        .sum::<usize>()
+}
+
+/// Writes the nodes and the cluster through the API, waits until the controllers made
+/// every pod and the scheduler placed it, and lays the pods and services out as the API
+/// decided (names, nodes, cluster addresses). `state` comes from the plan: its nodes,
+/// namespaces and world are kept.
+pub(crate) fn write_and_place(api: &ApiRec, paths: &[PathBuf], input: &Input, state: &mut State) -> Result<(), LabError> {
+    let docs = documents(paths)?;
+    let want = expected_pods(input);
+    let (pods, services) = crate::runtime::block_on(async {
+        let client = cluster::connect(&api.kubeconfig).await.map_err(api_err)?;
+        for n in &state.nodes {
+            let node = NodeRecord {
+                name: n.name.clone(),
+                pod_cidrs: vec![n.pod_cidr_v4.clone(), n.pod_cidr_v6.clone()],
+                addresses: vec![n.uplink_ipv4.to_string(), n.uplink_ipv6.to_string()],
+            };
+            cluster::register_node(&client, &node).await.map_err(api_err)?;
+        }
+        for ns in &state.namespaces {
+            let doc = json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns.name, "labels": ns.labels } });
+            apply_patiently(&client, &doc).await?;
+        }
+        for doc in docs.into_iter().filter(|d| d["kind"] != "Namespace").map(prepare).chain(built_ins()) {
+            apply_patiently(&client, &doc).await?;
+        }
+        let pods = placed(&client, want).await?;
+        let services = cluster::services(&client).await.map_err(api_err)?;
+        Ok::<_, LabError>((pods, services))
+    })??;
+    state.pods = lay_out(state, pods)?;
+    for s in &mut state.services {
+        let Some(found) = services.iter().find(|f| f.namespace == s.namespace && f.name == s.name) else {
+            return Err(api_err(format!("service {}/{} is not in the API", s.namespace, s.name)));
+        };
+        for ip in &found.cluster_ips {
+            match ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(v4)) => s.cluster_ipv4 = v4,
+                Ok(std::net::IpAddr::V6(v6)) => s.cluster_ipv6 = v6,
+                Err(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `want` pods exist and every one is bound to a node.
+async fn placed(client: &flows_k8s::Client, want: usize) -> Result<Vec<PodRecord>, LabError> {
+    let limit = Duration::from_secs(60) + Duration::from_millis(100) * want as u32;
+    let start = Instant::now();
+    loop {
+        let pods: Vec<PodRecord> = cluster::pods(client).await.map_err(api_err)?.into_iter().filter(|p| !p.deleting).collect();
+        let bound = pods.iter().filter(|p| !p.node.is_empty()).count();
+        if pods.len() == want && bound == want {
+            tracing::info!(pods = want, elapsed_ms = start.elapsed().as_millis() as u64, "every pod made and placed");
+            return Ok(pods);
+        }
+        if start.elapsed() > limit {
+            return Err(api_err(format!(
+                "{} of {want} pods made, {bound} placed on a node after {limit:?} (see kube-controller-manager.log and kube-scheduler.log)",
+                pods.len()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The lab's pods from the API's: addresses by slot on each node, in name order.
+fn lay_out(state: &State, mut pods: Vec<PodRecord>) -> Result<Vec<PodRec>, LabError> {
+    pods.sort_by(|a, b| (&a.node, &a.namespace, &a.name).cmp(&(&b.node, &b.namespace, &b.name)));
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    let mut hashes = HashSet::new();
+    let mut out = Vec::new();
+    for p in pods {
+        let Some(index) = state.nodes.iter().position(|n| n.name == p.node) else {
+            return Err(api_err(format!("pod {}/{} was placed on {}, which is not a lab node", p.namespace, p.name, p.node)));
+        };
+        let slot = per_node.entry(p.node.clone()).or_default();
+        if *slot >= plan::MAX_PODS_PER_NODE {
+            return Err(LabError::plan(format!("{} got more than {} pods; use more --nodes", p.node, plan::MAX_PODS_PER_NODE)));
+        }
+        let mut hash8 = plan::pod_hash8(&p.namespace, &p.name);
+        let mut salt = 0;
+        while !hashes.insert(hash8.clone()) {
+            salt += 1;
+            hash8 = plan::pod_hash8(&p.namespace, &format!("{}#{salt}", p.name));
+        }
+        let owner = |o: Option<(String, String)>| o.map(|(kind, name)| OwnerRec { kind, name });
+        out.push(PodRec {
+            ipv4: plan::pod_ipv4(index + 1, *slot),
+            ipv6: plan::pod_ipv6(index + 1, *slot),
+            netns: plan::pod_netns(&hash8),
+            host_ifname: plan::pod_host_ifname(&hash8),
+            ports: p.ports.iter().map(|(name, port, protocol)| PortRec { name: name.clone(), port: *port, protocol: protocol.clone() }).collect(),
+            owner: owner(p.owner),
+            workload: owner(p.workload),
+            uid: p.uid,
+            labels: p.labels,
+            node: p.node,
+            namespace: p.namespace,
+            name: p.name,
+        });
+        *slot += 1;
+    }
+    Ok(out)
+}
+
+/// Says every pod runs where the lab built it (the lab's kubelet, once the pods'
+/// listeners are up).
+pub(crate) fn post_running(api: &ApiRec, state: &State) -> Result<(), LabError> {
+    crate::runtime::block_on(async {
+        let client = cluster::connect(&api.kubeconfig).await.map_err(api_err)?;
+        for p in &state.pods {
+            let host = state.node(&p.node).map(|n| n.uplink_ipv4.to_string()).unwrap_or_default();
+            let ips = [p.ipv4.to_string(), p.ipv6.to_string()];
+            cluster::pod_running(&client, &p.namespace, &p.name, &ips, &host).await.map_err(api_err)?;
+        }
+        Ok(())
+    })?
+}
+
+/// The kubelet's standing duties for every node of the lab, until `stop` says so: renew
+/// the node's lease, and finish the deletion of its pods (the lab does not rebuild them
+/// yet: a deleted pod's namespace stays until `flows lab down`).
+pub fn kubelet(kubeconfig: &Path, nodes: Vec<String>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<(), LabError> {
+    use std::sync::atomic::Ordering;
+    crate::runtime::block_on(async move {
+        let client = cluster::connect(kubeconfig).await.map_err(api_err)?;
+        let mut last = Instant::now() - cluster::HEARTBEAT;
+        while !stop.load(Ordering::Relaxed) {
+            if last.elapsed() >= cluster::HEARTBEAT {
+                for n in &nodes {
+                    if let Err(e) = cluster::renew_lease(&client, n).await {
+                        tracing::warn!(node = %n, error = %e, "renewing the node's lease");
+                    }
+                }
+                last = Instant::now();
+            }
+            match cluster::pods(&client).await {
+                Ok(pods) => {
+                    for p in pods.iter().filter(|p| p.deleting && nodes.contains(&p.node)) {
+                        if let Err(e) = cluster::finish_deletion(&client, &p.namespace, &p.name).await {
+                            tracing::warn!(pod = %p.name, error = %e, "finishing a deletion");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "listing pods"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Ok(())
+    })?
+}
