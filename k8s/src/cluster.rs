@@ -53,25 +53,49 @@ pub async fn ready(client: &Client) -> bool {
     matches!(client.request_text(req).await, Ok(t) if t.trim() == "ok")
 }
 
-/// Applies one object (a manifest's document as JSON) server-side, taking ownership of
-/// every field it sets.
-pub async fn apply(client: &Client, object: &Value) -> Result<(), ApiError> {
-    let field = |f: &'static str| ApiError::Object { field: f, object: object.to_string().chars().take(200).collect() };
-    let api_version = object["apiVersion"].as_str().ok_or_else(|| field("apiVersion"))?;
-    let kind = object["kind"].as_str().ok_or_else(|| field("kind"))?;
-    let name = object["metadata"]["name"].as_str().ok_or_else(|| field("metadata.name"))?;
-    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-    let gvk = GroupVersionKind::gvk(group, version, kind);
-    let what = format!("applying {kind} {name}");
-    let (resource, caps) = kube::discovery::pinned_kind(client, &gvk).await.map_err(api_err(what.clone()))?;
-    let api: Api<DynamicObject> = match (caps.scope, object["metadata"]["namespace"].as_str()) {
-        (kube::discovery::Scope::Namespaced, ns) => Api::namespaced_with(client.clone(), ns.unwrap_or("default"), &resource),
-        (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
-    };
-    api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(object))
-        .await
-        .map_err(api_err(what))?;
-    Ok(())
+/// Applies objects server-side, learning each kind's resource from the API server once.
+#[derive(Clone)]
+pub struct Applier {
+    client: Client,
+    known: std::sync::Arc<tokio::sync::Mutex<BTreeMap<String, (kube::discovery::ApiResource, kube::discovery::Scope)>>>,
+}
+
+impl Applier {
+    pub fn new(client: Client) -> Applier {
+        Applier { client, known: Default::default() }
+    }
+
+    /// Applies one object (a manifest's document as JSON) server-side, taking ownership
+    /// of every field it sets.
+    pub async fn apply(&self, object: &Value) -> Result<(), ApiError> {
+        let field = |f: &'static str| ApiError::Object { field: f, object: object.to_string().chars().take(200).collect() };
+        let api_version = object["apiVersion"].as_str().ok_or_else(|| field("apiVersion"))?;
+        let kind = object["kind"].as_str().ok_or_else(|| field("kind"))?;
+        let name = object["metadata"]["name"].as_str().ok_or_else(|| field("metadata.name"))?;
+        let what = format!("applying {kind} {name}");
+        let (resource, scope) = self.resource(api_version, kind).await.map_err(api_err(what.clone()))?;
+        let api: Api<DynamicObject> = match (scope, object["metadata"]["namespace"].as_str()) {
+            (kube::discovery::Scope::Namespaced, ns) => Api::namespaced_with(self.client.clone(), ns.unwrap_or("default"), &resource),
+            (kube::discovery::Scope::Cluster, _) => Api::all_with(self.client.clone(), &resource),
+        };
+        api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(object))
+            .await
+            .map_err(api_err(what))?;
+        Ok(())
+    }
+
+    async fn resource(&self, api_version: &str, kind: &str) -> Result<(kube::discovery::ApiResource, kube::discovery::Scope), kube::Error> {
+        let key = format!("{api_version}/{kind}");
+        if let Some(found) = self.known.lock().await.get(&key) {
+            return Ok(found.clone());
+        }
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        let (resource, caps) = kube::discovery::pinned_kind(&self.client, &gvk).await?;
+        let found = (resource, caps.scope);
+        self.known.lock().await.insert(key, found.clone());
+        Ok(found)
+    }
 }
 
 /// A node as the lab builds it.
@@ -88,14 +112,15 @@ fn now() -> String {
 
 /// Registers a node and says it is ready, with room for pods (the scheduler binds only
 /// to nodes that have it).
-pub async fn register_node(client: &Client, node: &NodeRecord) -> Result<(), ApiError> {
+pub async fn register_node(applier: &Applier, node: &NodeRecord) -> Result<(), ApiError> {
+    let client = &applier.client;
     let what = format!("registering node {}", node.name);
     let object = json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": { "name": node.name, "labels": { "kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux" } },
         "spec": { "podCIDR": node.pod_cidrs.first(), "podCIDRs": node.pod_cidrs },
     });
-    apply(client, &object).await?;
+    applier.apply(&object).await?;
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     let room = json!({ "cpu": "32", "memory": "64Gi", "pods": "250" });
     let status = json!({ "status": {
@@ -111,7 +136,7 @@ pub async fn register_node(client: &Client, node: &NodeRecord) -> Result<(), Api
         .patch_status(&node.name, &PatchParams::default(), &Patch::Merge(&status))
         .await
         .map_err(api_err(what))?;
-    renew_lease(client, &node.name).await
+    renew_lease(applier, &node.name).await
 }
 
 fn ready_condition() -> Value {
@@ -121,14 +146,14 @@ fn ready_condition() -> Value {
 }
 
 /// The node's heartbeat: its lease in `kube-node-lease`, renewed.
-pub async fn renew_lease(client: &Client, node: &str) -> Result<(), ApiError> {
+pub async fn renew_lease(applier: &Applier, node: &str) -> Result<(), ApiError> {
     let lease = json!({
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": { "name": node, "namespace": "kube-node-lease" },
         "spec": { "holderIdentity": node, "leaseDurationSeconds": 40,
                   "renewTime": Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string() },
     });
-    apply(client, &lease).await
+    applier.apply(&lease).await
 }
 
 /// A pod as the API holds it, reduced to what the lab builds from.

@@ -73,12 +73,16 @@ fn built_ins() -> Vec<Value> {
 
 /// Applies `doc`, again while the API says what a moment will fix (a namespace's
 /// default service account not made yet, a webhook starting).
-async fn apply_patiently(client: &flows_k8s::Client, doc: &Value) -> Result<(), LabError> {
+async fn apply_patiently(applier: &cluster::Applier, doc: &Value) -> Result<(), LabError> {
     let start = Instant::now();
     loop {
-        match cluster::apply(client, doc).await {
-            Ok(()) => return Ok(()),
+        match applier.apply(doc).await {
+            Ok(()) => {
+                tracing::debug!(kind = %doc["kind"], name = %doc["metadata"]["name"], elapsed_ms = start.elapsed().as_millis() as u64, "applied");
+                return Ok(());
+            }
             Err(e) if start.elapsed() < Duration::from_secs(30) && transient(&e.to_string()) => {
+                tracing::debug!(error = %e, "the API server is not ready for this yet; trying again");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => return Err(api_err(e)),
@@ -113,20 +117,25 @@ pub(crate) fn write_and_place(api: &ApiRec, paths: &[PathBuf], input: &Input, st
     let want = expected_pods(input);
     let (pods, services) = crate::runtime::block_on(async {
         let client = cluster::connect(&api.kubeconfig).await.map_err(api_err)?;
+        let applier = cluster::Applier::new(client.clone());
         for n in &state.nodes {
             let node = NodeRecord {
                 name: n.name.clone(),
                 pod_cidrs: vec![n.pod_cidr_v4.clone(), n.pod_cidr_v6.clone()],
                 addresses: vec![n.uplink_ipv4.to_string(), n.uplink_ipv6.to_string()],
             };
-            cluster::register_node(&client, &node).await.map_err(api_err)?;
+            cluster::register_node(&applier, &node).await.map_err(api_err)?;
         }
         for ns in &state.namespaces {
             let doc = json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns.name, "labels": ns.labels } });
-            apply_patiently(&client, &doc).await?;
+            apply_patiently(&applier, &doc).await?;
+            // A pod needs its namespace's default service account, which the controller
+            // manager makes some seconds after it starts: made here, the pods need not wait.
+            let account = json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": "default", "namespace": ns.name } });
+            apply_patiently(&applier, &account).await?;
         }
         for doc in docs.into_iter().filter(|d| d["kind"] != "Namespace").map(prepare).chain(built_ins()) {
-            apply_patiently(&client, &doc).await?;
+            apply_patiently(&applier, &doc).await?;
         }
         let pods = placed(&client, want).await?;
         let services = cluster::services(&client).await.map_err(api_err)?;
@@ -230,11 +239,12 @@ pub fn kubelet(kubeconfig: &Path, nodes: Vec<String>, stop: std::sync::Arc<std::
     use std::sync::atomic::Ordering;
     crate::runtime::block_on(async move {
         let client = cluster::connect(kubeconfig).await.map_err(api_err)?;
+        let applier = cluster::Applier::new(client.clone());
         let mut last = Instant::now() - cluster::HEARTBEAT;
         while !stop.load(Ordering::Relaxed) {
             if last.elapsed() >= cluster::HEARTBEAT {
                 for n in &nodes {
-                    if let Err(e) = cluster::renew_lease(&client, n).await {
+                    if let Err(e) = cluster::renew_lease(&applier, n).await {
                         tracing::warn!(node = %n, error = %e, "renewing the node's lease");
                     }
                 }
