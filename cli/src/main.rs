@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(
             // The Kubernetes client logs every refused request, handled or not; what is not
             // handled comes back as an error and is said once, where it is handled.
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube_client::client::builder=off".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube_client::client::builder=off,kube_runtime::watcher=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();

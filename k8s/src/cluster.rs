@@ -53,35 +53,68 @@ pub async fn ready(client: &Client) -> bool {
     matches!(client.request_text(req).await, Ok(t) if t.trim() == "ok")
 }
 
+/// A document's kind and name, once it is known to say its apiVersion, kind and name.
+fn identify(object: &Value) -> Result<(&str, &str), ApiError> {
+    let field = |f: &'static str| ApiError::Object { field: f, object: object.to_string().chars().take(200).collect() };
+    object["apiVersion"].as_str().ok_or_else(|| field("apiVersion"))?;
+    let kind = object["kind"].as_str().ok_or_else(|| field("kind"))?;
+    let name = object["metadata"]["name"].as_str().ok_or_else(|| field("metadata.name"))?;
+    Ok((kind, name))
+}
+
 /// Applies objects server-side, learning each kind's resource from the API server once.
 #[derive(Clone)]
 pub struct Applier {
     client: Client,
+    manager: String,
     known: std::sync::Arc<tokio::sync::Mutex<BTreeMap<String, (kube::discovery::ApiResource, kube::discovery::Scope)>>>,
 }
 
 impl Applier {
     pub fn new(client: Client) -> Applier {
-        Applier { client, known: Default::default() }
+        Applier::with_manager(client, MANAGER)
+    }
+
+    /// An applier owning what it sets as `manager`: two writers with different managers
+    /// do not take each other's fields away (server-side apply drops the fields a
+    /// manager no longer sets).
+    pub fn with_manager(client: Client, manager: &str) -> Applier {
+        Applier { client, manager: manager.to_string(), known: Default::default() }
     }
 
     /// Applies one object (a manifest's document as JSON) server-side, taking ownership
     /// of every field it sets.
     pub async fn apply(&self, object: &Value) -> Result<(), ApiError> {
-        let field = |f: &'static str| ApiError::Object { field: f, object: object.to_string().chars().take(200).collect() };
-        let api_version = object["apiVersion"].as_str().ok_or_else(|| field("apiVersion"))?;
-        let kind = object["kind"].as_str().ok_or_else(|| field("kind"))?;
-        let name = object["metadata"]["name"].as_str().ok_or_else(|| field("metadata.name"))?;
+        let (kind, name) = identify(object)?;
         let what = format!("applying {kind} {name}");
-        let (resource, scope) = self.resource(api_version, kind).await.map_err(api_err(what.clone()))?;
-        let api: Api<DynamicObject> = match (scope, object["metadata"]["namespace"].as_str()) {
-            (kube::discovery::Scope::Namespaced, ns) => Api::namespaced_with(self.client.clone(), ns.unwrap_or("default"), &resource),
-            (kube::discovery::Scope::Cluster, _) => Api::all_with(self.client.clone(), &resource),
-        };
-        api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(object))
+        let api = self.api_for(object).await.map_err(api_err(what.clone()))?;
+        api.patch(name, &PatchParams::apply(&self.manager).force(), &Patch::Apply(object))
             .await
             .map_err(api_err(what))?;
         Ok(())
+    }
+
+    /// Deletes the object a manifest's document names; false if there was none.
+    pub async fn delete(&self, object: &Value) -> Result<bool, ApiError> {
+        let (kind, name) = identify(object)?;
+        let what = format!("deleting {kind} {name}");
+        let api = self.api_for(object).await.map_err(api_err(what.clone()))?;
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) => Err(api_err(what)(e)),
+        }
+    }
+
+    /// The API of the document's kind, in its namespace (`default` when it names none).
+    async fn api_for(&self, object: &Value) -> Result<Api<DynamicObject>, kube::Error> {
+        let api_version = object["apiVersion"].as_str().unwrap_or_default();
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let (resource, scope) = self.resource(api_version, kind).await?;
+        Ok(match (scope, object["metadata"]["namespace"].as_str()) {
+            (kube::discovery::Scope::Namespaced, ns) => Api::namespaced_with(self.client.clone(), ns.unwrap_or("default"), &resource),
+            (kube::discovery::Scope::Cluster, _) => Api::all_with(self.client.clone(), &resource),
+        })
     }
 
     async fn resource(&self, api_version: &str, kind: &str) -> Result<(kube::discovery::ApiResource, kube::discovery::Scope), kube::Error> {
@@ -291,3 +324,23 @@ pub async fn finish_deletion(client: &Client, namespace: &str, name: &str) -> Re
 /// How long a kubelet may go between heartbeats before its node is marked unknown (40 s
 /// by default): the lab renews well within it.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// A service account's token, as a kubelet projects it into a pod: bound to no object,
+/// valid for `ttl`. Returns the token and its expiry (Unix seconds).
+pub async fn service_account_token(client: &Client, namespace: &str, account: &str, ttl: Duration) -> Result<(String, i64), ApiError> {
+    use k8s_openapi::api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+    };
+    let what = format!("requesting a token of service account {namespace}/{account}");
+    let request = TokenRequest {
+        spec: TokenRequestSpec { expiration_seconds: Some(ttl.as_secs() as i64), ..Default::default() },
+        ..Default::default()
+    };
+    let answer = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(account, &kube::api::PostParams::default(), &request)
+        .await
+        .map_err(api_err(what.clone()))?;
+    let status = answer.status.ok_or_else(|| ApiError::Api { what, message: "the answer has no token".into() })?;
+    Ok((status.token, status.expiration_timestamp.0.as_second()))
+}

@@ -193,6 +193,9 @@ pub struct ClusterIndex {
     cluster_cidrs: Vec<Cidr>,
     /// Objects seen since a watcher restarted its list, per kind.
     relisting: HashMap<Kind, HashSet<Key>>,
+    /// Kinds whose first list has not come yet: until every one has, an address that
+    /// names nothing may be a pod or node not listed yet, so it is not called world.
+    unlisted: HashSet<Kind>,
 }
 
 fn controller(refs: Option<&Vec<OwnerReference>>) -> Option<(String, String)> {
@@ -231,6 +234,20 @@ impl ClusterIndex {
             cluster_cidrs,
             ..Default::default()
         }
+    }
+
+    /// An index fed by watchers of `kinds`: incomplete until each has been listed once.
+    pub fn listed_by(cluster_cidrs: Vec<Cidr>, kinds: &[Kind]) -> ClusterIndex {
+        ClusterIndex {
+            cluster_cidrs,
+            unlisted: kinds.iter().copied().collect(),
+            ..Default::default()
+        }
+    }
+
+    /// True once every kind the index is fed has been listed (always, for manifests).
+    pub fn complete(&self) -> bool {
+        self.unlisted.is_empty()
     }
 
     pub fn sizes(&self) -> Sizes {
@@ -364,6 +381,7 @@ impl ClusterIndex {
 
     /// The list is complete: objects of `kind` that it did not name are removed.
     pub fn relist_done(&mut self, kind: Kind) {
+        self.unlisted.remove(&kind);
         let Some(seen) = self.relisting.remove(&kind) else { return };
         let stale: Vec<Key> = match kind {
             Kind::Pod => self.pods.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
@@ -525,8 +543,9 @@ impl EndpointGetter for ClusterIndex {
                 ..Default::default()
             });
         }
-        if self.service_ips.holder(ip).is_some() || self.inside(ip) {
-            // A service address, or a cluster address whose pod is not (yet) known.
+        if self.service_ips.holder(ip).is_some() || self.inside(ip) || !self.complete() {
+            // A service address, a cluster address whose pod is not (yet) known, or any
+            // address before the cluster has been listed whole.
             return None;
         }
         Some(Endpoint {
@@ -606,6 +625,20 @@ spec: { clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10] }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn nothing_is_world_before_every_kind_is_listed() {
+        let mut idx = ClusterIndex::listed_by(Vec::new(), &[Kind::Pod, Kind::Node]);
+        let outside: IpAddr = "203.0.113.7".parse().unwrap();
+        assert!(idx.endpoint(outside).is_none(), "a pod not listed yet could hold it");
+        idx.relist_start(Kind::Pod);
+        idx.relist_done(Kind::Pod);
+        assert!(idx.endpoint(outside).is_none(), "nodes (and their pod CIDRs) are not listed yet");
+        idx.relist_start(Kind::Node);
+        idx.relist_done(Kind::Node);
+        assert!(idx.complete());
+        assert!(idx.endpoint(outside).is_some_and(|e| e.is_world));
     }
 
     #[test]

@@ -108,11 +108,15 @@ async fn feed<K>(
     }
 }
 
+/// The kinds the watchers feed: an index for them starts as
+/// `ClusterIndex::listed_by(cidrs, &KINDS)`.
+pub const KINDS: [Kind; 6] = [Kind::Pod, Kind::Service, Kind::Node, Kind::Namespace, Kind::ReplicaSet, Kind::Job];
+
 /// Starts one watcher per kind, feeding `index`, and returns their progress. The
 /// watchers run until the runtime stops.
 pub fn start(client: Client, index: SharedIndex) -> watch::Receiver<Progress> {
     let (tx, rx) = watch::channel(Progress {
-        kinds: 6,
+        kinds: KINDS.len(),
         ..Default::default()
     });
     tokio::spawn(feed(

@@ -107,11 +107,11 @@ pub fn main(dir: &Path) -> i32 {
 
 /// The lab's kubelet runs beside the listeners, for as long as they do.
 fn kubelet_thread(api: &crate::state::ApiRec, state: &State) {
-    let kubeconfig = api.kubeconfig.clone();
+    let api = api.clone();
     let nodes: Vec<String> = state.nodes.iter().map(|n| n.name.clone()).collect();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _ = std::thread::Builder::new().name("kubelet".into()).spawn(move || {
-        if let Err(e) = crate::cluster_api::kubelet(&kubeconfig, nodes, stop) {
+        if let Err(e) = crate::cluster_api::kubelet(&api, nodes, stop) {
             eprintln!("flows lab agent: the kubelet stopped: {e}");
         }
     });

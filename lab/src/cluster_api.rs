@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use crate::{
     LabError,
+    components::{self, Component},
     plan::{self, COREDNS_DEPLOYMENT, KUBE_DNS_SERVICE, KUBE_SYSTEM},
     spec::{Input, WorkloadKind},
     state::{ApiRec, OwnerRec, PodRec, PortRec, State},
@@ -23,8 +24,9 @@ fn api_err(e: impl std::fmt::Display) -> LabError {
     LabError::ControlPlane { message: e.to_string(), log: None }
 }
 
-/// Every document of the files, as JSON (what the API server takes).
-fn documents(paths: &[PathBuf]) -> Result<Vec<Value>, LabError> {
+/// Every document of the files (or directories' manifests), as JSON (what the API
+/// server takes).
+pub fn documents(paths: &[PathBuf]) -> Result<Vec<Value>, LabError> {
     let mut out = Vec::new();
     for file in crate::spec::expand_paths(paths)? {
         let text = std::fs::read_to_string(&file).map_err(|e| LabError::io(&file, e))?;
@@ -137,6 +139,11 @@ pub(crate) fn write_and_place(api: &ApiRec, paths: &[PathBuf], input: &Input, st
         for doc in docs.into_iter().filter(|d| d["kind"] != "Namespace").map(prepare).chain(built_ins()) {
             apply_patiently(&applier, &doc).await?;
         }
+        // flows' own components, as the chart makes them, each with its token.
+        components::grant(&applier).await?;
+        for c in Component::ALL {
+            components::issue_token(&client, api, c).await?;
+        }
         let pods = placed(&client, want).await?;
         let services = cluster::services(&client).await.map_err(api_err)?;
         Ok::<_, LabError>((pods, services))
@@ -233,14 +240,19 @@ pub(crate) fn post_running(api: &ApiRec, state: &State) -> Result<(), LabError> 
 }
 
 /// The kubelet's standing duties for every node of the lab, until `stop` says so: renew
-/// the node's lease, and finish the deletion of its pods (the lab does not rebuild them
-/// yet: a deleted pod's namespace stays until `flows lab down`).
-pub fn kubelet(kubeconfig: &Path, nodes: Vec<String>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<(), LabError> {
+/// the node's lease, renew the tokens of flows' components (as a kubelet renews the
+/// tokens it projects into pods), and finish the deletion of its pods (the lab does not
+/// rebuild them yet: a deleted pod's namespace stays until `flows lab down`).
+pub fn kubelet(api: &ApiRec, nodes: Vec<String>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<(), LabError> {
     use std::sync::atomic::Ordering;
     crate::runtime::block_on(async move {
-        let client = cluster::connect(kubeconfig).await.map_err(api_err)?;
+        let client = cluster::connect(&api.kubeconfig).await.map_err(api_err)?;
         let applier = cluster::Applier::new(client.clone());
         let mut last = Instant::now() - cluster::HEARTBEAT;
+        // Tokens issued at `up` are due at four fifths of their life; until the first
+        // renewal here, count from now (an agent restarted later renews early, harmlessly).
+        let mut due: Vec<(Component, i64)> =
+            Component::ALL.iter().map(|c| (*c, components::renewal_due(components::unix_now() + components::TOKEN_TTL.as_secs() as i64))).collect();
         while !stop.load(Ordering::Relaxed) {
             if last.elapsed() >= cluster::HEARTBEAT {
                 for n in &nodes {
@@ -248,6 +260,7 @@ pub fn kubelet(kubeconfig: &Path, nodes: Vec<String>, stop: std::sync::Arc<std::
                         tracing::warn!(node = %n, error = %e, "renewing the node's lease");
                     }
                 }
+                renew_tokens(&client, api, &mut due).await;
                 last = Instant::now();
             }
             match cluster::pods(&client).await {
@@ -263,5 +276,44 @@ pub fn kubelet(kubeconfig: &Path, nodes: Vec<String>, stop: std::sync::Arc<std::
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         Ok(())
+    })?
+}
+
+/// Renews each token that is due; one that fails is tried again at the next heartbeat
+/// (the old one stays valid for a fifth of its life).
+async fn renew_tokens(client: &flows_k8s::Client, api: &ApiRec, due: &mut [(Component, i64)]) {
+    let now = components::unix_now();
+    for (c, at) in due.iter_mut().filter(|(_, at)| *at <= now) {
+        match components::issue_token(client, api, *c).await {
+            Ok(expires) => *at = components::renewal_due(expires),
+            Err(e) => tracing::warn!(account = c.account(), error = %e, "renewing a component's token"),
+        }
+    }
+}
+
+/// Applies documents through the API server as `manager`, as `kubectl apply
+/// --server-side` does: each manager owns the fields it set, so the lab's policy modes
+/// and the namespaces' own labels do not undo each other.
+pub fn apply(api: &ApiRec, docs: &[Value], manager: &str) -> Result<(), LabError> {
+    crate::runtime::block_on(async {
+        let client = cluster::connect(&api.kubeconfig).await.map_err(api_err)?;
+        let applier = cluster::Applier::with_manager(client, manager);
+        for d in docs {
+            applier.apply(d).await.map_err(api_err)?;
+        }
+        Ok(())
+    })?
+}
+
+/// Deletes the objects the documents name; returns how many were there.
+pub fn delete(api: &ApiRec, docs: &[Value]) -> Result<usize, LabError> {
+    crate::runtime::block_on(async {
+        let client = cluster::connect(&api.kubeconfig).await.map_err(api_err)?;
+        let applier = cluster::Applier::new(client);
+        let mut n = 0;
+        for d in docs {
+            n += usize::from(applier.delete(d).await.map_err(api_err)?);
+        }
+        Ok(n)
     })?
 }

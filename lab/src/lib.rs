@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod cluster_api;
+pub mod components;
 pub mod control_plane;
 mod daemon;
 pub mod dns;

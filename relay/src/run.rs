@@ -135,7 +135,7 @@ pub async fn run(cfg: RelayConfig, shutdown: impl Future<Output = ()> + Send + '
     let index = match (&cfg.index, &kube) {
         (IndexSource::Manifests(path), _) => Some(watch_manifests(path.clone(), cidrs)?),
         (IndexSource::Kubernetes, Some(client)) => {
-            let index: SharedIndex = Arc::new(RwLock::new(ClusterIndex::new(cidrs)));
+            let index: SharedIndex = Arc::new(RwLock::new(ClusterIndex::listed_by(cidrs, &flows_k8s::watch::KINDS)));
             let mut progress = flows_k8s::watch::start(client.clone(), index.clone());
             tokio::spawn(async move {
                 if progress.wait_for(|p| p.synced()).await.is_ok() {

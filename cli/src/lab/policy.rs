@@ -2,7 +2,10 @@
 //!
 //! Policies live as files in `<state dir>/manifests/policies/`, next to the lab's own
 //! rendering of its namespaces and pods; the lab's node-probes watch that directory, as
-//! they would watch the API server on a cluster. Modes are namespace annotations.
+//! they would watch the API server on a cluster. Modes are namespace annotations. On a
+//! control plane (`flows lab up --apiserver`) policies and modes are written through the
+//! API server (server-side apply), where the probes' kube-sync reads them; the files
+//! stay as the lab's record of what it applied.
 
 use std::{
     collections::BTreeMap,
@@ -36,6 +39,11 @@ pub enum LabPolicyCommand {
     /// List the applied policy files and the namespaces' modes.
     List,
 }
+
+/// The field managers of the lab's policies and of its namespaces' modes on an API
+/// server: neither takes the other's fields, nor the namespaces' own labels.
+const POLICY_MANAGER: &str = "flows-lab-policy";
+const MODE_MANAGER: &str = "flows-lab-policy-mode";
 
 fn policies_dir(dir: &Path) -> PathBuf {
     manifests::dir(dir).join("policies")
@@ -99,6 +107,12 @@ fn apply(dir: &Path, paths: &[PathBuf]) -> anyhow::Result<()> {
             bail!("two files named {}: the lab keeps policies by file name", f.display());
         }
     }
+    // On a control plane the API server has the last word: it validates and admits
+    // each policy before the lab records the file.
+    if let Some(api) = State::load(dir)?.api {
+        let docs = flows_lab::cluster_api::documents(&files)?;
+        flows_lab::cluster_api::apply(&api, &docs, POLICY_MANAGER).context("applying the policies through the API server")?;
+    }
     let pd = policies_dir(dir);
     std::fs::create_dir_all(&pd)?;
     for (f, t) in &texts {
@@ -125,7 +139,12 @@ fn delete(dir: &Path, names: &[String], all: bool) -> anyhow::Result<()> {
         }
         names.iter().map(|n| pd.join(n)).collect()
     };
+    let api = State::load(dir)?.api;
     for t in targets {
+        if let Some(api) = &api {
+            let docs = flows_lab::cluster_api::documents(std::slice::from_ref(&t))?;
+            flows_lab::cluster_api::delete(api, &docs).with_context(|| format!("deleting {}'s policies through the API server", t.display()))?;
+        }
         std::fs::remove_file(&t).with_context(|| format!("removing {}", t.display()))?;
         println!("deleted {}", t.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
     }
@@ -143,6 +162,11 @@ fn mode(dir: &Path, namespace: &str, mode: &str) -> anyhow::Result<()> {
     std::fs::write(&tmp, serde_json::to_string_pretty(&m)?)?;
     std::fs::rename(&tmp, modes_file(dir))?;
     manifests::write_cluster(dir, &state, &m)?;
+    if let Some(api) = &state.api {
+        let doc = serde_json::json!({ "apiVersion": "v1", "kind": "Namespace",
+            "metadata": { "name": namespace, "annotations": { manifests::MODE_ANNOTATION: mode } } });
+        flows_lab::cluster_api::apply(api, &[doc], MODE_MANAGER).context("annotating the namespace through the API server")?;
+    }
     println!("namespace {namespace}: policy mode {mode}");
     Ok(())
 }

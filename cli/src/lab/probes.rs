@@ -14,7 +14,10 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use flows_lab::state::{Daemon, State, add_daemon};
+use flows_lab::{
+    components::{self, Component},
+    state::{ApiRec, Daemon, State, add_daemon},
+};
 
 fn addr_file(dir: &Path, node: &str) -> PathBuf {
     dir.join(format!("probe-{node}.addr"))
@@ -58,10 +61,61 @@ fn tls_file(dir: &Path, name: &str) -> Option<PathBuf> {
     d.join("ca.crt").exists().then(|| d.join(name))
 }
 
+/// Where a node's kube-sync writes the cluster its probe enforces.
+fn kube_sync_dir(dir: &Path, node: &str) -> PathBuf {
+    dir.join("kube-sync").join(node)
+}
+
+/// What a node's probe enforces: on a control plane, what its kube-sync reads from the
+/// API with the node-probe's own service account (as the chart's sidecar does); else the
+/// lab's own rendering of its manifests.
+fn policy_source(dir: &Path, state: &State, node: &str) -> PathBuf {
+    match &state.api {
+        Some(_) => kube_sync_dir(dir, node),
+        None => flows_lab::manifests::dir(dir),
+    }
+}
+
+/// Starts a node's kube-sync with the node-probe's token, without waiting for it;
+/// returns the file it writes and its log.
+fn spawn_kube_sync(dir: &Path, api: &ApiRec, node: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let out = kube_sync_dir(dir, node);
+    let _ = std::fs::remove_dir_all(&out);
+    let log_path = dir.join(format!("kube-sync-{node}.log"));
+    let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding the flows executable")?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("kube-sync")
+        .arg("--out")
+        .arg(&out)
+        .env("KUBECONFIG", components::kubeconfig(api, Component::KubeSync))
+        // Not the caller's cluster, whatever its environment says.
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("log file")?)
+        .stderr(log)
+        .process_group(0);
+    let child = cmd.spawn().with_context(|| format!("starting {} kube-sync", exe.display()))?;
+    add_daemon(dir, Daemon { role: "kube-sync".into(), node: Some(node.into()), pid: child.id() })?;
+    Ok((out.join(flows_k8s::export::FILE), log_path))
+}
+
+/// Waits for `file` to exist; the error carries `log`'s tail.
+fn wait_for_file(what: &str, file: &Path, log: &Path, deadline: Instant) -> anyhow::Result<()> {
+    while !file.exists() {
+        if Instant::now() > deadline {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("{what} wrote nothing within its deadline; its log ({}):\n{tail}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// Starts one node's probe, without waiting for it; returns its ready file and log.
 fn spawn_probe(dir: &Path, state: &State, node: &flows_lab::state::Node) -> anyhow::Result<(PathBuf, PathBuf)> {
     let bin = sibling("flows-node-probe", "FLOWS_NODE_PROBE");
-    let manifests = flows_lab::manifests::dir(dir);
+    let manifests = policy_source(dir, state, &node.name);
     let ready = addr_file(dir, &node.name);
     let _ = std::fs::remove_file(&ready);
     let listen = listen_address(dir, &node.name)?;
@@ -131,6 +185,15 @@ fn wait_ready(node: &str, ready: &Path, log: &Path, deadline: Instant) -> anyhow
 pub fn start(dir: &Path, state: &State) -> anyhow::Result<Vec<String>> {
     // What the probes enforce: the lab's namespaces and pods, and applied policies.
     crate::lab::policy::write_cluster(dir, state)?;
+    if let Some(api) = &state.api {
+        // Each probe starts once its kube-sync has the whole cluster, as the chart's
+        // probe attaches nothing before its sidecar's first write.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let syncs = state.nodes.iter().map(|n| spawn_kube_sync(dir, api, &n.name)).collect::<anyhow::Result<Vec<_>>>()?;
+        for (node, (file, log)) in state.nodes.iter().zip(syncs) {
+            wait_for_file(&format!("kube-sync of {}", node.name), &file, &log, deadline)?;
+        }
+    }
     let mut waiting = Vec::new();
     for node in &state.nodes {
         let (ready, log) = spawn_probe(dir, state, node)?;
@@ -267,10 +330,20 @@ pub fn start_relay(dir: &Path, state: &State, addrs: &[String]) -> anyhow::Resul
     for (node, addr) in state.nodes.iter().zip(addrs) {
         cmd.arg("--peer").arg(format!("{}={addr}", node.name));
     }
-    // Addresses are named from the lab's cluster manifests, read again as they change;
-    // every flow is kept in the embedded store, in the state directory, unless the lab
-    // was given a ClickHouse server.
-    cmd.arg("--manifests").arg(flows_lab::manifests::dir(dir));
+    // Addresses are named from the API with the relay's own token, as on a cluster, or
+    // from the lab's cluster manifests (read again as they change); every flow is kept
+    // in the embedded store, in the state directory, unless the lab was given a
+    // ClickHouse server.
+    match &state.api {
+        Some(api) => {
+            cmd.arg("--kubernetes")
+                .env("KUBECONFIG", components::kubeconfig(api, Component::Relay))
+                .env_remove("KUBERNETES_SERVICE_HOST");
+        }
+        None => {
+            cmd.arg("--manifests").arg(flows_lab::manifests::dir(dir));
+        }
+    }
     match relay_store(dir)? {
         Some(url) => cmd.arg("--store").arg(url),
         None => cmd.arg("--store").arg(format!("embedded:{}", dir.join("store").display())),
