@@ -49,9 +49,16 @@ pub struct HistoryArgs {
     #[arg(long)]
     pub until: Option<String>,
     /// The cluster: Pod, Namespace, ReplicaSet and NetworkPolicy manifests (files or
-    /// directories). Default: the running lab's.
-    #[arg(long, num_args = 1..)]
+    /// directories). Default: the running lab's (from its API server when it runs one).
+    #[arg(long, num_args = 1.., conflicts_with = "kubernetes")]
     pub manifests: Vec<PathBuf>,
+    /// Take the cluster from a Kubernetes API server (read once, in pages): the
+    /// credentials of --kubeconfig, else $KUBECONFIG, else the lab's, else
+    /// ~/.kube/config. What is suggested then uses only fields that server knows.
+    #[arg(long)]
+    pub kubernetes: bool,
+    #[arg(long, env = "KUBECONFIG", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
     /// The lab's state directory (its relay and manifests).
     #[arg(long, env = "FLOWS_LAB_DIR")]
     pub lab_state: Option<PathBuf>,
@@ -90,6 +97,11 @@ pub struct SuggestArgs {
     /// Also allow what was only forwarded because its namespace audits policy.
     #[arg(long)]
     pub include_audit: bool,
+    /// Also allow attempts their destination refused (nothing listened: the kernel had
+    /// no socket for them, or reset the SYN). Left out by default: a refusal is no
+    /// reason to open a port; `--explain` lists them.
+    #[arg(long)]
+    pub include_refused: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,46 +130,72 @@ struct ClusterContext {
     cluster: Cluster,
     policies: Vec<CompiledPolicy>,
     inventory: Inventory,
+    /// The API server's version, when the cluster came from one.
+    version: Option<flows_k8s::snapshot::Version>,
 }
 
 fn lab_dir(h: &HistoryArgs) -> PathBuf {
     h.lab_state.clone().unwrap_or_else(flows_lab::state::default_dir)
 }
 
-fn load_cluster(h: &HistoryArgs) -> anyhow::Result<ClusterContext> {
-    let paths: Vec<PathBuf> = if h.manifests.is_empty() {
-        let dir = flows_lab::manifests::dir(&lab_dir(h));
-        if !dir.is_dir() {
-            bail!("no cluster: give --manifests (pods, namespaces, policies), or start the lab");
-        }
-        // The lab's policies are in a subdirectory, which the listing includes.
-        vec![dir]
-    } else {
-        h.manifests.clone()
-    };
-    let files = crate::manifests::manifest_files(&paths)?;
-    let m = if files.is_empty() {
-        flows_policy::Manifests::default()
-    } else {
-        crate::manifests::read_manifests(&paths)?
-    };
-    let mut inventory = Inventory::new();
-    for p in &paths {
-        let idx = flows_k8s::manifests::read(p, Vec::new()).with_context(|| format!("reading {}", p.display()))?;
-        for e in idx.pod_endpoints() {
-            inventory.add(InventoryPod {
-                namespace: e.namespace.clone(),
-                name: e.pod_name.clone(),
-                labels: labels(&e.labels),
-                owner: e.workloads.last().map(|w| Owner { kind: w.kind.clone(), name: w.name.clone() }),
-            });
-        }
+/// Where the cluster comes from: an API server's kubeconfig, or manifest paths.
+enum ClusterSource {
+    Api(PathBuf),
+    Files(Vec<PathBuf>),
+}
+
+fn cluster_source(h: &HistoryArgs) -> anyhow::Result<ClusterSource> {
+    let lab_api = flows_lab::State::load(&lab_dir(h)).ok().and_then(|s| s.api).map(|a| a.kubeconfig);
+    if h.kubernetes {
+        let home = std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".kube/config"));
+        let config = h.kubeconfig.clone().or(lab_api).or(home).context("--kubernetes: no kubeconfig (--kubeconfig, $KUBECONFIG)")?;
+        return Ok(ClusterSource::Api(config));
     }
-    Ok(ClusterContext {
-        cluster: m.cluster,
-        policies: m.policies,
-        inventory,
-    })
+    if !h.manifests.is_empty() {
+        return Ok(ClusterSource::Files(h.manifests.clone()));
+    }
+    if let Some(config) = lab_api {
+        return Ok(ClusterSource::Api(config));
+    }
+    let dir = flows_lab::manifests::dir(&lab_dir(h));
+    if !dir.is_dir() {
+        bail!("no cluster: give --manifests (pods, namespaces, policies) or --kubernetes, or start the lab");
+    }
+    // The lab's policies are in a subdirectory, which the listing includes.
+    Ok(ClusterSource::Files(vec![dir]))
+}
+
+fn inventory_of(idx: &flows_k8s::ClusterIndex, inventory: &mut Inventory) {
+    for e in idx.pod_endpoints() {
+        inventory.add(InventoryPod {
+            namespace: e.namespace.clone(),
+            name: e.pod_name.clone(),
+            labels: labels(&e.labels),
+            owner: e.workloads.last().map(|w| Owner { kind: w.kind.clone(), name: w.name.clone() }),
+        });
+    }
+}
+
+async fn load_cluster(h: &HistoryArgs) -> anyhow::Result<ClusterContext> {
+    let mut inventory = Inventory::new();
+    let (m, version) = match cluster_source(h)? {
+        ClusterSource::Api(config) => {
+            let snap = flows_k8s::snapshot::read(&config).await.with_context(|| format!("reading the cluster with {}", config.display()))?;
+            let source = format!("the API server ({})", snap.server);
+            inventory_of(&flows_k8s::manifests::index_of_text(&source, &snap.yaml, Vec::new())?, &mut inventory);
+            (flows_policy::Manifests::parse([(source.as_str(), snap.yaml.as_str())])?, Some(snap.version))
+        }
+        ClusterSource::Files(paths) => {
+            let files = crate::manifests::manifest_files(&paths)?;
+            let m = if files.is_empty() { flows_policy::Manifests::default() } else { crate::manifests::read_manifests(&paths)? };
+            for p in &paths {
+                let idx = flows_k8s::manifests::read(p, Vec::new()).with_context(|| format!("reading {}", p.display()))?;
+                inventory_of(&idx, &mut inventory);
+            }
+            (m, None)
+        }
+    };
+    Ok(ClusterContext { cluster: m.cluster, policies: m.policies, inventory, version })
 }
 
 fn party(p: Option<&flows_proto::AttemptParty>) -> Option<Party> {
@@ -189,9 +227,11 @@ pub fn observation(g: &AttemptGroup) -> Option<Observation> {
         protocol: Protocol::from_flow(&g.protocol)?,
         port: u16::try_from(g.destination_port).ok()?,
         outcome: match Verdict::try_from(g.verdict).ok()? {
+            Verdict::Dropped => Outcome::Denied,
+            // Policy let it through (or only audited it), but nothing listened.
+            Verdict::Forwarded | Verdict::Audit if g.refused => Outcome::Refused,
             Verdict::Forwarded => Outcome::Allowed,
             Verdict::Audit => Outcome::Audit,
-            Verdict::Dropped => Outcome::Denied,
             _ => return None,
         },
         flows: g.flows,
@@ -297,8 +337,9 @@ fn table(title: &str, groups: &[ChangeGroup], out: &mut impl Write) -> std::io::
 }
 
 fn proof_summary(r: &Replay) -> String {
+    let refused = if r.refused > 0 { format!(", {} refused by their destination (nothing listened) left out", r.refused) } else { String::new() };
     format!(
-        "{} attempts in {} groups replayed: {} allowed stay allowed, {} allowed would be denied, {} denied would be allowed, {} denied stay denied",
+        "{} attempts in {} groups replayed: {} allowed stay allowed, {} allowed would be denied, {} denied would be allowed, {} denied stay denied{refused}",
         r.flows,
         r.groups,
         r.still_allowed,
@@ -310,7 +351,7 @@ fn proof_summary(r: &Replay) -> String {
 
 /// `flows policy suggest`. Ok(false) when the suggestion would break observed traffic.
 pub async fn suggest(args: SuggestArgs) -> anyhow::Result<bool> {
-    let ctx = load_cluster(&args.history)?;
+    let ctx = load_cluster(&args.history).await?;
     let h = history(&args.history).await?;
     if h.observations.is_empty() {
         bail!("no attempts in the window from {}: nothing to suggest from", h.source);
@@ -321,6 +362,9 @@ pub async fn suggest(args: SuggestArgs) -> anyhow::Result<bool> {
         world_prefix_v4: args.world_prefix_v4,
         world_prefix_v6: args.world_prefix_v6,
         include_audit: args.include_audit,
+        include_refused: args.include_refused,
+        end_port: ctx.version.is_none_or(|v| v >= flows_k8s::snapshot::Version { major: 1, minor: 25 }),
+        namespace_name_label: ctx.version.is_none_or(|v| v >= flows_k8s::snapshot::Version { major: 1, minor: 22 }),
     };
     let s = advice::suggest(&h.observations, &ctx.inventory, &opts);
     if s.policies.is_empty() {
@@ -329,10 +373,7 @@ pub async fn suggest(args: SuggestArgs) -> anyhow::Result<bool> {
     // The proof: the suggestion as it would be applied (over the current policies).
     let suggested = s.compiled().context("a suggested policy is invalid")?;
     let engine = Engine::new(apply(&ctx.policies, suggested, false));
-    let include_audit = args.include_audit;
-    let r = advice::replay(&engine, &ctx.cluster, &h.observations, |o| {
-        o == Outcome::Allowed || (include_audit && o == Outcome::Audit)
-    });
+    let r = advice::replay(&engine, &ctx.cluster, &h.observations, |o| opts.counts_as_allowed(o));
     let mut err = std::io::stderr().lock();
     for w in &s.warnings {
         writeln!(err, "warning: {w}")?;
@@ -359,6 +400,7 @@ pub async fn suggest(args: SuggestArgs) -> anyhow::Result<bool> {
                 "explanations": s.explanations,
                 "warnings": s.warnings,
                 "triples": s.triples,
+                "refused": s.refused,
                 "proof": r,
             }))?
         )?,
@@ -401,7 +443,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     if proposed.policies.is_empty() {
         bail!("no NetworkPolicy in {:?}", args.paths);
     }
-    let ctx = load_cluster(&args.history)?;
+    let ctx = load_cluster(&args.history).await?;
     let h = history(&args.history).await?;
     let n_proposed = proposed.policies.len();
     let engine = Engine::new(apply(&ctx.policies, proposed.policies, args.replace));
@@ -420,6 +462,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
                 "groups": r.groups,
                 "still_allowed": r.still_allowed,
                 "still_denied": Replay::count(&r.still_denied),
+                "refused": r.refused,
                 "newly_denied": r.newly_denied,
                 "newly_allowed": r.newly_allowed,
                 "skipped_flows": h.skipped.1,

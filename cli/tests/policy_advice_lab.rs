@@ -83,7 +83,8 @@ fn suggested_policies_keep_the_traffic_and_stop_the_intruder() {
     let _cleanup = Cleanup(dir.clone());
     let seed = root().join("lab/examples/seed").display().to_string();
     let intruder = root().join("lab/examples/intruder").display().to_string();
-    ok(&dir, &["lab", "up", &seed, &intruder, "--nodes", "2", "--probes", "--state-dir", &d]);
+    ok(&dir, &["lab", "up", &seed, &intruder, "--nodes", "2", "--probes", "--apiserver", "--state-dir", &d]);
+    let admin = flows_lab::State::load(&dir).expect("state").api.expect("a control plane").kubeconfig;
 
     // 1. The seed traffic with no policies: everything the scenario expects succeeds.
     let start = now();
@@ -104,8 +105,13 @@ fn suggested_policies_keep_the_traffic_and_stop_the_intruder() {
         assert!(Instant::now() < deadline, "the window's attempts never all reached the store: {}", String::from_utf8_lossy(&out.stderr));
         std::thread::sleep(Duration::from_millis(500));
     };
-    // Every attempt was allowed, and the proof keeps each one allowed.
-    assert_eq!(proof["proof"]["still_allowed"].as_u64(), Some(u64::from(first.attempted)), "{proof}");
+    // Every attempt was allowed, and the proof keeps each one allowed, except those
+    // the destination refused (nothing listens on db's 5432): no reason to open a port.
+    let refused: u64 = first.connections.iter().filter(|c| c.name == "frontend-to-db-undeclared-port").map(|c| u64::from(c.attempted)).sum();
+    assert!(refused > 0);
+    assert_eq!(proof["proof"]["still_allowed"].as_u64(), Some(u64::from(first.attempted) - refused), "{proof}");
+    assert_eq!(proof["proof"]["refused"].as_u64(), Some(refused), "{proof}");
+    assert_eq!(proof["refused"][0]["port"], 5432, "{proof}");
     assert_eq!(proof["proof"]["newly_denied"], serde_json::json!([]));
     let items = proof["policies"]["items"].as_array().expect("items");
     let names: Vec<String> = items
@@ -119,18 +125,28 @@ fn suggested_policies_keep_the_traffic_and_stop_the_intruder() {
     // The intruder took no part: nothing selects it but the default deny.
     let text = serde_json::to_string(items).unwrap();
     assert!(!text.contains("intruder"), "{text}");
+    assert!(!text.contains("5432"), "a refused port is not opened: {text}");
     // DNS egress names the DNS pods by their own labels.
     assert!(text.contains(r#""k8s-app":"kube-dns""#), "{text}");
 
     let file = dir.join("suggested.yaml");
     let yaml = ok(&dir, &["policy", "suggest", "--since", &start, "--until", &end, "--explain"]);
     assert!(yaml.contains("# egress rule 1:"), "{yaml}");
+    assert!(yaml.contains("--include-refused") && yaml.contains("db/db 5432/TCP"), "the refusals left out are said: {yaml}");
     std::fs::write(&file, &yaml).expect("write suggestion");
     // Same input, same output.
     assert_eq!(ok(&dir, &["policy", "suggest", "--since", &start, "--until", &end, "--explain"]), yaml);
 
-    // 3. Enforce the suggestion (the lab's default mode) and wait until it holds.
-    ok(&dir, &["lab", "policy", "apply", &file.display().to_string(), "--state-dir", &d]);
+    // 3. Enforce the suggestion (the lab's default mode) and wait until it holds: applied
+    // with kubectl to the real API server, which validates and admits it.
+    let applied = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&admin)
+        .args(["apply", "-f"])
+        .arg(&file)
+        .output()
+        .expect("kubectl (scripts/setup.sh installs it)");
+    assert!(applied.status.success(), "the API server refused the suggestion: {}", String::from_utf8_lossy(&applied.stderr));
     let probe = dir.join("probe.yaml");
     std::fs::write(
         &probe,
@@ -152,9 +168,8 @@ fn suggested_policies_keep_the_traffic_and_stop_the_intruder() {
     let drops = lines(&ok(&dir, &["observe", "--since", &since, "--until", &until, "--verdict", "drop", "-o", "json"]));
     for l in &drops {
         let f = &l["flow"];
-        // Only the kernel's refusal of the port nothing listens on (as without policies).
-        assert_ne!(f["drop_reason"], "POLICY_DENIED", "an attempt the suggestion denies: {l}");
-        assert_eq!(f["l4"]["tcp"]["destination_port"], 5432, "{l}");
+        // Only the port nothing listens on, which the suggestion now closes.
+        assert_eq!(f["l4"]["tcp"]["destination_port"], 5432, "an attempt the suggestion denies: {l}");
     }
 
     // 5. The intruder's lateral moves: every one fails, and each shows as dropped by

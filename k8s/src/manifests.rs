@@ -50,6 +50,15 @@ pub fn read(path: &Path, cluster_cidrs: Vec<Cidr>) -> Result<ClusterIndex, Manif
     index_of(&flows_manifest_files::list(&[path.to_path_buf()])?, cluster_cidrs)
 }
 
+/// Builds an index from one manifest text (`source` names it in errors).
+pub fn index_of_text(source: &str, text: &str, cluster_cidrs: Vec<Cidr>) -> Result<ClusterIndex, LoadError> {
+    let mut index = ClusterIndex::new(cluster_cidrs);
+    for o in objects(source, text)? {
+        index.apply(o);
+    }
+    Ok(index)
+}
+
 fn index_of(files: &[ManifestFile], cluster_cidrs: Vec<Cidr>) -> Result<ClusterIndex, ManifestError> {
     let mut index = ClusterIndex::new(cluster_cidrs);
     for (name, text) in flows_manifest_files::read(files)? {

@@ -309,3 +309,51 @@ fn relabelled_pods_make_the_proof_fail() {
     assert_eq!((r.newly_denied[0].dst_workload.as_str(), r.newly_denied[0].flows), ("api", 3));
     assert!(r.newly_denied[0].policies.contains(&"backend/default-deny".to_string()));
 }
+
+#[test]
+fn refused_attempts_open_no_port_unless_asked() {
+    use Protocol::*;
+    let mut history = seed_history();
+    // Nothing listens on the db's 5432: its kernel refused each attempt.
+    history.push(obs(frontend(), db(), Tcp, 5432, Outcome::Refused, 4));
+    let s = suggest(&history, &inventory(), &SuggestOptions::default());
+    assert!(!yaml(&s.policies).contains("5432"), "no port opened for a refusal");
+    assert_eq!(s.refused.len(), 1);
+    assert_eq!(s.refused[0].describe(), "frontend/frontend -> db/db 5432/TCP: 4 attempts");
+    let explained = s.yaml(true).unwrap();
+    assert!(explained.contains("--include-refused") && explained.contains("db/db 5432/TCP: 4 attempts"), "{explained}");
+    // The proof leaves refusals out instead of calling them denied or broken.
+    let engine = engine_of(&s.policies);
+    let r = replay(&engine, &Cluster::default(), &history, |o| SuggestOptions::default().counts_as_allowed(o));
+    assert_eq!(r.refused, 4);
+    assert!(!r.breaks_anything() && r.still_denied.is_empty() && r.newly_allowed.is_empty(), "{r:?}");
+
+    let opts = SuggestOptions { include_refused: true, ..Default::default() };
+    let s = suggest(&history, &inventory(), &opts);
+    assert!(yaml(&s.policies).contains("5432"), "kept when asked");
+    assert!(s.refused.is_empty());
+}
+
+#[test]
+fn fields_an_older_server_lacks_are_left_out_and_said() {
+    use Protocol::*;
+    let mut history = Vec::new();
+    for port in [8000, 8001, 8002] {
+        history.push(obs(frontend(), db(), Tcp, port, Outcome::Allowed, 1));
+    }
+    // Before 1.25: no endPort, each port on its own.
+    let old = SuggestOptions { workload: Some("db".into()), end_port: false, namespace_name_label: false, ..Default::default() };
+    let s = suggest(&history, &inventory(), &old);
+    let p = serde_json::to_value(&s.policies[0]).unwrap();
+    assert_eq!(
+        p["spec"]["ingress"][0]["ports"],
+        serde_json::json!([{"port": 8000, "protocol": "TCP"}, {"port": 8001, "protocol": "TCP"}, {"port": 8002, "protocol": "TCP"}])
+    );
+    assert!(s.warnings.iter().any(|w| w.contains("endPort")), "{:?}", s.warnings);
+    // Before 1.22: the peer's namespace is named by a label the server does not set.
+    assert!(s.warnings.iter().any(|w| w.contains("kubernetes.io/metadata.name") && w.contains("frontend")), "{:?}", s.warnings);
+    // A current server: one range, no warning.
+    let s = suggest(&history, &inventory(), &SuggestOptions { workload: Some("db".into()), ..Default::default() });
+    assert!(serde_json::to_value(&s.policies[0]).unwrap().to_string().contains("endPort"));
+    assert!(s.warnings.iter().all(|w| !w.contains("endPort") && !w.contains("metadata.name")), "{:?}", s.warnings);
+}

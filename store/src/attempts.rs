@@ -10,6 +10,11 @@
 //! Records towards a service address are left out: the destination pod's record of the
 //! same attempt carries the translated address and port, which is what policy sees.
 //! Replies and drops that are not policy's (kernel drop reasons) are left out too.
+//!
+//! An attempt is marked refused when its destination had nothing listening: the kernel
+//! dropped it for want of a socket (NO_SOCKET), or a TCP reply reset it without ever
+//! answering SYN-ACK. Refusals are told by their 5-tuple within the same window, so an
+//! attempt that reuses the exact tuple of a refused one in the window counts as refused.
 
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -59,6 +64,8 @@ pub struct AttemptRow {
     pub flows: u64,
     pub first_seen: i64,
     pub last_seen: i64,
+    /// Nothing listened: the destination refused every attempt of the group.
+    pub refused: bool,
 }
 
 const SIDE: [&str; 7] = ["namespace", "pod", "labels", "workload", "workload_kind", "world", "ip"];
@@ -70,17 +77,30 @@ impl AttemptQuery {
             .iter()
             .flat_map(|p| SIDE.iter().map(move |c| format!("{p}_{c}")))
             .collect();
-        let keys = format!("verdict, protocol, port, ip_version, {}", cols.join(", "));
+        let keys = format!("verdict, protocol, port, ip_version, refused, {}", cols.join(", "));
+        let range = sql::time_range(self.since, self.until);
+        // Tuples their destination refused: a kernel drop for want of a socket, or a TCP
+        // reply that reset the tuple and never carried SYN-ACK.
+        let refusals = format!(
+            "SELECT src_ip, src_port, dst_ip, dst_port, protocol FROM {db}.flows \
+             WHERE {range} AND verdict = 'DROPPED' AND drop_reason = 'NO_SOCKET' \
+             UNION ALL \
+             SELECT dst_ip, dst_port, src_ip, src_port, protocol FROM {db}.flows \
+             WHERE {range} AND is_reply AND protocol = 'TCP' \
+             GROUP BY src_ip, src_port, dst_ip, dst_port, protocol \
+             HAVING max(bitAnd(tcp_flags, 4)) > 0 AND max(bitAnd(tcp_flags, 18) = 18) = 0"
+        );
         Ok(format!(
             "SELECT {keys}, count() AS flows, \
              toUnixTimestamp64Nano(min(time)) AS first_seen, toUnixTimestamp64Nano(max(time)) AS last_seen \
-             FROM (SELECT *, if(protocol IN ('ICMPv4', 'ICMPv6'), 0, dst_port) AS port FROM {db}.flows \
-             WHERE NOT is_reply AND {} AND {filter} \
+             FROM (SELECT *, if(protocol IN ('ICMPv4', 'ICMPv6'), 0, dst_port) AS port, \
+             verdict != 'DROPPED' AND (src_ip, src_port, dst_ip, dst_port, protocol) IN ({refusals}) AS refused \
+             FROM {db}.flows \
+             WHERE NOT is_reply AND {range} AND {filter} \
              AND (verdict IN ('FORWARDED', 'AUDIT') OR (verdict = 'DROPPED' AND drop_reason = 'POLICY_DENIED')) \
              AND ((dst_pod != '' AND (direction = 'INGRESS' OR verdict != 'FORWARDED')) OR (dst_pod = '' AND dst_service = ''))) \
              GROUP BY {keys} \
-             ORDER BY {keys}",
-            sql::time_range(self.since, self.until),
+             ORDER BY {keys}"
         ))
     }
 }
@@ -117,6 +137,7 @@ impl AttemptRow {
             flows: self.flows,
             first_seen: Some(ts(self.first_seen)),
             last_seen: Some(ts(self.last_seen)),
+            refused: self.refused,
         }
     }
 }
@@ -171,6 +192,7 @@ impl Store {
                     flows: n("flows")?,
                     first_seen: n("first_seen")? as i64,
                     last_seen: n("last_seen")? as i64,
+                    refused: r["refused"].as_bool().unwrap_or(false) || json_u64(&r["refused"]) == Some(1),
                 })
             })
             .collect()

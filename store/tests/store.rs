@@ -251,6 +251,23 @@ async fn attempts(store: &Store, t: i64, what: &str) {
     kernel.drop_reason = "NO_ROUTE".into();
     v.push(kernel);
     v.push(dir(flow(t + 22, 542, api(), Some(web()), "10.244.1.77", 41_000, Verdict::Forwarded, true), TrafficDirection::Ingress));
+    // Refused: nothing listens on 9000 (the kernel's NO_SOCKET drop of the same tuple)
+    // nor on 9100 (reset without SYN-ACK). The first 8080 attempt was answered, then
+    // reset: not refused.
+    v.push(dir(flow(t + 30, 560, web(), Some(api()), "10.244.1.10", 9000, Verdict::Forwarded, false), TrafficDirection::Ingress));
+    let mut no_socket = dir(flow(t + 30, 560, web(), Some(api()), "10.244.1.10", 9000, Verdict::Dropped, false), TrafficDirection::Ingress);
+    no_socket.drop_reason = "NO_SOCKET".into();
+    no_socket.ingress_denied_by.clear();
+    v.push(no_socket);
+    v.push(dir(flow(t + 31, 561, web(), Some(api()), "10.244.1.10", 9100, Verdict::Forwarded, false), TrafficDirection::Ingress));
+    let reply = |at: i64, n: u32, from_port: u32, to_port: u32, flags: TcpFlags| {
+        let mut f = dir(flow(at, n, api(), Some(web()), "10.244.1.77", to_port, Verdict::Forwarded, true), TrafficDirection::Egress);
+        f.l4 = Some(Layer4 { protocol: Some(layer4::Protocol::Tcp(Tcp { source_port: from_port, destination_port: to_port, flags: Some(flags) })) });
+        f
+    };
+    v.push(reply(t + 32, 562, 9100, 40_561, TcpFlags { rst: true, ack: true, ..Default::default() }));
+    v.push(reply(t + 33, 563, 8080, 40_500, TcpFlags { syn: true, ack: true, ..Default::default() }));
+    v.push(reply(t + 34, 564, 8080, 40_500, TcpFlags { rst: true, ack: true, ..Default::default() }));
     for f in &mut v {
         // Each pod has one address.
         let pod = f.source.as_ref().map(|s| s.pod_name.clone()).unwrap_or_default();
@@ -265,16 +282,18 @@ async fn attempts(store: &Store, t: i64, what: &str) {
         .attempts(&AttemptQuery { since: Some(t), until: Some(t + 1_000_000_000), ..Default::default() })
         .await
         .expect("attempts");
-    let summary: Vec<(String, String, String, String, u16, u64)> = got
+    let summary: Vec<(String, String, String, String, u16, u64, bool)> = got
         .iter()
-        .map(|a| (a.verdict.clone(), a.src.pod.clone(), a.dst.workload.clone(), a.protocol.clone(), a.port, a.flows))
+        .map(|a| (a.verdict.clone(), a.src.pod.clone(), a.dst.workload.clone(), a.protocol.clone(), a.port, a.flows, a.refused))
         .collect();
     assert_eq!(
         summary,
         [
-            ("FORWARDED".to_string(), "api-6b7c-aaaaa".to_string(), "203.0.113.9".to_string(), "TCP".to_string(), 443, 1),
-            ("FORWARDED".into(), "web-1".into(), "api".into(), "TCP".into(), 8080, 3),
-            ("DROPPED".into(), "api-6b7c-aaaaa".into(), "db-0".into(), "TCP".into(), 5432, 2),
+            ("FORWARDED".to_string(), "api-6b7c-aaaaa".to_string(), "203.0.113.9".to_string(), "TCP".to_string(), 443, 1, false),
+            ("FORWARDED".into(), "web-1".into(), "api".into(), "TCP".into(), 8080, 3, false),
+            ("FORWARDED".into(), "web-1".into(), "api".into(), "TCP".into(), 9000, 1, true),
+            ("FORWARDED".into(), "web-1".into(), "api".into(), "TCP".into(), 9100, 1, true),
+            ("DROPPED".into(), "api-6b7c-aaaaa".into(), "db-0".into(), "TCP".into(), 5432, 2, false),
         ],
         "{what}"
     );

@@ -67,6 +67,9 @@ pub enum Outcome {
     Audit,
     /// Dropped by policy.
     Denied,
+    /// Forwarded, but nothing listened: the destination's kernel refused it (no socket,
+    /// or a TCP reset answering the SYN). Not a reason to open a port.
+    Refused,
 }
 
 /// Attempts that share every input of a policy decision and their recorded outcome.

@@ -43,6 +43,9 @@ pub struct Replay {
     pub newly_allowed: Vec<ChangeGroup>,
     /// Denied before and now.
     pub still_denied: Vec<ChangeGroup>,
+    /// Attempts refused by their destination (nothing listened) that do not count as
+    /// allowed: left out of the comparison, whatever the policies decide.
+    pub refused: u64,
 }
 
 impl Replay {
@@ -133,6 +136,10 @@ pub fn replay(
     for o in observations {
         out.flows += o.flows;
         out.groups += 1;
+        if o.outcome == Outcome::Refused && !allowed_before(o.outcome) {
+            out.refused += o.flows;
+            continue;
+        }
         let src_pod = match &o.src {
             Party::Pod(p) => Some(pod_info(&cluster, p)),
             Party::Address { .. } => None,

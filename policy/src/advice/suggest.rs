@@ -51,6 +51,26 @@ pub struct SuggestOptions {
     pub world_prefix_v6: u8,
     /// Count attempts forwarded in audit mode (policy denied them) as allowed.
     pub include_audit: bool,
+    /// Count attempts their destination refused (nothing listened) as allowed.
+    pub include_refused: bool,
+    /// The API server the policies are for knows `endPort` (Kubernetes 1.25 and
+    /// later); without it, port runs are listed port by port.
+    pub end_port: bool,
+    /// The API server labels every namespace with `kubernetes.io/metadata.name` (1.22
+    /// and later); without it, a warning says which namespaces need the label.
+    pub namespace_name_label: bool,
+}
+
+impl SuggestOptions {
+    /// Whether attempts with this recorded outcome are traffic the policies must allow.
+    pub fn counts_as_allowed(&self, o: Outcome) -> bool {
+        match o {
+            Outcome::Allowed => true,
+            Outcome::Audit => self.include_audit,
+            Outcome::Refused => self.include_refused,
+            Outcome::Denied => false,
+        }
+    }
 }
 
 impl Default for SuggestOptions {
@@ -61,6 +81,9 @@ impl Default for SuggestOptions {
             world_prefix_v4: 32,
             world_prefix_v6: 128,
             include_audit: false,
+            include_refused: false,
+            end_port: true,
+            namespace_name_label: true,
         }
     }
 }
@@ -102,6 +125,9 @@ pub struct Suggestion {
     /// Distinct (source workload, destination workload, protocol/port) the policies
     /// stand for.
     pub triples: usize,
+    /// Attempts of workloads in scope that their destination refused (nothing
+    /// listened), left out: no port is opened for them.
+    pub refused: Vec<ObservedFlow>,
 }
 
 impl Suggestion {
@@ -109,6 +135,13 @@ impl Suggestion {
     /// preceded by comments naming, per rule, the observed flows it exists for.
     pub fn yaml(&self, explain: bool) -> Result<String, serde_yaml::Error> {
         let mut out = String::new();
+        if explain && !self.refused.is_empty() {
+            out.push_str("# Left out: attempts their destination refused (nothing listened there), no reason to\n");
+            out.push_str("# open a port (--include-refused keeps them):\n");
+            for f in &self.refused {
+                out.push_str(&format!("#   {}\n", one_line(&f.describe())));
+            }
+        }
         for (i, p) in self.policies.iter().enumerate() {
             if i > 0 {
                 out.push_str("---\n");
@@ -221,8 +254,14 @@ pub fn suggest(observations: &[Observation], inventory: &Inventory, opts: &Sugge
     let (mut by_target, triples) = collect(observations, opts, &targeted);
     // 2. Selectors, chosen once per workload.
     let mut selectors = Selectors::new(&inv);
+    let refused: Vec<&Observation> = observations
+        .iter()
+        .filter(|o| o.outcome == Outcome::Refused && !opts.counts_as_allowed(o.outcome))
+        .filter(|o| [&o.src, &o.dst].iter().any(|p| matches!(p, Party::Pod(p) if targeted(&WorkloadId::of_party(p)))))
+        .collect();
     let mut out = Suggestion {
         triples: triples.len(),
+        refused: summarize(&refused),
         ..Default::default()
     };
     // 3. One allow policy per targeted workload.
@@ -260,7 +299,46 @@ pub fn suggest(observations: &[Observation], inventory: &Inventory, opts: &Sugge
             }
         }
     }
+    fit_server(&mut out, opts);
     out
+}
+
+/// Leaves out what the API server does not know, saying so.
+fn fit_server(out: &mut Suggestion, opts: &SuggestOptions) {
+    let mut expanded = false;
+    let mut named: BTreeSet<String> = BTreeSet::new();
+    for p in &mut out.policies {
+        let Some(spec) = p.spec.as_mut() else { continue };
+        let ingress = spec.ingress.iter_mut().flatten().map(|r| (r.ports.as_mut(), r.from.as_ref()));
+        let egress = spec.egress.iter_mut().flatten().map(|r| (r.ports.as_mut(), r.to.as_ref()));
+        for (ports, peers) in ingress.chain(egress) {
+            for peer in peers.into_iter().flatten() {
+                let label = peer.namespace_selector.as_ref().and_then(|s| s.match_labels.as_ref()).and_then(|m| m.get(NAMESPACE_NAME_LABEL));
+                named.extend(label.cloned());
+            }
+            let Some(ports) = ports.filter(|_| !opts.end_port) else { continue };
+            let mut each = Vec::new();
+            for port in ports.drain(..) {
+                match (&port.port, port.end_port) {
+                    (Some(IntOrString::Int(start)), Some(end)) => {
+                        expanded = true;
+                        each.extend((*start..=end).map(|n| NetworkPolicyPort { port: Some(IntOrString::Int(n)), end_port: None, ..port.clone() }));
+                    }
+                    _ => each.push(port),
+                }
+            }
+            *ports = each;
+        }
+    }
+    if expanded {
+        out.warnings.push("the API server does not know endPort (Kubernetes 1.25): port runs are listed port by port".into());
+    }
+    if !opts.namespace_name_label && !named.is_empty() {
+        out.warnings.push(format!(
+            "the API server does not label namespaces with {NAMESPACE_NAME_LABEL} (Kubernetes 1.22): label {} with their own names before applying, or the rules naming them match nothing",
+            named.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
 }
 
 /// The namespaces advice is for: those asked for, else every namespace with an observed
@@ -288,7 +366,7 @@ fn collect<'a>(
     opts: &SuggestOptions,
     targeted: &impl Fn(&WorkloadId) -> bool,
 ) -> (BTreeMap<WorkloadId, Sections<'a>>, BTreeSet<Triple>) {
-    let allowed = |o: &Observation| o.outcome == Outcome::Allowed || (opts.include_audit && o.outcome == Outcome::Audit);
+    let allowed = |o: &Observation| opts.counts_as_allowed(o.outcome);
     let peer_of = |p: &Party| match p {
         Party::Pod(p) => PeerKey::Pods(WorkloadId::of_party(p)),
         Party::Address { ip, .. } => PeerKey::Block(cidr_of(
