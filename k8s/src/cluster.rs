@@ -344,3 +344,40 @@ pub async fn service_account_token(client: &Client, namespace: &str, account: &s
     let status = answer.status.ok_or_else(|| ApiError::Api { what, message: "the answer has no token".into() })?;
     Ok((status.token, status.expiration_timestamp.0.as_second()))
 }
+
+/// The uid of an object (what an ownerReference names).
+pub async fn uid(client: &Client, api_version: &str, kind: &str, namespace: &str, name: &str) -> Result<String, ApiError> {
+    let applier = Applier::new(client.clone());
+    let doc = json!({ "apiVersion": api_version, "kind": kind, "metadata": { "name": name, "namespace": namespace } });
+    let what = format!("reading {kind} {namespace}/{name}");
+    let api = applier.api_for(&doc).await.map_err(api_err(what.clone()))?;
+    let o = api.get(name).await.map_err(api_err(what.clone()))?;
+    o.metadata.uid.ok_or(ApiError::Object { field: "metadata.uid", object: what })
+}
+
+/// Creates `n` bare pods `<prefix>-<i>` in `namespace`, bound to `node`, `concurrency`
+/// requests at a time (clusters of scale for tests and benchmarks); returns how many
+/// were made.
+pub async fn create_pods(client: &Client, namespace: &str, prefix: &str, node: &str, n: usize, concurrency: usize) -> Result<usize, ApiError> {
+    use futures::StreamExt;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let results = futures::stream::iter(0..n)
+        .map(|i| {
+            let pods = pods.clone();
+            let pod: Result<Pod, _> = serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "name": format!("{prefix}-{i}"), "labels": { "app": prefix, "index": i.to_string() } },
+                "spec": { "nodeName": node, "containers": [{ "name": "c", "image": "flows-lab/none" }] },
+            }));
+            async move { pods.create(&kube::api::PostParams::default(), &pod.map_err(kube::Error::SerdeError)?).await }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await;
+    let mut made = 0;
+    for r in results {
+        r.map_err(api_err(format!("creating pods in {namespace}")))?;
+        made += 1;
+    }
+    Ok(made)
+}

@@ -1,7 +1,8 @@
-//! `flows kube-sync`'s export against a loopback API server: nothing is written before
-//! Namespaces, Pods and NetworkPolicies are all listed; then the file is what the
-//! node-probe's policy reader takes, and decides as the API defines; a new policy, a
-//! deleted pod and a relabelled namespace each rewrite it; an expired watch relists.
+//! `flows kube-sync`'s export against a hand-written loopback API server, for the fault a
+//! real API server cannot be made to show on demand: a pod removed without its watch
+//! saying so, which the relist after the watches expire must take out of the file. The
+//! rest (nothing written before every kind is listed, policies, relabelled namespaces,
+//! deletions) is tested against a real kube-apiserver in `lab/tests/api_realities.rs`.
 
 mod fixture;
 
@@ -69,37 +70,21 @@ fn web_to_db(m: &Manifests) -> Option<bool> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cluster_is_written_as_the_probe_reads_it_and_kept_current() {
+async fn a_pod_removed_unseen_leaves_the_file_at_the_relist() {
     let api = ApiServer::start().await;
     api.put("namespaces", ns("web", json!({"kubernetes.io/metadata.name": "web", "team": "web"})));
     api.put("namespaces", ns("data", json!({"kubernetes.io/metadata.name": "data"})));
     api.put("pods", pod("web", "front", "10.244.1.10", json!({"app": "front"})));
     api.put("pods", pod("data", "db", "10.244.1.20", json!({"app": "db"})));
+    api.put("networkpolicies", deny_all_but_web("data"));
     let dir = temp("sync");
     let client = flows_k8s::watch::client_for(&api.url()).expect("client");
     let progress = flows_k8s::export::start(client, dir.clone(), Duration::from_millis(50));
     until("the first write", || progress.borrow().writes >= 1).await;
-    assert_eq!(progress.borrow().synced_kinds, 3, "written only after all three kinds were listed");
-    let m = read(&dir);
-    assert_eq!(m.cluster.pods().len(), 2);
-    assert_eq!(web_to_db(&m), Some(true), "no policy: allowed");
-
-    // A policy: db admits web's namespace on the named port only.
-    api.put("networkpolicies", deny_all_but_web("data"));
-    until("the policy", || read(&dir).policies.len() == 1).await;
     assert_eq!(web_to_db(&read(&dir)), Some(true), "web is admitted on http (8080)");
-    // The namespace loses its label: now denied.
-    api.put("namespaces", ns("web", json!({"kubernetes.io/metadata.name": "web"})));
-    until("the relabelled namespace", || web_to_db(&read(&dir)) == Some(false)).await;
-    // A pod deleted: gone from the file.
-    api.delete("pods", "web", "front");
-    until("the deleted pod", || read(&dir).cluster.pod("web", "front").is_none()).await;
-    // A watch that expires relists, and what was removed meanwhile goes too.
     api.remove_silently("pods", "data", "db");
     api.expire_watches();
-    until("the relist", || read(&dir).cluster.pods().is_empty()).await;
-    // The file is replaced before the count goes up: wait for the count of the last
-    // write (four changes after the first write, each its own write).
-    until("each change written", || progress.borrow().writes >= 5).await;
+    until("the relist", || read(&dir).cluster.pod("data", "db").is_none()).await;
+    assert_eq!(read(&dir).cluster.pods().len(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }

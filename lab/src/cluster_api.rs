@@ -317,3 +317,19 @@ pub fn delete(api: &ApiRec, docs: &[Value]) -> Result<usize, LabError> {
         Ok(n)
     })?
 }
+
+/// Applies flows' access objects (a control plane without a lab around it: tests).
+pub fn grant_components(api: &ApiRec) -> Result<(), LabError> {
+    crate::runtime::block_on(async {
+        let client = cluster::connect(&api.kubeconfig).await.map_err(api_err)?;
+        components::grant(&cluster::Applier::new(client)).await
+    })?
+}
+
+/// Issues (or renews) the token of component `c` and writes its kubeconfig.
+pub fn issue_component_token(api: &ApiRec, c: Component) -> Result<(), LabError> {
+    crate::runtime::block_on(async {
+        let client = cluster::connect(&api.kubeconfig).await.map_err(api_err)?;
+        components::issue_token(&client, api, c).await.map(|_| ())
+    })?
+}

@@ -128,6 +128,9 @@ fn args(program: &str, dir: &Path, etcd: (u16, u16), api: u16) -> Vec<String> {
             format!("--proxy-client-cert-file={}", pki("front-proxy-client.crt")),
             format!("--proxy-client-key-file={}", pki("front-proxy-client.key")),
             "--endpoint-reconciler-type=none".into(), "--profiling=false".into(),
+            format!("--audit-policy-file={}", dir.join(AUDIT_POLICY_FILE).display()),
+            format!("--audit-log-path={}", dir.join(AUDIT_LOG).display()), "--audit-log-maxsize=64".into(),
+            "--audit-log-maxbackup=1".into(),
         ],
         "kube-controller-manager" => vec![
             format!("--kubeconfig={}", kc("controller-manager")), format!("--authentication-kubeconfig={}", kc("controller-manager")),
@@ -146,10 +149,37 @@ fn args(program: &str, dir: &Path, etcd: (u16, u16), api: u16) -> Vec<String> {
     v
 }
 
-/// Starts one program detached, logging to `<dir>/<program>.log`; returns its pid.
+/// The API server's record of requests (JSON lines, one per request): who asked what,
+/// with which parameters. The control plane's own chatter is left out.
+pub const AUDIT_LOG: &str = "audit.log";
+const AUDIT_POLICY_FILE: &str = "audit-policy.yaml";
+const AUDIT_POLICY: &str = concat!(
+    "apiVersion: audit.k8s.io/v1\n",
+    "kind: Policy\n",
+    "omitStages: [RequestReceived]\n",
+    "rules:\n",
+    "- level: None\n",
+    "  users: [system:kube-controller-manager, system:kube-scheduler, system:apiserver]\n",
+    "- level: None\n",
+    "  userGroups: [system:serviceaccounts:kube-system]\n",
+    "- level: None\n",
+    "  resources: [{ group: coordination.k8s.io, resources: [leases] }]\n",
+    "- level: None\n",
+    "  users: [flows-lab-admin]\n",
+    "  verbs: [get, list, watch]\n",
+    "- level: None\n",
+    "  nonResourceURLs: [/readyz, /healthz, /livez, /version]\n",
+    "- level: Metadata\n",
+);
+
+/// Starts one program detached, logging to `<dir>/<program>.log` (appended: a restarted
+/// program's log follows its predecessor's); returns its pid. Its arguments are kept in
+/// `<dir>/<program>.args`, so that it can be started again as it was.
 fn spawn(bin: &Path, dir: &Path, program: &str, args: Vec<String>) -> Result<u32, LabError> {
+    let args_path = dir.join(format!("{program}.args"));
+    write(&args_path, &args.join("\n"), false)?;
     let log_path = dir.join(format!("{program}.log"));
-    let log = fs::File::create(&log_path).map_err(|e| LabError::io(&log_path, e))?;
+    let log = fs::File::options().create(true).append(true).open(&log_path).map_err(|e| LabError::io(&log_path, e))?;
     let log2 = log.try_clone().map_err(|e| LabError::io(&log_path, e))?;
     let mut cmd = Command::new(bin.join(program));
     cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(log2);
@@ -170,6 +200,7 @@ pub fn start(state_dir: &Path, bin: &Path, mut started: impl FnMut(&str, u32) ->
     use std::os::unix::fs::PermissionsExt;
     let _ = fs::set_permissions(dir.join("etcd"), fs::Permissions::from_mode(0o700));
     pki(&dir)?;
+    write(&dir.join(AUDIT_POLICY_FILE), AUDIT_POLICY, false)?;
     let (etcd, api) = ((port("etcd")?, port("etcd peers")?), port("the API server")?);
     let url = format!("https://127.0.0.1:{api}");
     let admin = kubeconfig(&dir, &url, "admin")?;
@@ -186,6 +217,18 @@ pub fn start(state_dir: &Path, bin: &Path, mut started: impl FnMut(&str, u32) ->
         started(program, pid)?;
     }
     Ok(rec)
+}
+
+/// Starts `program` again with the arguments it last ran with (after it stopped or was
+/// stopped); for the API server, returns once it is ready. Returns the new pid.
+pub fn respawn(rec: &ApiRec, bin: &Path, program: &str) -> Result<u32, LabError> {
+    let path = rec.dir.join(format!("{program}.args"));
+    let args = fs::read_to_string(&path).map_err(|e| LabError::io(&path, e))?;
+    let pid = spawn(bin, &rec.dir, program, args.lines().map(String::from).collect())?;
+    if program == "kube-apiserver" {
+        wait_ready(rec, Duration::from_secs(60))?;
+    }
+    Ok(pid)
 }
 
 /// Polls `/readyz` until ok or `timeout`.

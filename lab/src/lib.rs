@@ -297,7 +297,7 @@ pub(crate) fn down_unlocked(dir: &Path) -> Result<DownReport, LabError> {
 }
 
 /// SIGTERM, up to 5 s of grace, then SIGKILL. Returns the pids that were alive.
-fn stop_processes(pids: &[u32]) -> Vec<u32> {
+pub(crate) fn stop_processes(pids: &[u32]) -> Vec<u32> {
     let me = std::process::id();
     let targets: Vec<u32> = pids
         .iter()

@@ -208,3 +208,73 @@ impl Drop for LabGuard {
         }
     }
 }
+
+/// A Kubernetes control plane for a test, without a lab around it (loopback only, no
+/// root needed): stopped, and its directory removed, when dropped.
+pub struct ControlPlane {
+    pub api: crate::state::ApiRec,
+    pub bin: PathBuf,
+    /// Running programs: (program, pid), in start order.
+    pids: Vec<(String, u32)>,
+    dir: PathBuf,
+}
+
+impl ControlPlane {
+    /// Starts etcd, the API server, the controller manager and the scheduler from
+    /// [`crate::control_plane::bin_dir`], and applies flows' access objects (the chart's
+    /// ServiceAccounts and roles).
+    pub fn start(prefix: &str) -> Result<ControlPlane, LabError> {
+        let dir = temp_dir(prefix)?;
+        let bin = crate::control_plane::bin_dir();
+        let mut pids = Vec::new();
+        let started = crate::control_plane::start(&dir, &bin, |program, pid| {
+            pids.push((program.to_string(), pid));
+            Ok(())
+        });
+        let mut cp = ControlPlane { api: crate::state::ApiRec { url: String::new(), kubeconfig: PathBuf::new(), dir: dir.clone() }, bin, pids, dir };
+        cp.api = started?;
+        crate::cluster_api::grant_components(&cp.api)?;
+        Ok(cp)
+    }
+
+    /// A kubeconfig with a fresh token of flows' component `c` (its own identity and
+    /// role, as in a cluster).
+    pub fn kubeconfig_of(&self, c: crate::components::Component) -> Result<PathBuf, LabError> {
+        crate::cluster_api::issue_component_token(&self.api, c)?;
+        Ok(crate::components::kubeconfig(&self.api, c))
+    }
+
+    /// Stops the API server (SIGTERM) and returns once it is gone.
+    pub fn stop_apiserver(&mut self) {
+        let pids: Vec<u32> = self.pids.iter().filter(|(p, _)| p == "kube-apiserver").map(|(_, pid)| *pid).collect();
+        crate::stop_processes(&pids);
+        self.pids.retain(|(p, _)| p != "kube-apiserver");
+    }
+
+    /// Starts the API server again as it ran, and returns once it is ready.
+    pub fn start_apiserver(&mut self) -> Result<(), LabError> {
+        let pid = crate::control_plane::respawn(&self.api, &self.bin, "kube-apiserver")?;
+        self.pids.push(("kube-apiserver".into(), pid));
+        Ok(())
+    }
+
+    /// The API server's audit log: one JSON object per request of anyone but the
+    /// control plane itself.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.api.dir.join(crate::control_plane::AUDIT_LOG))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // etcd last: an API server whose etcd is gone ignores SIGTERM.
+        let (etcd, rest): (Vec<_>, Vec<_>) = self.pids.iter().partition(|(p, _)| p == "lab-etcd");
+        crate::stop_processes(&rest.iter().map(|(_, pid)| *pid).collect::<Vec<_>>());
+        crate::stop_processes(&etcd.iter().map(|(_, pid)| *pid).collect::<Vec<_>>());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
