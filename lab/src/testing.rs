@@ -258,6 +258,19 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Restarts the API server with `flags` added to its arguments (limits, faults).
+    pub fn restart_apiserver_with(&mut self, flags: &[&str]) -> Result<(), LabError> {
+        self.stop_apiserver();
+        let path = self.api.dir.join("kube-apiserver.args");
+        let mut args = std::fs::read_to_string(&path).map_err(|e| LabError::io(&path, e))?;
+        for f in flags {
+            args.push('\n');
+            args.push_str(f);
+        }
+        std::fs::write(&path, args).map_err(|e| LabError::io(&path, e))?;
+        self.start_apiserver()
+    }
+
     /// The API server's audit log: one JSON object per request of anyone but the
     /// control plane itself.
     pub fn audit(&self) -> Vec<serde_json::Value> {

@@ -344,3 +344,27 @@ async fn discovery_follows_the_probe_pods_of_a_real_api_server() {
         .expect("the deleted probe gone")
         .expect("discovery");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_lists_are_retried_until_the_index_is_whole() {
+    binaries();
+    let mut cp = blocking(|| ControlPlane::start("flows-api-429")).expect("control plane");
+    let admin = cluster::connect(&cp.api.kubeconfig).await.expect("admin");
+    let applier = Applier::new(admin.clone());
+    let node = NodeRecord { name: "node-1".into(), pod_cidrs: vec!["10.244.0.0/16".into()], addresses: vec!["192.168.5.1".into()] };
+    cluster::register_node(&applier, &node).await.expect("node");
+    namespace(&applier, "many", json!({})).await;
+    assert_eq!(cluster::create_pods(&admin, "many", "p", "node-1", 300, 4).await.expect("pods"), 300);
+    // One read at a time, without priority and fairness: the relay's six watchers list
+    // at once, so the server answers some of them 429 Too Many Requests.
+    blocking(|| cp.restart_apiserver_with(&["--enable-priority-and-fairness=false", "--max-requests-inflight=1"])).expect("restart");
+    let (index, progress) = relay_index(&cp).await;
+    assert_eq!(index.read().unwrap().sizes().pods, 300, "the index is whole despite the refusals");
+    let relay = Component::Relay.user();
+    let refused = cp.audit().iter().filter(|e| e["user"]["username"] == relay.as_str() && e["responseStatus"]["code"] == 429).count();
+    assert!(refused > 0, "the server throttled the relay's lists (else this test shows nothing)");
+    // The client retries 429 (and 503, 504) itself, with exponential backoff and the
+    // server's Retry-After: the watchers see no error at all.
+    assert_eq!(progress.borrow().errors, 0, "{:?}", *progress.borrow());
+    eprintln!("FIGURE 429 answers to the relay's lists: {refused}, retried by the client with backoff until every kind was listed");
+}
