@@ -101,7 +101,7 @@ fn main() {
     let dir = flows_lab::testing::temp_dir("flows-bench-latency").expect("dir");
     let mut cleanup = Cleanup(dir.clone(), Vec::new());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    ok(&dir, &["lab", "up", &root.join("lab/examples/seed").display().to_string(), "--nodes", "2", "--probes"]);
+    ok(&dir, &["lab", "up", &root.join("lab/examples/seed").display().to_string(), "--nodes", "2", "--probes", "--no-apiserver"]);
     let state = State::load(&dir).expect("state");
     let frontend = state.pod("frontend", "frontend").expect("frontend pod").clone();
     let node_index = state.nodes.iter().position(|n| n.name == frontend.node).expect("node");

@@ -149,7 +149,7 @@ fn status(rt: &tokio::runtime::Runtime, addr: &str) -> ServerStatusResponse {
 fn up(dir: &Path, probes: bool) -> State {
     let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lab/examples/seed").display().to_string();
     let d = dir.display().to_string();
-    let mut args = vec!["lab", "up", seed.as_str(), "--nodes", "2", "--state-dir", d.as_str()];
+    let mut args = vec!["lab", "up", seed.as_str(), "--nodes", "2", "--no-apiserver", "--state-dir", d.as_str()];
     if probes {
         args.push("--probes");
     }

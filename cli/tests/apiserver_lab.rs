@@ -181,4 +181,16 @@ fn without_the_binaries_up_says_so_and_leaves_nothing() {
     assert!(err.contains("/nonexistent/k8s/kube-apiserver") && err.contains("scripts/setup.sh"), "{err}");
     assert!(!dir.join("state.json").exists(), "nothing left behind");
     assert!(flows_lab::netns::list_netns("flows-").is_empty(), "no namespace left behind");
+
+    // Not asked for, and not there: the lab comes up from the manifests alone, saying so.
+    let out = Command::new(env!("CARGO_BIN_EXE_flows"))
+        .args(["lab", "up", &seed, "--k8s-bin", "/nonexistent/k8s", "--state-dir", &d])
+        .output()
+        .expect("flows");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no Kubernetes control plane") && err.contains("manifests alone"), "{err}");
+    let state = flows_lab::State::load(&dir).expect("state");
+    assert!(state.api.is_none());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the cluster comes from the manifests alone"));
 }

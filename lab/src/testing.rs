@@ -226,13 +226,17 @@ impl ControlPlane {
     pub fn start(prefix: &str) -> Result<ControlPlane, LabError> {
         let dir = temp_dir(prefix)?;
         let bin = crate::control_plane::bin_dir();
-        let mut pids = Vec::new();
-        let started = crate::control_plane::start(&dir, &bin, |program, pid| {
-            pids.push((program.to_string(), pid));
+        // Made first, so that whatever starts is stopped when it drops, even on a panic.
+        let mut cp = ControlPlane {
+            api: crate::state::ApiRec { url: String::new(), kubeconfig: PathBuf::new(), dir: dir.clone() },
+            bin: bin.clone(),
+            pids: Vec::new(),
+            dir: dir.clone(),
+        };
+        cp.api = crate::control_plane::start(&dir, &bin, |program, pid| {
+            cp.pids.push((program.to_string(), pid));
             Ok(())
-        });
-        let mut cp = ControlPlane { api: crate::state::ApiRec { url: String::new(), kubeconfig: PathBuf::new(), dir: dir.clone() }, bin, pids, dir };
-        cp.api = started?;
+        })?;
         crate::cluster_api::grant_components(&cp.api)?;
         Ok(cp)
     }

@@ -54,11 +54,17 @@ pub enum LabCommand {
         /// Run the cluster on a real Kubernetes control plane (etcd, kube-apiserver,
         /// kube-controller-manager, kube-scheduler): the cluster is written through the
         /// API, the controllers and the scheduler make and place the pods, the lab is
-        /// their kubelet. Without it the cluster comes from the manifests alone.
-        #[arg(long)]
+        /// their kubelet, and flows' components use the API with their own accounts.
+        /// The default when the binaries are there; with this flag, their absence is an
+        /// error.
+        #[arg(long, conflicts_with = "no_apiserver")]
         apiserver: bool,
+        /// No control plane: the cluster comes from the manifests alone (the lab's own
+        /// rendering of them is what the probes and the relay read).
+        #[arg(long)]
+        no_apiserver: bool,
         /// Where the control plane's binaries are (scripts/setup.sh unpacks them).
-        #[arg(long, env = "FLOWS_K8S_BIN", default_value = "/opt/flows-tools/k8s", requires = "apiserver")]
+        #[arg(long, env = "FLOWS_K8S_BIN", default_value = "/opt/flows-tools/k8s")]
         k8s_bin: PathBuf,
         #[command(flatten)]
         dir: StateDir,
@@ -152,9 +158,10 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             tls,
             store,
             apiserver,
+            no_apiserver,
             k8s_bin,
             dir,
-        } => up(paths, nodes, probes, tls, &store, apiserver.then_some(k8s_bin), &dir.state_dir),
+        } => up(paths, nodes, probes, tls, &store, control_plane(apiserver, no_apiserver, k8s_bin), &dir.state_dir),
         LabCommand::Down { dir } => down(&dir.state_dir),
         LabCommand::Policy { command, dir } => crate::lab::policy::run(&dir.state_dir, command),
         LabCommand::Status { output, dir } => status(&dir.state_dir, output),
@@ -198,6 +205,26 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             std::process::exit(code)
         }
     }
+}
+
+/// Whether `up` runs a control plane, and from where: asked for (its binaries must be
+/// there), refused, or by default when its binaries are there (said when they are not).
+fn control_plane(asked: bool, refused: bool, bin: PathBuf) -> Option<PathBuf> {
+    if asked {
+        return Some(bin);
+    }
+    if refused {
+        return None;
+    }
+    let missing = flows_lab::control_plane::missing(&bin);
+    if missing.is_empty() {
+        return Some(bin);
+    }
+    eprintln!(
+        "note: no Kubernetes control plane (missing {}; scripts/setup.sh unpacks them): the cluster comes from the manifests alone",
+        missing.join(", ")
+    );
+    None
 }
 
 fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, tls: bool, store: &str, apiserver: Option<PathBuf>, dir: &Path) -> anyhow::Result<()> {
