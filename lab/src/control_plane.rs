@@ -248,3 +248,31 @@ fn wait_ready(rec: &ApiRec, timeout: Duration) -> Result<(), LabError> {
         Ok(())
     })?
 }
+
+/// Stops the lab's API server (SIGTERM, as an outage would take it away); the rest of
+/// the control plane and the lab keep running.
+pub fn stop_apiserver(state_dir: &Path) -> Result<(), LabError> {
+    let state = crate::State::load(state_dir)?;
+    let role = role("kube-apiserver");
+    let pids: Vec<u32> = state.daemons.iter().filter(|d| d.role == role).map(|d| d.pid).collect();
+    if state.api.is_none() || pids.iter().all(|p| !crate::process_alive(*p)) {
+        return Err(cp_err("no API server runs in this lab"));
+    }
+    crate::stop_processes(&pids);
+    for p in pids {
+        crate::state::remove_daemon(state_dir, p)?;
+    }
+    Ok(())
+}
+
+/// Starts the lab's API server again as it ran; returns once it is ready.
+pub fn start_apiserver(state_dir: &Path, bin: &Path) -> Result<(), LabError> {
+    let state = crate::State::load(state_dir)?;
+    let api = state.api.as_ref().ok_or_else(|| cp_err("this lab runs no control plane"))?;
+    let role = role("kube-apiserver");
+    if state.daemons.iter().any(|d| d.role == role && crate::process_alive(d.pid)) {
+        return Err(cp_err("the API server is already running"));
+    }
+    let pid = respawn(api, bin, "kube-apiserver")?;
+    crate::state::add_daemon(state_dir, crate::Daemon { role, node: None, pid })
+}

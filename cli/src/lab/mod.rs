@@ -125,6 +125,16 @@ pub enum LabCommand {
         #[command(flatten)]
         dir: StateDir,
     },
+    /// Stop or start the lab's API server (an outage of the control plane: the lab,
+    /// the probes and the relay keep running on what they last read).
+    Apiserver {
+        #[command(subcommand)]
+        action: RelayAction,
+        #[arg(long, env = "FLOWS_K8S_BIN", default_value = "/opt/flows-tools/k8s")]
+        k8s_bin: PathBuf,
+        #[command(flatten)]
+        dir: StateDir,
+    },
     /// The lab's listener process (started by `up`).
     #[command(hide = true)]
     Agent {
@@ -143,9 +153,9 @@ pub enum ProbeAction {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum RelayAction {
-    /// Start the relay over the lab's probes and wait until it serves.
+    /// Start it and wait until it serves.
     Start,
-    /// Stop the relay (SIGTERM: it writes what it holds to the store and exits).
+    /// Stop it (SIGTERM).
     Stop,
 }
 
@@ -197,6 +207,19 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             RelayAction::Stop => {
                 crate::lab::probes::stop_relay(&dir.state_dir)?;
                 println!("relay stopped");
+                Ok(())
+            }
+        },
+        LabCommand::Apiserver { action, k8s_bin, dir } => match action {
+            RelayAction::Start => {
+                let start = std::time::Instant::now();
+                flows_lab::control_plane::start_apiserver(&dir.state_dir, &k8s_bin)?;
+                println!("API server ready ({:.1} s)", start.elapsed().as_secs_f64());
+                Ok(())
+            }
+            RelayAction::Stop => {
+                flows_lab::control_plane::stop_apiserver(&dir.state_dir)?;
+                println!("API server stopped");
                 Ok(())
             }
         },
