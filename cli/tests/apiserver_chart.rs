@@ -14,21 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{flows, ok, root};
+use common::{Cleanup, ok, root};
 use flows_lab::testing::{lab_lock, skip_unless_root};
-
-struct Cleanup(PathBuf, Vec<Child>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for c in &mut self.1 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = flows(&self.0, &["lab", "down", "--state-dir", &self.0.display().to_string()]);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn run(program: &str, kubeconfig: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(program)

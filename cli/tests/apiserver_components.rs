@@ -8,30 +8,17 @@
 mod common;
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{drive, flows, ok, root};
+use common::{Cleanup, drive, ok, root};
 use flows_lab::{
     components::{self, Component},
     testing::{lab_lock, skip_unless_root},
 };
 use serde_json::Value;
-
-struct Cleanup(PathBuf, Vec<Child>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for c in &mut self.1 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = flows(&self.0, &["lab", "down", "--state-dir", &self.0.display().to_string()]);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> std::process::Output {
     Command::new("kubectl").arg("--kubeconfig").arg(kubeconfig).args(args).output().expect("run kubectl (scripts/setup.sh installs it)")

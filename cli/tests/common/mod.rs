@@ -107,3 +107,18 @@ pub fn settle(dir: &Path) -> String {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A lab test's state directory and the processes it started itself: on drop (also when
+/// the test fails) the processes are killed, the lab taken down and the directory removed.
+pub struct Cleanup(pub PathBuf, pub Vec<std::process::Child>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for c in &mut self.1 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = flows(&self.0, &["lab", "down", "--state-dir", &self.0.display().to_string()]);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
