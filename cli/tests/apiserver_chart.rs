@@ -174,7 +174,8 @@ fn the_chart_installs_on_a_real_api_server() {
         roles_are_least(&admin, &release);
         installed.push(release);
     }
-    // No kubelet runs containers: the probes are placed, one per node, and stay Pending.
+    // No kubelet runs containers: the probes (host network, nothing of their own for the
+    // lab's kubelet to build) are placed, one per node, and stay Pending.
     let pods = must("kubectl", &admin, &["get", "pods", "-n", "chart-defaults", "-o", "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.phase}{\"\\n\"}{end}"]);
     let probes: Vec<&str> = pods.lines().filter(|l| l.contains("-node-probe-")).collect();
     assert_eq!(probes.len(), 2, "a probe per node: {pods}");

@@ -205,6 +205,8 @@ pub struct PodRecord {
     pub workload: Option<(String, String)>,
     pub deleting: bool,
     pub phase: String,
+    /// In its node's network namespace (`hostNetwork`).
+    pub host_network: bool,
 }
 
 fn controller_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<(String, String)> {
@@ -257,6 +259,7 @@ fn pod_record(p: &Pod, set_owner: &BTreeMap<(String, String), (String, String)>)
         workload,
         deleting: p.metadata.deletion_timestamp.is_some(),
         phase: p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default(),
+        host_network: spec.host_network == Some(true),
         namespace,
     }
 }

@@ -17,6 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream, UdpSocket};
@@ -24,6 +25,7 @@ use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Socket, Type};
 
 use crate::dns::Zone;
+use crate::kubelet::{self, AgentLink, ToAgent};
 use crate::error::LabError;
 use crate::netns::Switcher;
 use crate::plan::{self, WORLD_TCP_PORTS, WORLD_UDP_PORTS};
@@ -105,18 +107,6 @@ pub fn main(dir: &Path) -> i32 {
     }
 }
 
-/// The lab's kubelet runs beside the listeners, for as long as they do.
-fn kubelet_thread(api: &crate::state::ApiRec, state: &State) {
-    let api = api.clone();
-    let nodes: Vec<String> = state.nodes.iter().map(|n| n.name.clone()).collect();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let _ = std::thread::Builder::new().name("kubelet".into()).spawn(move || {
-        if let Err(e) = crate::cluster_api::kubelet(&api, nodes, stop) {
-            eprintln!("flows lab agent: the kubelet stopped: {e}");
-        }
-    });
-}
-
 /// What one socket serves.
 #[derive(Clone, Debug)]
 enum Kind {
@@ -137,8 +127,15 @@ struct ListenSpec {
 }
 
 fn listen_specs(state: &State) -> Vec<ListenSpec> {
+    let mut specs = pod_specs(&state.pods);
+    world_specs(state, &mut specs);
+    specs
+}
+
+/// Each pod's declared ports.
+fn pod_specs(pods: &[crate::state::PodRec]) -> Vec<ListenSpec> {
     let mut specs = Vec::new();
-    for pod in &state.pods {
+    for pod in pods {
         let dns = plan::is_dns_pod(pod);
         for port in &pod.ports {
             let tcp = match port.protocol.as_str() {
@@ -170,6 +167,11 @@ fn listen_specs(state: &State) -> Vec<ListenSpec> {
             }
         }
     }
+    specs
+}
+
+/// The world host's services.
+fn world_specs(state: &State, specs: &mut Vec<ListenSpec>) {
     let world = &state.world;
     for port in WORLD_TCP_PORTS {
         for ip in [IpAddr::V4(world.ipv4), IpAddr::V6(world.ipv6)] {
@@ -191,7 +193,6 @@ fn listen_specs(state: &State) -> Vec<ListenSpec> {
             });
         }
     }
-    specs
 }
 
 fn open_socket(spec: &ListenSpec) -> std::io::Result<Socket> {
@@ -324,10 +325,74 @@ struct Agent {
     conns: usize,
     zone: Zone,
     scratch: Vec<u8>,
+    /// The listener slots in each pod's namespace, closed when the pod goes.
+    by_netns: HashMap<String, Vec<usize>>,
 }
 
+/// The token of the kubelet's wake-ups; no entry has it.
+const WAKE: Token = Token(usize::MAX);
+
 impl Agent {
-    fn insert(&mut self, mut entry: Entry) -> std::io::Result<()> {
+    /// Registers the listeners of `specs`, opened as `sockets`.
+    fn listen(&mut self, specs: &[ListenSpec], sockets: Vec<Socket>) -> std::io::Result<()> {
+        for (spec, socket) in specs.iter().zip(sockets) {
+            let entry = if spec.tcp {
+                Entry::Listener(TcpListener::from_std(socket.into()), spec.kind.clone())
+            } else {
+                Entry::Udp(UdpSocket::from_std(socket.into()), spec.kind.clone())
+            };
+            let slot = self.insert(entry)?;
+            self.by_netns.entry(spec.netns.clone()).or_default().push(slot);
+        }
+        Ok(())
+    }
+
+    /// Closes every listener in `netns` (connections already accepted end as they do).
+    fn forget(&mut self, netns: &str) {
+        for slot in self.by_netns.remove(netns).unwrap_or_default() {
+            let registry = self.poll.registry();
+            match self.entries.get_mut(slot).and_then(Option::take) {
+                Some(Entry::Listener(mut l, _)) => drop(registry.deregister(&mut l)),
+                Some(Entry::Udp(mut u, _)) => drop(registry.deregister(&mut u)),
+                Some(other) => {
+                    self.entries[slot] = Some(other);
+                    continue;
+                }
+                None => continue,
+            }
+            self.free.push(slot);
+        }
+    }
+
+    /// Does what the kubelet asked, and says so.
+    fn answer(&mut self, ask: ToAgent) {
+        match ask {
+            ToAgent::Serve { pods, zone, done } => {
+                let specs = pod_specs(&pods);
+                let opened = open_all(&specs)
+                    .and_then(|sockets| self.listen(&specs, sockets).map_err(|e| LabError::sys("epoll_ctl", e)));
+                if opened.is_ok() {
+                    self.zone = zone;
+                    eprintln!("flows lab agent: serving {} sockets of {} new pods", specs.len(), pods.len());
+                } else {
+                    // Half-opened: closed again, so the kubelet can try the pod afresh.
+                    for p in &pods {
+                        self.forget(&p.netns);
+                    }
+                }
+                let _ = done.send(opened);
+            }
+            ToAgent::Forget { netns, zone, done } => {
+                for n in &netns {
+                    self.forget(n);
+                }
+                self.zone = zone;
+                let _ = done.send(Ok(()));
+            }
+        }
+    }
+
+    fn insert(&mut self, mut entry: Entry) -> std::io::Result<usize> {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -350,7 +415,7 @@ impl Agent {
             self.conns += 1;
         }
         self.entries[slot] = Some(entry);
-        Ok(())
+        Ok(slot)
     }
 
     fn close(&mut self, slot: usize) {
@@ -517,12 +582,10 @@ pub fn run(dir: &Path) -> Result<(), LabError> {
         ));
     }
     let state = State::load(dir)?;
-    if let Some(api) = &state.api {
-        kubelet_thread(api, &state);
-    }
     let specs = listen_specs(&state);
     let sockets = open_all(&specs)?;
     let poll = Poll::new().map_err(|e| LabError::sys("epoll_create", e))?;
+    let waker = Arc::new(mio::Waker::new(poll.registry(), WAKE).map_err(|e| LabError::sys("eventfd", e))?);
     let mut agent = Agent {
         poll,
         entries: Vec::new(),
@@ -530,16 +593,12 @@ pub fn run(dir: &Path) -> Result<(), LabError> {
         conns: 0,
         zone: Zone::from_state(&state),
         scratch: vec![0u8; 65536],
+        by_netns: HashMap::new(),
     };
-    for (spec, socket) in specs.iter().zip(sockets) {
-        let entry = if spec.tcp {
-            Entry::Listener(TcpListener::from_std(socket.into()), spec.kind.clone())
-        } else {
-            Entry::Udp(UdpSocket::from_std(socket.into()), spec.kind.clone())
-        };
-        agent
-            .insert(entry)
-            .map_err(|e| LabError::sys("epoll_ctl", e))?;
+    agent.listen(&specs, sockets).map_err(|e| LabError::sys("epoll_ctl", e))?;
+    let (tx, asks) = mpsc::channel();
+    if let Some(api) = &state.api {
+        kubelet::spawn(dir.to_path_buf(), api.clone(), AgentLink { tx, waker });
     }
     let ready = dir.join(READY_FILE);
     let tmp = dir.join(format!(".{READY_FILE}.tmp"));
@@ -565,6 +624,9 @@ pub fn run(dir: &Path) -> Result<(), LabError> {
         }
         for event in events.iter() {
             agent.handle(event.token().0);
+        }
+        while let Ok(ask) = asks.try_recv() {
+            agent.answer(ask);
         }
         if last_sweep.elapsed() >= Duration::from_secs(1) {
             agent.sweep();

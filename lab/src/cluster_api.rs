@@ -4,7 +4,6 @@
 //! deletions).
 
 use std::{
-    collections::{BTreeMap, HashSet},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -20,7 +19,7 @@ use crate::{
     state::{ApiRec, OwnerRec, PodRec, PortRec, State},
 };
 
-fn api_err(e: impl std::fmt::Display) -> LabError {
+pub(crate) fn api_err(e: impl std::fmt::Display) -> LabError {
     LabError::ControlPlane { message: e.to_string(), log: None }
 }
 
@@ -188,41 +187,45 @@ async fn placed(client: &flows_k8s::Client, want: usize) -> Result<Vec<PodRecord
 /// The lab's pods from the API's: addresses by slot on each node, in name order.
 fn lay_out(state: &State, mut pods: Vec<PodRecord>) -> Result<Vec<PodRec>, LabError> {
     pods.sort_by(|a, b| (&a.node, &a.namespace, &a.name).cmp(&(&b.node, &b.namespace, &b.name)));
-    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
-    let mut hashes = HashSet::new();
-    let mut out = Vec::new();
+    let mut laid = State { pods: Vec::new(), ..state.clone() };
     for p in pods {
-        let Some(index) = state.nodes.iter().position(|n| n.name == p.node) else {
-            return Err(api_err(format!("pod {}/{} was placed on {}, which is not a lab node", p.namespace, p.name, p.node)));
-        };
-        let slot = per_node.entry(p.node.clone()).or_default();
-        if *slot >= plan::MAX_PODS_PER_NODE {
-            return Err(LabError::plan(format!("{} got more than {} pods; use more --nodes", p.node, plan::MAX_PODS_PER_NODE)));
-        }
-        let mut hash8 = plan::pod_hash8(&p.namespace, &p.name);
-        let mut salt = 0;
-        while !hashes.insert(hash8.clone()) {
-            salt += 1;
-            hash8 = plan::pod_hash8(&p.namespace, &format!("{}#{salt}", p.name));
-        }
-        let owner = |o: Option<(String, String)>| o.map(|(kind, name)| OwnerRec { kind, name });
-        out.push(PodRec {
-            ipv4: plan::pod_ipv4(index + 1, *slot),
-            ipv6: plan::pod_ipv6(index + 1, *slot),
-            netns: plan::pod_netns(&hash8),
-            host_ifname: plan::pod_host_ifname(&hash8),
-            ports: p.ports.iter().map(|(name, port, protocol)| PortRec { name: name.clone(), port: *port, protocol: protocol.clone() }).collect(),
-            owner: owner(p.owner),
-            workload: owner(p.workload),
-            uid: p.uid,
-            labels: p.labels,
-            node: p.node,
-            namespace: p.namespace,
-            name: p.name,
-        });
-        *slot += 1;
+        let rec = pod_rec(&laid, p)?;
+        laid.pods.push(rec);
     }
-    Ok(out)
+    Ok(laid.pods)
+}
+
+/// A pod placed by the scheduler, laid out beside `state`'s pods: the first free
+/// address slot of its node, and a namespace and veth name no other pod has.
+pub(crate) fn pod_rec(state: &State, p: PodRecord) -> Result<PodRec, LabError> {
+    let Some(index) = state.nodes.iter().position(|n| n.name == p.node) else {
+        return Err(api_err(format!("pod {}/{} was placed on {}, which is not a lab node", p.namespace, p.name, p.node)));
+    };
+    let taken = |slot: usize| state.pods.iter().any(|q| q.ipv4 == plan::pod_ipv4(index + 1, slot));
+    let Some(slot) = (0..plan::MAX_PODS_PER_NODE).find(|s| !taken(*s)) else {
+        return Err(LabError::plan(format!("{} got more than {} pods; use more --nodes", p.node, plan::MAX_PODS_PER_NODE)));
+    };
+    let mut hash8 = plan::pod_hash8(&p.namespace, &p.name);
+    let mut salt = 0;
+    while state.pods.iter().any(|q| q.netns == plan::pod_netns(&hash8)) {
+        salt += 1;
+        hash8 = plan::pod_hash8(&p.namespace, &format!("{}#{salt}", p.name));
+    }
+    let owner = |o: Option<(String, String)>| o.map(|(kind, name)| OwnerRec { kind, name });
+    Ok(PodRec {
+        ipv4: plan::pod_ipv4(index + 1, slot),
+        ipv6: plan::pod_ipv6(index + 1, slot),
+        netns: plan::pod_netns(&hash8),
+        host_ifname: plan::pod_host_ifname(&hash8),
+        ports: p.ports.iter().map(|(name, port, protocol)| PortRec { name: name.clone(), port: *port, protocol: protocol.clone() }).collect(),
+        owner: owner(p.owner),
+        workload: owner(p.workload),
+        uid: p.uid,
+        labels: p.labels,
+        node: p.node,
+        namespace: p.namespace,
+        name: p.name,
+    })
 }
 
 /// Says every pod runs where the lab built it (the lab's kubelet, once the pods'
@@ -237,58 +240,6 @@ pub(crate) fn post_running(api: &ApiRec, state: &State) -> Result<(), LabError> 
         }
         Ok(())
     })?
-}
-
-/// The kubelet's standing duties for every node of the lab, until `stop` says so: renew
-/// the node's lease, renew the tokens of flows' components (as a kubelet renews the
-/// tokens it projects into pods), and finish the deletion of its pods (the lab does not
-/// rebuild them yet: a deleted pod's namespace stays until `flows lab down`).
-pub fn kubelet(api: &ApiRec, nodes: Vec<String>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<(), LabError> {
-    use std::sync::atomic::Ordering;
-    crate::runtime::block_on(async move {
-        let client = cluster::connect(&api.kubeconfig).await.map_err(api_err)?;
-        let applier = cluster::Applier::new(client.clone());
-        let mut last = Instant::now() - cluster::HEARTBEAT;
-        // Tokens issued at `up` are due at four fifths of their life; until the first
-        // renewal here, count from now (an agent restarted later renews early, harmlessly).
-        let mut due: Vec<(Component, i64)> =
-            Component::ALL.iter().map(|c| (*c, components::renewal_due(components::unix_now() + components::TOKEN_TTL.as_secs() as i64))).collect();
-        while !stop.load(Ordering::Relaxed) {
-            if last.elapsed() >= cluster::HEARTBEAT {
-                for n in &nodes {
-                    if let Err(e) = cluster::renew_lease(&applier, n).await {
-                        tracing::warn!(node = %n, error = %e, "renewing the node's lease");
-                    }
-                }
-                renew_tokens(&client, api, &mut due).await;
-                last = Instant::now();
-            }
-            match cluster::pods(&client).await {
-                Ok(pods) => {
-                    for p in pods.iter().filter(|p| p.deleting && nodes.contains(&p.node)) {
-                        if let Err(e) = cluster::finish_deletion(&client, &p.namespace, &p.name).await {
-                            tracing::warn!(pod = %p.name, error = %e, "finishing a deletion");
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "listing pods"),
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        Ok(())
-    })?
-}
-
-/// Renews each token that is due; one that fails is tried again at the next heartbeat
-/// (the old one stays valid for a fifth of its life).
-async fn renew_tokens(client: &flows_k8s::Client, api: &ApiRec, due: &mut [(Component, i64)]) {
-    let now = components::unix_now();
-    for (c, at) in due.iter_mut().filter(|(_, at)| *at <= now) {
-        match components::issue_token(client, api, *c).await {
-            Ok(expires) => *at = components::renewal_due(expires),
-            Err(e) => tracing::warn!(account = c.account(), error = %e, "renewing a component's token"),
-        }
-    }
 }
 
 /// Applies documents through the API server as `manager`, as `kubectl apply

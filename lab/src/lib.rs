@@ -17,6 +17,7 @@ pub mod dns;
 pub mod drive;
 pub mod manifests;
 pub mod error;
+mod kubelet;
 pub mod net;
 pub mod netns;
 pub mod plan;
@@ -175,18 +176,17 @@ fn build_and_start(state: &mut State, input: &spec::Input, opts: &UpOptions) -> 
         state.save(dir)?;
     }
     net::build(state)?;
+    state.write_drop_netns(dir)?;
     let pid = agent::spawn(dir, &opts.agent)?;
-    // Recorded before waiting, so a failed start is still stopped by the cleanup.
-    state.daemons.push(Daemon {
-        role: agent::ROLE.to_string(),
-        node: None,
-        pid,
-    });
-    state.save(dir)?;
+    // Recorded before waiting, so a failed start is still stopped by the cleanup; under
+    // the lock and from the file, as the agent's kubelet may have built a pod already.
+    state::add_daemon(dir, Daemon { role: agent::ROLE.to_string(), node: None, pid })?;
+    *state = State::load(dir)?;
     let timeout = opts.ready_timeout.unwrap_or_else(|| {
         Duration::from_secs(30) + Duration::from_millis(100) * state.pods.len() as u32
     });
     agent::wait_ready(dir, pid, timeout)?;
+    *state = State::load(dir)?;
     if let Some(api) = &state.api {
         cluster_api::post_running(api, state)?;
     }
@@ -283,8 +283,9 @@ pub(crate) fn down_unlocked(dir: &Path) -> Result<DownReport, LabError> {
             if announced || name == "relay.addr" || name == "relay.listen" {
                 let _ = fs::remove_file(e.path());
             }
-            // The relay's embedded store: the lab's history goes with the lab.
-            if name == "store" && e.path().is_dir() {
+            // The relay's embedded store: the lab's history goes with the lab; so do the
+            // probes' lists of namespaces.
+            if (name == "store" || name == "drop-netns") && e.path().is_dir() {
                 let _ = fs::remove_dir_all(e.path());
             }
         }

@@ -12,7 +12,7 @@ use crate::plan::{
     WORLD_UPLINK_V6,
 };
 use crate::proxy;
-use crate::state::State;
+use crate::state::{PodRec, State};
 
 /// Every netns the lab makes starts with this.
 pub const NETNS_PREFIX: &str = "flows-";
@@ -201,18 +201,26 @@ fn set_sysctls(state: &State) -> Result<(), LabError> {
         netns::sysctls(&node.netns, &s)?;
     }
     for pod in &state.pods {
-        let mut s = NO_DAD.to_vec();
-        s.extend([
+        pod_sysctls(&pod.netns)?;
+    }
+    Ok(())
+}
+
+/// A pod's namespace: no DAD, no redirects, ping for every group.
+fn pod_sysctls(netns: &str) -> Result<(), LabError> {
+    netns::sysctls(
+        netns,
+        &[
+            ("net.ipv6.conf.all.accept_dad", "0"),
+            ("net.ipv6.conf.default.accept_dad", "0"),
             // Unprivileged ICMP datagram sockets (ping) for every group.
             ("net.ipv4.ping_group_range", "0 2147483647"),
             ("net.ipv4.conf.all.accept_redirects", "0"),
             ("net.ipv4.conf.default.accept_redirects", "0"),
             ("net.ipv6.conf.all.accept_redirects", "0"),
             ("net.ipv6.conf.default.accept_redirects", "0"),
-        ]);
-        netns::sysctls(&pod.netns, &s)?;
-    }
-    Ok(())
+        ],
+    )
 }
 
 /// The underlay switch, with one veth per node and one for the world.
@@ -270,22 +278,23 @@ fn build_nodes(state: &State) -> Result<(), LabError> {
             ));
         }
         for pod in state.pods.iter().filter(|p| p.node == node.name) {
-            b.push(format!(
-                "link add {} type veth peer name eth0 netns {}",
-                pod.host_ifname, pod.netns
-            ));
-            b.push(format!("link set {} master {NODE_BRIDGE}", pod.host_ifname));
-            // A pod reaching itself through its own service: br_netfilter bridges the DNATed
-            // frame back out of the port it came in on, which only hairpin mode allows.
-            b.push(format!(
-                "link set {} type bridge_slave hairpin on",
-                pod.host_ifname
-            ));
-            b.push(format!("link set {} up", pod.host_ifname));
+            b.extend(pod_veth(pod));
         }
         ip_batch(Some(&node.netns), &b)?;
     }
     Ok(())
+}
+
+/// The node's side of a pod: a veth on the node's bridge, its peer the pod's eth0.
+fn pod_veth(pod: &PodRec) -> [String; 4] {
+    [
+        format!("link add {} type veth peer name eth0 netns {}", pod.host_ifname, pod.netns),
+        format!("link set {} master {NODE_BRIDGE}", pod.host_ifname),
+        // A pod reaching itself through its own service: br_netfilter bridges the DNATed
+        // frame back out of the port it came in on, which only hairpin mode allows.
+        format!("link set {} type bridge_slave hairpin on", pod.host_ifname),
+        format!("link set {} up", pod.host_ifname),
+    ]
 }
 
 /// The world host: the internet's stand-in, default route of every node.
@@ -317,35 +326,56 @@ fn build_world(state: &State) -> Result<(), LabError> {
 /// Pods: eth0 with the next addresses of the node's CIDRs, default routes via the bridge.
 fn build_pods(state: &State) -> Result<(), LabError> {
     for pod in &state.pods {
-        let idx = state
-            .nodes
-            .iter()
-            .position(|n| n.name == pod.node)
-            .ok_or_else(|| {
-                LabError::plan(format!(
-                    "pod {}/{} is on unknown node {}",
-                    pod.namespace, pod.name, pod.node
-                ))
-            })?;
-        let i = idx + 1;
-        let p = vec![
-            "link set lo up".to_string(),
-            format!("addr add {}/24 dev eth0", pod.ipv4),
-            format!("addr add {}/64 dev eth0 nodad", pod.ipv6),
-            "link set eth0 up".to_string(),
-            format!(
-                "route add default via {} dev eth0",
-                plan::node_gateway_v4(i)
-            ),
-            format!("route add ::/0 via {} dev eth0", plan::node_gateway_v6(i)),
-        ];
-        ip_batch(Some(&pod.netns), &p)?;
+        ip_batch(Some(&pod.netns), &pod_inside(state, pod)?)?;
     }
     Ok(())
 }
 
-/// kube-proxy: the same service rules on every node.
-fn load_service_rules(state: &State) -> Result<(), LabError> {
+fn pod_inside(state: &State, pod: &PodRec) -> Result<Vec<String>, LabError> {
+    let idx = state.nodes.iter().position(|n| n.name == pod.node).ok_or_else(|| {
+        LabError::plan(format!("pod {}/{} is on unknown node {}", pod.namespace, pod.name, pod.node))
+    })?;
+    let i = idx + 1;
+    Ok(vec![
+        "link set lo up".to_string(),
+        format!("addr add {}/24 dev eth0", pod.ipv4),
+        format!("addr add {}/64 dev eth0 nodad", pod.ipv6),
+        "link set eth0 up".to_string(),
+        format!("route add default via {} dev eth0", plan::node_gateway_v4(i)),
+        format!("route add ::/0 via {} dev eth0", plan::node_gateway_v6(i)),
+    ])
+}
+
+/// One pod of a lab that is up (the kubelet's work for a pod placed after `up`): its
+/// namespace, its veth on its node's bridge, its addresses and routes. What was made
+/// stays on error: [`remove_pod`] takes it away.
+pub(crate) fn build_pod(state: &State, pod: &PodRec) -> Result<(), LabError> {
+    let node = state
+        .node(&pod.node)
+        .ok_or_else(|| LabError::plan(format!("pod {}/{} is on unknown node {}", pod.namespace, pod.name, pod.node)))?;
+    ip_batch(None, &[format!("netns add {}", pod.netns)])?;
+    pod_sysctls(&pod.netns)?;
+    ip_batch(Some(&node.netns), &pod_veth(pod))?;
+    ip_batch(Some(&pod.netns), &pod_inside(state, pod)?)
+}
+
+/// Removes a pod's network. The veth goes first: a namespace outlives `netns del` while
+/// a socket holds it, and its address may be handed to the next pod at once.
+pub(crate) fn remove_pod(state: &State, pod: &PodRec) -> Result<(), LabError> {
+    if let Some(node) = state.node(&pod.node) {
+        let links = run_tool("ip", &["-n", &node.netns, "-o", "link", "show"], None)?;
+        if links.lines().any(|l| l.split(':').nth(1).is_some_and(|n| n.trim().split('@').next() == Some(pod.host_ifname.as_str()))) {
+            run_tool("ip", &["-n", &node.netns, "link", "del", &pod.host_ifname], None)?;
+        }
+    }
+    if netns::netns_exists(&pod.netns) {
+        run_tool("ip", &["netns", "del", &pod.netns], None)?;
+    }
+    Ok(())
+}
+
+/// kube-proxy: the same service rules on every node (again whenever pods come or go).
+pub(crate) fn load_service_rules(state: &State) -> Result<(), LabError> {
     let rules = proxy::nft_ruleset(state);
     for node in &state.nodes {
         run_tool(

@@ -216,6 +216,32 @@ impl State {
     }
 }
 
+/// The file listing the namespaces whose kernel drops a node's probe reports (its own
+/// and its pods'): every lab node shares one kernel, so each probe must be told which
+/// drops are its node's. Rewritten whenever pods come or go; the probe reads it again.
+pub fn drop_netns_file(dir: &Path, node: &str) -> PathBuf {
+    dir.join("drop-netns").join(node)
+}
+
+impl State {
+    /// Writes [`drop_netns_file`] for every node, atomically.
+    pub fn write_drop_netns(&self, dir: &Path) -> Result<(), LabError> {
+        let to = dir.join("drop-netns");
+        fs::create_dir_all(&to).map_err(|e| LabError::io(&to, e))?;
+        for node in &self.nodes {
+            let mut text = format!("/run/netns/{}\n", node.netns);
+            for p in self.pods.iter().filter(|p| p.node == node.name) {
+                text.push_str(&format!("/run/netns/{}\n", p.netns));
+            }
+            let path = drop_netns_file(dir, &node.name);
+            let tmp = to.join(format!(".{}.tmp", node.name));
+            fs::write(&tmp, text).map_err(|e| LabError::io(&tmp, e))?;
+            fs::rename(&tmp, &path).map_err(|e| LabError::io(&path, e))?;
+        }
+        Ok(())
+    }
+}
+
 /// An exclusive flock on `<dir>/state.lock`, released on drop.
 pub(crate) struct DirLock {
     _file: File,

@@ -38,6 +38,10 @@ struct Args {
     /// /run/netns/NAME). Needed when several probes share one kernel, as in the lab.
     #[arg(long = "drop-netns")]
     drop_netns: Vec<PathBuf>,
+    /// As --drop-netns, from a file of such paths (one per line), read again at every
+    /// interface scan: for a host whose namespaces come and go (the lab's pods).
+    #[arg(long)]
+    drop_netns_file: Option<PathBuf>,
     /// Seconds between scans for new or removed pod interfaces.
     #[arg(long, default_value_t = 1.0)]
     iface_poll_secs: f64,
@@ -111,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
         ring_capacity: args.ring_capacity,
         kernel_drops: !args.no_kernel_drops,
         drop_netns: args.drop_netns,
+        drop_netns_file: args.drop_netns_file,
         iface_poll: Duration::from_secs_f64(args.iface_poll_secs),
         listen: args.listen,
         ready_file: args.ready_file,

@@ -73,6 +73,8 @@ pub struct ProbeConfig {
     /// Report only kernel drops that happen in these namespaces (files such as
     /// /run/netns/NAME); needed when several probes share a kernel.
     pub drop_netns: Vec<PathBuf>,
+    /// More such paths, one per line, read again at every interface scan.
+    pub drop_netns_file: Option<PathBuf>,
     pub iface_poll: Duration,
     pub listen: SocketAddr,
     /// Written (with the listen address) once interfaces are attached and the server is up.
@@ -105,6 +107,23 @@ fn netns_inode(path: &PathBuf) -> Result<u32, ProbeError> {
         })
 }
 
+/// The namespaces whose kernel drops are reported, from the flags and the file.
+fn drop_netns_at_start(cfg: &ProbeConfig) -> Result<Vec<u32>, ProbeError> {
+    let mut drop_netns = Vec::new();
+    for p in &cfg.drop_netns {
+        drop_netns.push(netns_inode(p)?);
+    }
+    if let Some(file) = &cfg.drop_netns_file {
+        let text = std::fs::read_to_string(file).map_err(|source| ProbeError::Netns { path: file.clone(), source })?;
+        drop_netns.extend(listed_netns(&text));
+        if drop_netns.is_empty() {
+            // An empty list must still filter (report nothing), not turn the filter off.
+            drop_netns.push(0);
+        }
+    }
+    Ok(drop_netns)
+}
+
 /// Runs the probe until `shutdown` resolves. Everything attached is detached on return.
 pub async fn run(
     cfg: ProbeConfig,
@@ -112,10 +131,7 @@ pub async fn run(
 ) -> Result<(), ProbeError> {
     // Bad certificate files stop the probe before anything is attached.
     let tls = cfg.tls.as_ref().map(flows_tls::ServerTls::load).transpose()?;
-    let mut drop_netns = Vec::new();
-    for p in &cfg.drop_netns {
-        drop_netns.push(netns_inode(p)?);
-    }
+    let drop_netns = drop_netns_at_start(&cfg)?;
     let netns_path = cfg.netns.as_ref().map(|n| PathBuf::from("/run/netns").join(n));
     let (datapath, maps) = Datapath::start(DatapathConfig {
         netns: netns_path,
@@ -428,10 +444,59 @@ async fn watch_interfaces(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(cfg.iface_poll);
+    let mut drop_netns: Option<Vec<u32>> = None;
     loop {
         tokio::select! {
-            _ = tick.tick() => sync_interfaces(&datapath, &cfg, &ifnames).await,
+            _ = tick.tick() => {
+                sync_interfaces(&datapath, &cfg, &ifnames).await;
+                if let Some(file) = &cfg.drop_netns_file {
+                    sync_drop_netns(&datapath, &cfg.drop_netns, file, &mut drop_netns);
+                }
+            }
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// The inodes of the namespaces listed in `text`, one path per line; a namespace that
+/// is gone is skipped (its pod was deleted between the write and the read).
+fn listed_netns(text: &str) -> Vec<u32> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| std::fs::metadata(l).ok().map(|m| m.ino() as u32))
+        .collect()
+}
+
+/// Hands the datapath the namespaces of `--drop-netns` and of the file, when they changed.
+fn sync_drop_netns(datapath: &Datapath, fixed: &[PathBuf], file: &std::path::Path, last: &mut Option<Vec<u32>>) {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return; // being replaced, or gone: the filter stays as it is
+    };
+    let mut now: Vec<u32> = fixed.iter().filter_map(|p| std::fs::metadata(p).ok().map(|m| m.ino() as u32)).collect();
+    now.extend(listed_netns(&text));
+    now.sort_unstable();
+    now.dedup();
+    if last.as_ref() == Some(&now) {
+        return;
+    }
+    match datapath.set_drop_netns(now.clone()) {
+        Ok(()) => {
+            tracing::info!(namespaces = now.len(), "kernel drops reported for these namespaces");
+            *last = Some(now);
+        }
+        Err(e) => tracing::warn!(error = %e, "updating the namespaces of kernel drops"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listed_namespace_that_is_gone_is_skipped() {
+        let own = std::fs::metadata("/proc/self/ns/net").expect("own netns").ino() as u32;
+        let text = "/proc/self/ns/net\n\n  /run/netns/flows-no-such-namespace  \n";
+        assert_eq!(listed_netns(text), [own]);
     }
 }

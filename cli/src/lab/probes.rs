@@ -137,11 +137,9 @@ fn spawn_probe(dir: &Path, state: &State, node: &flows_lab::state::Node) -> anyh
         .arg(&manifests)
         .arg("--ready-file")
         .arg(&ready)
-        .arg("--drop-netns")
-        .arg(Path::new("/run/netns").join(&node.netns));
-    for p in state.pods.iter().filter(|p| p.node == node.name) {
-        cmd.arg("--drop-netns").arg(Path::new("/run/netns").join(&p.netns));
-    }
+        // Its node's namespaces, kept current by the lab's kubelet as pods come and go.
+        .arg("--drop-netns-file")
+        .arg(flows_lab::state::drop_netns_file(dir, &node.name));
     if let (Some(cert), Some(key), Some(ca)) =
         (tls_file(dir, "probe.crt"), tls_file(dir, "probe.key"), tls_file(dir, "ca.crt"))
     {

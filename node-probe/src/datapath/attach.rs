@@ -56,6 +56,8 @@ enum Cmd {
     Prune(mpsc::Sender<Vec<String>>),
     /// At shutdown: keep pinned links in force (true) or remove them (false).
     KeepPinned(bool),
+    /// The namespaces (inodes) whose kernel drops are reported, from now on.
+    DropNetns(Vec<u32>, mpsc::Sender<Result<(), DatapathError>>),
 }
 
 /// Handle to the datapath thread. Dropping it detaches everything.
@@ -108,6 +110,9 @@ impl Datapath {
                             let _ = reply.send(state.prune());
                         }
                         Cmd::KeepPinned(keep) => state.keep_pinned = keep,
+                        Cmd::DropNetns(inodes, reply) => {
+                            let _ = reply.send(state.set_drop_netns(&inodes));
+                        }
                     }
                 }
                 state.release();
@@ -167,6 +172,18 @@ impl Datapath {
         if let Some(c) = &self.cmds {
             let _ = c.send(Cmd::KeepPinned(keep));
         }
+    }
+
+    /// Reports kernel drops in these namespaces only (those of the filter the datapath
+    /// started with: a filter that was off stays off).
+    pub fn set_drop_netns(&self, inodes: Vec<u32>) -> Result<(), DatapathError> {
+        let (tx, rx) = mpsc::channel();
+        self.cmds
+            .as_ref()
+            .ok_or(DatapathError::Stopped)?
+            .send(Cmd::DropNetns(inodes, tx))
+            .map_err(|_| DatapathError::Stopped)?;
+        rx.recv().map_err(|_| DatapathError::Stopped)?
     }
 
     /// Forgets an interface (it disappeared; the kernel already released its links).
@@ -438,6 +455,19 @@ impl DatapathThread {
 
     /// Pins under the pin directory that no interface of ours holds: an earlier probe's,
     /// on interfaces gone or no longer selected. Removed (their programs detach).
+    fn set_drop_netns(&mut self, inodes: &[u32]) -> Result<(), DatapathError> {
+        let map = self.ebpf.map_mut("DROP_NETNS").ok_or(DatapathError::MissingMap { name: "DROP_NETNS" })?;
+        let mut netns: BpfHashMap<_, u32, u8> = BpfHashMap::try_from(map).map_err(map_err("DROP_NETNS"))?;
+        let old: Vec<u32> = netns.keys().filter_map(Result::ok).filter(|k| !inodes.contains(k)).collect();
+        for ino in inodes {
+            netns.insert(ino, 1, 0).map_err(map_err("DROP_NETNS"))?;
+        }
+        for ino in &old {
+            netns.remove(ino).map_err(map_err("DROP_NETNS"))?;
+        }
+        Ok(())
+    }
+
     fn prune(&mut self) -> Vec<String> {
         let Some(dir) = &self.pin_dir else { return Vec::new() };
         let mut removed = Vec::new();
