@@ -21,8 +21,10 @@ pub struct FilterArgs {
     /// Flows from or to pods of this namespace.
     #[arg(short = 'n', long)]
     pub namespace: Vec<String>,
+    /// Flows from pods of this namespace.
     #[arg(long)]
     pub from_namespace: Vec<String>,
+    /// Flows to pods of this namespace.
     #[arg(long)]
     pub to_namespace: Vec<String>,
     /// All namespaces (the default; accepted for compatibility).
@@ -31,36 +33,46 @@ pub struct FilterArgs {
     /// Flows from or to a pod: [namespace/]name-prefix.
     #[arg(long)]
     pub pod: Vec<String>,
+    /// Flows from a pod: [namespace/]name-prefix.
     #[arg(long)]
     pub from_pod: Vec<String>,
+    /// Flows to a pod: [namespace/]name-prefix.
     #[arg(long)]
     pub to_pod: Vec<String>,
     /// Label selector (app=web,tier in (a,b),!legacy) on either end.
     #[arg(short = 'l', long)]
     pub label: Vec<String>,
+    /// Label selector on the source.
     #[arg(long)]
     pub from_label: Vec<String>,
+    /// Label selector on the destination.
     #[arg(long)]
     pub to_label: Vec<String>,
     /// Address or CIDR of either end.
     #[arg(long)]
     pub ip: Vec<String>,
+    /// Address or CIDR of the source.
     #[arg(long)]
     pub from_ip: Vec<String>,
+    /// Address or CIDR of the destination.
     #[arg(long)]
     pub to_ip: Vec<String>,
     /// Port (or range a-b) of either end.
     #[arg(long)]
     pub port: Vec<String>,
+    /// Source port (or range a-b).
     #[arg(long)]
     pub from_port: Vec<String>,
+    /// Destination port (or range a-b).
     #[arg(long)]
     pub to_port: Vec<String>,
     /// Workload (Deployment, StatefulSet... name) of either end.
     #[arg(long)]
     pub workload: Vec<String>,
+    /// Workload of the source.
     #[arg(long)]
     pub from_workload: Vec<String>,
+    /// Workload of the destination.
     #[arg(long)]
     pub to_workload: Vec<String>,
     /// L4 protocol: tcp, udp, sctp, icmpv4, icmpv6.
@@ -75,6 +87,10 @@ pub struct FilterArgs {
     /// Node name (`*` matches any run of characters).
     #[arg(long)]
     pub node_name: Vec<String>,
+    /// Put the next filter flag in the deny list: `--not --to-port 53` (repeat for
+    /// more). Taken from the command line before the other flags are read.
+    #[arg(long = "not")]
+    pub not: bool,
 }
 
 fn verdict(s: &str) -> anyhow::Result<i32> {
@@ -210,7 +226,7 @@ pub fn split_not(args: Vec<std::ffi::OsString>) -> anyhow::Result<(Vec<std::ffi:
             .next()
             .context("--not must be followed by a filter flag, e.g. --not --to-port 53")?;
         let f = flag.to_string_lossy().to_string();
-        if !f.starts_with('-') {
+        if !f.starts_with('-') || f == "--not" {
             bail!("--not must be followed by a filter flag, not {f:?}");
         }
         let takes_value = !(f.contains('=') || f == "-A" || f == "--all-namespaces");
@@ -355,5 +371,22 @@ mod tests {
         assert!(deny.iter().all(|f| f.destination_port == vec!["53".to_string()]));
         let bad: Vec<std::ffi::OsString> = ["flows", "observe", "--not"].iter().map(Into::into).collect();
         assert!(split_not(bad).is_err());
+        let twice: Vec<std::ffi::OsString> = ["flows", "observe", "--not", "--not", "--pod", "x"].iter().map(Into::into).collect();
+        assert!(split_not(twice).is_err(), "--not --not is refused, not read as a value");
+    }
+
+    #[test]
+    fn every_filter_flag_says_what_it_does_in_help() {
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Observe {
+            #[command(flatten)]
+            filters: FilterArgs,
+        }
+        let cmd = Observe::command();
+        let blank: Vec<String> = cmd.get_arguments().filter(|a| a.get_help().is_none()).map(|a| a.get_id().to_string()).collect();
+        assert!(blank.is_empty(), "flags without a description: {blank:?}");
+        let help = Observe::command().render_long_help().to_string();
+        assert!(help.contains("--not") && help.contains("deny list"), "{help}");
     }
 }

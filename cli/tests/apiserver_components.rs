@@ -174,6 +174,16 @@ fn phase_and_ip(admin: &Path, ns: &str, name: &str) -> String {
 fn pods_come_and_go(dir: &Path, admin: &Path) {
     let before = api_pods(dir);
     assert_eq!(before.len(), 2, "the seed's api Deployment: {before:?}");
+    // Every kube-sync paused: no probe can learn of the new pod, which must then be
+    // closed (not open to what its policies would deny) until one does.
+    let kube_syncs: Vec<u32> = flows_lab::State::load(dir).expect("state").daemons.iter().filter(|d| d.role == "kube-sync").map(|d| d.pid).collect();
+    assert!(!kube_syncs.is_empty());
+    let signal = |sig: &str| {
+        for pid in &kube_syncs {
+            assert!(Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success());
+        }
+    };
+    signal("-STOP");
     let start = Instant::now();
     assert!(kubectl(admin, &["scale", "deployment", "api", "-n", "backend", "--replicas=3"]).status.success());
     let mut new = None;
@@ -185,13 +195,31 @@ fn pods_come_and_go(dir: &Path, admin: &Path) {
     eprintln!("FIGURE scale-up to the new pod Running (built: netns, veth, listeners, service rules): {running:?}");
     assert!(flows_lab::netns::netns_exists(&new.netns));
     let to_new = |from: &str, protocol: &str, port: u16| format!("from: {from}, to: {{ pod: backend/{} }}, protocol: {protocol}, port: {port}", new.name);
-    // Its siblings' verdicts (lab/scenarios/seed-traffic-policies.yaml): the policy covers it.
+    // The probe of its node takes the new interface at its next scan.
+    let probe_log = dir.join(format!("probe-{}.log", new.node));
+    let attached = until("the new pod's interface is attached", Duration::from_secs(15), || {
+        std::fs::read_to_string(&probe_log).unwrap_or_default().lines().any(|l| l.contains("attached") && l.contains(&new.host_ifname))
+    });
+    eprintln!("FIGURE new pod Running to its interface attached (unenforced meanwhile; one scan at most): {attached:?}");
+    // A datagram from the world to the new pod is denied, and reported with `reason`.
+    let world_denied = |name: &str, reason: &str| {
+        let since = common::now_rfc3339();
+        assert!(!attempt(dir, name, &to_new("world", "UDP", 5353)), "{name}: denied");
+        until(&format!("{name}: reported as {reason}"), Duration::from_secs(15), || {
+            let out = ok(dir, &["observe", "--since", &since, "--to-pod", &format!("backend/{}", new.name), "--verdict", "DROPPED", "-o", "json"]);
+            out.lines().any(|l| l.contains(&format!("\"{reason}\"")))
+        });
+    };
+    // The world's packets meet no source-side policy: the destination's node must close
+    // the pod it does not know.
+    world_denied("unknown-from-world", "POLICY_ENDPOINT_UNKNOWN");
+    assert!(!attempt(dir, "unknown-from-backend", &to_new("backend/backend", "UDP", 5353)), "closed to all, until its policy is known");
+    signal("-CONT");
+    // Its siblings' verdicts (lab/scenarios/seed-traffic-policies.yaml) once its policy
+    // is known.
     let allowed = until("the new pod is reachable where its siblings are", Duration::from_secs(15), || attempt(dir, "to-new", &to_new("backend/backend", "UDP", 5353)));
-    eprintln!("FIGURE new pod Running to reachable under the policies: {allowed:?}");
-    // Until the node's probe has the new address in its policy, the pod is selected by
-    // nothing and is open (the window is printed; see the README).
-    let covered = until("the new pod is denied where its siblings are", Duration::from_secs(15), || !attempt(dir, "to-new-denied", &to_new("frontend/frontend", "UDP", 5353)));
-    eprintln!("FIGURE new pod reachable to its policy enforced: {covered:?}; Running to policy enforced: {:?}", allowed + covered);
+    eprintln!("FIGURE kube-sync resumed to the new pod reachable under its policies: {allowed:?}");
+    world_denied("known-from-world", "POLICY_DENIED");
     // Nothing listens on 9: a kernel drop in the new pod's namespace, named by the relay.
     let since = common::now_rfc3339();
     let refused = until("the kernel's drop in the new pod is reported and named", Duration::from_secs(15), || {

@@ -64,6 +64,10 @@ pub const POLICY_INGRESS_EVALUATED: u8 = 1 << 0;
 pub const POLICY_INGRESS_ALLOWED: u8 = 1 << 1;
 pub const POLICY_EGRESS_EVALUATED: u8 = 1 << 2;
 pub const POLICY_EGRESS_ALLOWED: u8 = 1 << 3;
+/// With POLICY_INGRESS_EVALUATED: the destination, a pod behind this interface, is not
+/// in the policy yet (a pod newer than the policy the probe holds). It is decided as
+/// closed, with the node's default mode, until the policy names it.
+pub const POLICY_ENDPOINT_UNKNOWN: u8 = 1 << 4;
 
 /// Enforcement modes of an endpoint (its namespace's).
 pub const MODE_OFF: u8 = 0;

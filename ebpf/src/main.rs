@@ -26,7 +26,7 @@ use flows_common::{
     FragKey, FragValue, KernelOffsets, L4_KNOWN, L4_UNKNOWN_EXT_HEADERS, L4_UNKNOWN_FRAGMENT,
     L4_UNKNOWN_ICMP, L4_UNKNOWN_PROTOCOL, L4_UNKNOWN_TRUNCATED, MODE_ENFORCE, MODE_OFF, POINT_FROM_ENDPOINT, POINT_FROM_NETWORK,
     POINT_KERNEL_DROP, POINT_TO_ENDPOINT, POINT_TO_NETWORK, POLICY_EGRESS_ALLOWED,
-    POLICY_EGRESS_EVALUATED, POLICY_INGRESS_ALLOWED, POLICY_INGRESS_EVALUATED, PROTO_ICMP,
+    POLICY_EGRESS_EVALUATED, POLICY_ENDPOINT_UNKNOWN, POLICY_INGRESS_ALLOWED, POLICY_INGRESS_EVALUATED, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_L4_UNKNOWN, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, RAW_EVENT_SIZE, RawEvent, TCP_ACK, TCP_FIN,
     TCP_RST, TCP_SYN, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED, VERDICT_NONE,
     WATCH_F_ORIG_SWAPPED, WATCH_F_POLICY_DROP, counter,
@@ -99,6 +99,12 @@ static POLICY: LpmTrie<PolicyKey, u32> = LpmTrie::with_max_entries(1 << 20, 0);
 /// Current policy revision; connections evaluated at an older one are evaluated again.
 #[map]
 static POLICY_REV: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The mode for a pod behind one of this node's interfaces that the policy does not
+/// know yet: MODE_OFF (open: no policy source) until user space has a policy, then the
+/// node's default mode, so a new pod is closed until its policy arrives.
+#[map]
+static UNKNOWN_ENDPOINT_MODE: Array<u8> = Array::with_max_entries(1, 0);
 
 #[unsafe(no_mangle)]
 static OFFSETS: KernelOffsets = KernelOffsets {
@@ -726,6 +732,13 @@ fn decide(t: &FlowTuple, ingress: bool, reverse: bool, v: &mut Verdict) {
                         enforce |= ep.mode == MODE_ENFORCE;
                     }
                 }
+            }
+        } else {
+            let mode = UNKNOWN_ENDPOINT_MODE.get(0).copied().unwrap_or(MODE_OFF);
+            if mode != MODE_OFF {
+                v.policy |= POLICY_INGRESS_EVALUATED | POLICY_ENDPOINT_UNKNOWN;
+                denied = true;
+                enforce |= mode == MODE_ENFORCE;
             }
         }
     }

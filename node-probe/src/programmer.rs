@@ -137,7 +137,9 @@ impl PolicyProgrammer {
             *t = state.sets.clone();
         }
         let (policies, endpoints) = (m.policies.len(), state.endpoints.len());
-        match self.maps.apply(state) {
+        // Once a policy is in force, a pod it does not know yet is closed, not open.
+        let applied = self.maps.apply(state).and_then(|u| self.maps.set_unknown_endpoint_mode(default_mode).map(|()| u));
+        match applied {
             Ok(u) => tracing::info!(
                 policies,
                 endpoints,

@@ -14,8 +14,8 @@ use flows_common::{
     AF_INET, AF_INET6, EVENT_DROP, EVENT_F_REPLY, EVENT_FLOW, L4_KNOWN, L4_UNKNOWN_EXT_HEADERS,
     L4_UNKNOWN_FRAGMENT, L4_UNKNOWN_ICMP, L4_UNKNOWN_PROTOCOL, L4_UNKNOWN_TRUNCATED, POINT_FROM_ENDPOINT,
     POINT_KERNEL_DROP, POINT_TO_ENDPOINT, POINT_TO_NETWORK, POLICY_EGRESS_ALLOWED,
-    POLICY_EGRESS_EVALUATED, POLICY_INGRESS_ALLOWED, POLICY_INGRESS_EVALUATED, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RAW_EVENT_SIZE, RawEvent, TCP_ACK, TCP_CWR,
+    POLICY_EGRESS_EVALUATED, POLICY_ENDPOINT_UNKNOWN, POLICY_INGRESS_ALLOWED, POLICY_INGRESS_EVALUATED,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RAW_EVENT_SIZE, RawEvent, TCP_ACK, TCP_CWR,
     TCP_ECE, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, TCP_URG, VERDICT_ALLOWED, VERDICT_AUDIT,
     VERDICT_DENIED,
 };
@@ -79,6 +79,8 @@ fn l4_unknown(reason: u8, proto: u8) -> Option<L4Unknown> {
 
 /// Drop reason of connections denied by NetworkPolicy in enforce mode.
 pub const POLICY_DENIED: &str = "POLICY_DENIED";
+/// Denied because the destination pod is not in the probe's policy yet (it is newer).
+pub const POLICY_ENDPOINT_UNKNOWN_REASON: &str = "POLICY_ENDPOINT_UNKNOWN";
 
 /// How the decoder names policy sets (`flows_flow::enrich::PolicySetGetter`), shared with
 /// whoever programs the policy.
@@ -281,6 +283,8 @@ impl Decoder {
                 .get(&raw.drop_reason)
                 .cloned()
                 .unwrap_or_else(|| format!("REASON_{}", raw.drop_reason))
+        } else if raw.verdict == VERDICT_DENIED && raw.policy & POLICY_ENDPOINT_UNKNOWN != 0 {
+            POLICY_ENDPOINT_UNKNOWN_REASON.to_string()
         } else if raw.verdict == VERDICT_DENIED {
             POLICY_DENIED.to_string()
         } else {

@@ -54,6 +54,7 @@ pub(crate) fn take_maps(ebpf: &mut Ebpf) -> Result<DatapathMaps, DatapathError> 
         BpfHashMap::try_from(take(ebpf, "ENDPOINTS")?).map_err(map_err("ENDPOINTS"))?,
         LpmTrie::try_from(take(ebpf, "POLICY")?).map_err(map_err("POLICY"))?,
         Array::try_from(take(ebpf, "POLICY_REV")?).map_err(map_err("POLICY_REV"))?,
+        Array::try_from(take(ebpf, "UNKNOWN_ENDPOINT_MODE")?).map_err(map_err("UNKNOWN_ENDPOINT_MODE"))?,
     );
     Ok(DatapathMaps {
         events,

@@ -19,6 +19,7 @@ pub struct PolicyMaps {
     endpoints: BpfHashMap<MapData, [u8; 16], EndpointValue>,
     policy: LpmTrie<MapData, PolicyKey, u32>,
     rev: Array<MapData, u32>,
+    unknown_mode: Array<MapData, u8>,
     current: DatapathState,
     revision: u32,
 }
@@ -93,12 +94,14 @@ impl PolicyMaps {
         endpoints: BpfHashMap<MapData, [u8; 16], EndpointValue>,
         policy: LpmTrie<MapData, PolicyKey, u32>,
         rev: Array<MapData, u32>,
+        unknown_mode: Array<MapData, u8>,
     ) -> PolicyMaps {
         PolicyMaps {
             ipcache,
             endpoints,
             policy,
             rev,
+            unknown_mode,
             current: DatapathState::default(),
             revision: 0,
         }
@@ -167,6 +170,19 @@ impl PolicyMaps {
         u.revision = self.revision;
         self.current = next;
         Ok(u)
+    }
+
+    /// How a pod behind this node's interfaces that the policy does not know yet is
+    /// decided: closed with the node's default mode once a policy source has spoken
+    /// (a new pod is not open while its address travels to the probe), open (`Off`)
+    /// without one.
+    pub fn set_unknown_endpoint_mode(&mut self, mode: Mode) -> Result<(), DatapathError> {
+        let value = match mode {
+            Mode::Off => MODE_OFF,
+            Mode::Audit => MODE_AUDIT,
+            Mode::Enforce => MODE_ENFORCE,
+        };
+        self.unknown_mode.set(0, value, 0).map_err(map_err("UNKNOWN_ENDPOINT_MODE"))
     }
 
     /// The policy sets of the state last applied (for naming policies in flows).
