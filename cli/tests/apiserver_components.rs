@@ -195,12 +195,12 @@ fn pods_come_and_go(dir: &Path, admin: &Path) {
     eprintln!("FIGURE scale-up to the new pod Running (built: netns, veth, listeners, service rules): {running:?}");
     assert!(flows_lab::netns::netns_exists(&new.netns));
     let to_new = |from: &str, protocol: &str, port: u16| format!("from: {from}, to: {{ pod: backend/{} }}, protocol: {protocol}, port: {port}", new.name);
-    // The probe of its node takes the new interface at its next scan.
+    // The probe of its node takes the new interface as the link monitor reports it.
     let probe_log = dir.join(format!("probe-{}.log", new.node));
     let attached = until("the new pod's interface is attached", Duration::from_secs(15), || {
         std::fs::read_to_string(&probe_log).unwrap_or_default().lines().any(|l| l.contains("attached") && l.contains(&new.host_ifname))
     });
-    eprintln!("FIGURE new pod Running to its interface attached (unenforced meanwhile; one scan at most): {attached:?}");
+    eprintln!("FIGURE new pod Running to its interface attached (0: attached before it was Running): {attached:?}");
     // A datagram from the world to the new pod is denied, and reported with `reason`.
     let world_denied = |name: &str, reason: &str| {
         let since = common::now_rfc3339();

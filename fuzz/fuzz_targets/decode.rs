@@ -20,10 +20,10 @@ use std::{
 use flows_common::{
     AF_INET, AF_INET6, EVENT_DROP, EVENT_F_REPLY, EVENT_FLOW, POINT_FROM_ENDPOINT, POINT_KERNEL_DROP,
     POINT_TO_ENDPOINT, POINT_TO_NETWORK, POLICY_EGRESS_ALLOWED, POLICY_EGRESS_EVALUATED,
-    POLICY_INGRESS_ALLOWED, POLICY_INGRESS_EVALUATED, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, RAW_EVENT_SIZE, RawEvent, VERDICT_DENIED,
+    POLICY_ENDPOINT_UNKNOWN, POLICY_INGRESS_ALLOWED, POLICY_INGRESS_EVALUATED, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, RAW_EVENT_SIZE, RawEvent, VERDICT_DENIED,
 };
-use flows_parser::{Clock, DecodeError, Decoder, POLICY_DENIED};
+use flows_parser::{Clock, DecodeError, Decoder, POLICY_DENIED, POLICY_ENDPOINT_UNKNOWN_REASON};
 use flows_policy::{
     Manifests,
     compile::{IdentityAllocator, Mode, NodeView, SetTable, compile_datapath},
@@ -198,7 +198,9 @@ fn check(fx: &Fixture, ev: &RawEvent, got: Result<Flow, DecodeError>) {
         assert!(!f.drop_reason.is_empty());
     } else if ev.verdict == VERDICT_DENIED {
         assert_eq!(verdict, Verdict::Dropped);
-        assert_eq!(f.drop_reason, POLICY_DENIED);
+        // A pod the probe's policy does not know yet is closed, and says so.
+        let reason = if ev.policy & POLICY_ENDPOINT_UNKNOWN != 0 { POLICY_ENDPOINT_UNKNOWN_REASON } else { POLICY_DENIED };
+        assert_eq!(f.drop_reason, reason);
     } else {
         assert!(f.drop_reason.is_empty(), "no reason without a drop");
     }

@@ -5,8 +5,10 @@
 //! probe attaches to every veth there, except names excluded on the command line (the
 //! lab's uplink, for instance). This covers bridge-based CNIs (bridge, flannel) and
 //! routed ones (Calico's `cali*`, Cilium's `lxc*`) alike; `--iface-prefix` narrows it.
-//! The list is read with `ip -json link` and polled, so pods that come and go are
-//! attached and forgotten without a restart.
+//! The list is read with `ip -json link`, again whenever `ip monitor link` reports a
+//! change (a new pod's interface is attached within milliseconds, not at the next
+//! poll), and polled as well, so pods that come and go are attached and forgotten
+//! without a restart even if the monitor fails.
 
 use std::process::Command;
 
@@ -49,6 +51,24 @@ impl IfaceSelector {
         !self.exclude.iter().any(|e| e == name)
             && (self.prefixes.is_empty() || self.prefixes.iter().any(|p| name.starts_with(p)))
     }
+}
+
+/// `ip monitor link` in a namespace: every line it prints is a link that came, went or
+/// changed. The child ends with the returned handle (killed on drop).
+pub fn monitor_links(netns: Option<&str>) -> Result<tokio::process::Child, IfaceError> {
+    let mut args: Vec<&str> = Vec::new();
+    if let Some(ns) = netns {
+        args.extend(["-n", ns]);
+    }
+    args.extend(["monitor", "link"]);
+    tokio::process::Command::new("ip")
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| IfaceError::Spawn { args: args.join(" "), source })
 }
 
 /// veth links in a network namespace (by `ip netns` name; None: the current one).

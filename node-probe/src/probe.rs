@@ -445,6 +445,7 @@ async fn watch_interfaces(
 ) {
     let mut tick = tokio::time::interval(cfg.iface_poll);
     let mut drop_netns: Option<Vec<u32>> = None;
+    let mut changes = link_changes(cfg.netns.as_deref());
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -453,9 +454,49 @@ async fn watch_interfaces(
                     sync_drop_netns(&datapath, &cfg.drop_netns, file, &mut drop_netns);
                 }
             }
+            Some(()) = changes.recv() => {
+                // A burst of lines (a veth made, moved, enslaved, set up) is one scan.
+                while changes.try_recv().is_ok() {}
+                sync_interfaces(&datapath, &cfg, &ifnames).await;
+            }
             _ = stop.changed() => return,
         }
     }
+}
+
+/// One message per line of `ip monitor link` in the node's namespace; none if it cannot
+/// run (the poll still finds every interface, a scan later).
+fn link_changes(netns: Option<&str>) -> tokio::sync::mpsc::Receiver<()> {
+    use tokio::io::AsyncBufReadExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut child = match crate::ifaces::monitor_links(netns) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "no link monitor; new interfaces are found by polling");
+            return rx;
+        }
+    };
+    let Some(out) = child.stdout.take() else { return rx };
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(out).lines();
+        loop {
+            tokio::select! {
+                line = lines.next_line() => match line {
+                    // Full: a scan is already due.
+                    Ok(Some(_)) => drop(tx.try_send(())),
+                    _ => {
+                        tracing::warn!("the link monitor ended; new interfaces are found by polling");
+                        break;
+                    }
+                },
+                // The probe stops watching: the monitor goes too.
+                () = tx.closed() => break,
+            }
+        }
+        // Killed on drop.
+        drop(child);
+    });
+    rx
 }
 
 /// The inodes of the namespaces listed in `text`, one path per line; a namespace that
