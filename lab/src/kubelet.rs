@@ -149,8 +149,7 @@ async fn sync_pods(dir: &Path, client: &flows_k8s::Client, nodes: &[String], api
         let what = format!("{}/{}", p.namespace, p.name);
         let started = Instant::now();
         match build(dir, p, link) {
-            Ok(pod) => {
-                let host = State::load(dir).ok().and_then(|s| s.node(&pod.node).map(|n| n.uplink_ipv4.to_string())).unwrap_or_default();
+            Ok((pod, host)) => {
                 let ips = [pod.ipv4.to_string(), pod.ipv6.to_string()];
                 match cluster::pod_running(client, &pod.namespace, &pod.name, &ips, &host).await {
                     Ok(()) => tracing::info!(pod = %what, node = %pod.node, elapsed_ms = started.elapsed().as_millis() as u64, "pod built and running"),
@@ -184,7 +183,8 @@ fn remove(dir: &Path, pods: &[PodRec], link: &AgentLink) -> Result<(), LabError>
 }
 
 /// Builds one pod placed after `up`; on failure, what was made is taken away again.
-fn build(dir: &Path, p: PodRecord, link: &AgentLink) -> Result<PodRec, LabError> {
+/// Returns the pod and its node's address (its hostIP).
+fn build(dir: &Path, p: PodRecord, link: &AgentLink) -> Result<(PodRec, String), LabError> {
     let _lock = DirLock::take(dir)?;
     let mut state = State::load(dir)?;
     let pod = pod_rec(&state, p)?;
@@ -200,7 +200,8 @@ fn build(dir: &Path, p: PodRecord, link: &AgentLink) -> Result<PodRec, LabError>
     state.save(dir)?;
     state.write_drop_netns(dir)?;
     net::load_service_rules(&state)?;
-    Ok(pod)
+    let host = state.node(&pod.node).map(|n| n.uplink_ipv4.to_string()).unwrap_or_default();
+    Ok((pod, host))
 }
 
 #[cfg(test)]
