@@ -135,10 +135,10 @@ async fn sync_pods(dir: &Path, client: &flows_k8s::Client, nodes: &[String], api
         Err(e) => return tracing::warn!(error = %e, "reading the lab's state"),
     };
     let plan = plan(&state, nodes, api);
-    if !plan.remove.is_empty() {
-        if let Err(e) = remove(dir, &plan.remove, link) {
-            tracing::warn!(error = %e, "removing deleted pods");
-        }
+    if !plan.remove.is_empty()
+        && let Err(e) = remove(dir, &plan.remove, link)
+    {
+        tracing::warn!(error = %e, "removing deleted pods");
     }
     for (namespace, name) in &plan.finish {
         if let Err(e) = cluster::finish_deletion(client, namespace, name).await {
