@@ -216,7 +216,7 @@ pub(crate) fn pod_rec(state: &State, p: PodRecord) -> Result<PodRec, LabError> {
         ipv4: plan::pod_ipv4(index + 1, slot),
         ipv6: plan::pod_ipv6(index + 1, slot),
         netns: plan::pod_netns(&hash8),
-        host_ifname: plan::pod_host_ifname(&hash8),
+        host_ifname: plan::pod_host_ifname(&hash8, state.cni),
         ports: p.ports.iter().map(|(name, port, protocol)| PortRec { name: name.clone(), port: *port, protocol: protocol.clone() }).collect(),
         owner: owner(p.owner),
         workload: owner(p.workload),

@@ -187,8 +187,8 @@ fn remove(dir: &Path, pods: &[PodRec], link: &AgentLink) -> Result<(), LabError>
 fn build(dir: &Path, p: PodRecord, link: &AgentLink) -> Result<(PodRec, String), LabError> {
     let _lock = DirLock::take(dir)?;
     let mut state = State::load(dir)?;
-    let pod = pod_rec(&state, p)?;
-    let made = net::build_pod(&state, &pod).and_then(|()| {
+    let mut pod = pod_rec(&state, p)?;
+    let made = net::build_pod(&state, &mut pod).and_then(|()| {
         state.pods.push(pod.clone());
         link.ask(|done| ToAgent::Serve { pods: vec![pod.clone()], zone: Zone::from_state(&state), done })
     });

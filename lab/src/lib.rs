@@ -9,6 +9,7 @@
 //! - [`testing::LabGuard`]: a lab for a test, serialized across test binaries.
 
 pub mod agent;
+pub mod cni;
 pub mod cluster_api;
 pub mod components;
 pub mod control_plane;
@@ -54,6 +55,8 @@ pub struct UpOptions {
     /// Run on a real Kubernetes control plane, from the binaries in this directory
     /// ([`control_plane::bin_dir`]); `None`: the cluster comes from the manifests alone.
     pub apiserver: Option<PathBuf>,
+    /// How pods are wired to their nodes.
+    pub cni: cni::CniMode,
 }
 
 impl UpOptions {
@@ -65,6 +68,7 @@ impl UpOptions {
             agent: AgentLaunch::default(),
             ready_timeout: None,
             apiserver: None,
+            cni: cni::CniMode::Bridge,
         }
     }
 }
@@ -132,7 +136,7 @@ pub(crate) fn take_build_lock() -> Result<File, LabError> {
 /// building fails half-way, everything built is removed before the error is returned.
 pub fn up(opts: &UpOptions) -> Result<State, LabError> {
     let input = spec::load_paths(&opts.paths)?;
-    let mut state = plan::plan(&input, opts.nodes)?;
+    let mut state = plan::plan_wired(&input, opts.nodes, opts.cni)?;
     if !is_root() {
         return Err(LabError::NotRoot);
     }
@@ -176,6 +180,8 @@ fn build_and_start(state: &mut State, input: &spec::Input, opts: &UpOptions) -> 
         state.save(dir)?;
     }
     net::build(state)?;
+    // The pods' host interfaces, where a CNI plugin named them.
+    state.save(dir)?;
     state.write_drop_netns(dir)?;
     let pid = agent::spawn(dir, &opts.agent)?;
     // Recorded before waiting, so a failed start is still stopped by the cleanup; under

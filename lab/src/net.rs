@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use crate::cni::{self, CniMode, Vxlan};
 use crate::error::LabError;
 use crate::netns::{self, list_netns};
 use crate::plan::{
@@ -12,7 +13,7 @@ use crate::plan::{
     WORLD_UPLINK_V6,
 };
 use crate::proxy;
-use crate::state::{PodRec, State};
+use crate::state::{Node, PodRec, State};
 
 /// Every netns the lab makes starts with this.
 pub const NETNS_PREFIX: &str = "flows-";
@@ -142,9 +143,11 @@ fn raise_neighbour_limits(state: &State) {
     }
 }
 
-/// Builds everything in `state`, in order. On error, what was built stays: the caller
-/// tears down.
-pub(crate) fn build(state: &State) -> Result<(), LabError> {
+/// Builds everything in `state`, in order, wired as `state.cni` says (the pods' host
+/// interfaces are recorded where a CNI plugin names them). On error, what was built
+/// stays: the caller tears down.
+pub(crate) fn build(state: &mut State) -> Result<(), LabError> {
+    cni::preflight(state.cni)?;
     raise_neighbour_limits(state);
     create_namespaces(state)?;
     set_sysctls(state)?;
@@ -248,41 +251,120 @@ fn build_underlay(state: &State) -> Result<(), LabError> {
     Ok(())
 }
 
-/// Nodes: pod bridge, uplink, routes, and the host side of each pod's veth.
+/// Nodes: uplink and default routes, the mode's pod network, and the way to the other
+/// nodes' pods (routes on the underlay, or a VXLAN tunnel).
 fn build_nodes(state: &State) -> Result<(), LabError> {
     for (idx, node) in state.nodes.iter().enumerate() {
         let i = idx + 1;
         let mut b = vec![
             "link set lo up".to_string(),
-            format!("link add {NODE_BRIDGE} type bridge mcast_snooping 0"),
-            format!("addr add {}/24 dev {NODE_BRIDGE}", plan::node_gateway_v4(i)),
-            format!(
-                "addr add {}/64 dev {NODE_BRIDGE} nodad",
-                plan::node_gateway_v6(i)
-            ),
-            format!("link set {NODE_BRIDGE} up"),
             format!("addr add {}/24 dev {NODE_UPLINK}", node.uplink_ipv4),
             format!("addr add {}/64 dev {NODE_UPLINK} nodad", node.uplink_ipv6),
             format!("link set {NODE_UPLINK} up"),
             format!("route add default via {WORLD_UPLINK_V4} dev {NODE_UPLINK}"),
             format!("route add ::/0 via {WORLD_UPLINK_V6} dev {NODE_UPLINK}"),
         ];
-        for other in state.nodes.iter().filter(|o| o.name != node.name) {
-            b.push(format!(
-                "route add {} via {} dev {NODE_UPLINK}",
-                other.pod_cidr_v4, other.uplink_ipv4
-            ));
-            b.push(format!(
-                "route add {} via {} dev {NODE_UPLINK}",
-                other.pod_cidr_v6, other.uplink_ipv6
-            ));
-        }
-        for pod in state.pods.iter().filter(|p| p.node == node.name) {
-            b.extend(pod_veth(pod));
+        b.extend(node_pod_network(state.cni, i));
+        let mut fdb = Vec::new();
+        match state.cni.vxlan() {
+            Some(vx) => {
+                b.extend(vxlan_device(vx, i, node));
+                for (jdx, other) in state.nodes.iter().enumerate().filter(|(_, o)| o.name != node.name) {
+                    let (routes, entries) = vxlan_peer(vx, jdx + 1, other);
+                    b.extend(routes);
+                    fdb.extend(entries);
+                }
+            }
+            None => {
+                for other in state.nodes.iter().filter(|o| o.name != node.name) {
+                    b.push(format!("route add {} via {} dev {NODE_UPLINK}", other.pod_cidr_v4, other.uplink_ipv4));
+                    b.push(format!("route add {} via {} dev {NODE_UPLINK}", other.pod_cidr_v6, other.uplink_ipv6));
+                }
+            }
         }
         ip_batch(Some(&node.netns), &b)?;
+        bridge_batch(&node.netns, &fdb)?;
     }
     Ok(())
+}
+
+/// What a node has for its own pods before any pod exists: the lab's bridge, or (Calico)
+/// a blackhole route for its block, so a packet to an address no pod has is dropped
+/// here rather than sent to the default route. A plugin makes its own (cni0).
+fn node_pod_network(mode: CniMode, i: usize) -> Vec<String> {
+    match mode {
+        CniMode::Bridge => vec![
+            format!("link add {NODE_BRIDGE} type bridge mcast_snooping 0"),
+            format!("addr add {}/24 dev {NODE_BRIDGE}", plan::node_gateway_v4(i)),
+            format!("addr add {}/64 dev {NODE_BRIDGE} nodad", plan::node_gateway_v6(i)),
+            format!("link set {NODE_BRIDGE} up"),
+        ],
+        CniMode::Calico | CniMode::CalicoVxlan => vec![
+            format!("route add blackhole {}", plan::pod_cidr_v4(i)),
+            format!("route add blackhole {}", plan::pod_cidr_v6(i)),
+        ],
+        CniMode::FlannelVxlan | CniMode::Kindnet => Vec::new(),
+    }
+}
+
+/// The MAC of node i's VXLAN device of one family: fixed, so peers can be told it.
+fn vtep_mac(i: usize, v6: bool) -> String {
+    format!("0e:f1:00:{:02x}:{:02x}:{:02x}", i >> 8, i & 0xff, if v6 { 6 } else { 4 })
+}
+
+/// The VXLAN devices of node i (as flanneld or calico-node make them): the tunnel
+/// endpoint on the uplink's addresses, the node's pod network address on the device.
+fn vxlan_device(vx: Vxlan, i: usize, node: &Node) -> Vec<String> {
+    let mut b = Vec::new();
+    for (v6, dev, local, addr, mtu) in [
+        (false, vx.dev_v4, node.uplink_ipv4.to_string(), format!("{}/32", vtep_v4(i)), 1450),
+        (true, vx.dev_v6, node.uplink_ipv6.to_string(), format!("{}/128", vtep_v6(i)), 1430),
+    ] {
+        b.push(format!(
+            "link add {dev} type vxlan id {} local {local} dev {NODE_UPLINK} dstport {} nolearning",
+            vx.vni, vx.port
+        ));
+        b.push(format!("link set {dev} address {} mtu {mtu}", vtep_mac(i, v6)));
+        b.push(format!("addr add {addr} dev {dev}{}", if v6 { " nodad" } else { "" }));
+        b.push(format!("link set {dev} up"));
+    }
+    b
+}
+
+/// Node j seen from another node through the tunnel: its pod CIDRs routed to its
+/// device's address, that address's MAC, and (the returned fdb lines) where that MAC is.
+fn vxlan_peer(vx: Vxlan, j: usize, other: &Node) -> (Vec<String>, Vec<String>) {
+    let mut routes = Vec::new();
+    let mut fdb = Vec::new();
+    for (v6, dev, cidr, vtep, underlay) in [
+        (false, vx.dev_v4, &other.pod_cidr_v4, vtep_v4(j).to_string(), other.uplink_ipv4.to_string()),
+        (true, vx.dev_v6, &other.pod_cidr_v6, vtep_v6(j).to_string(), other.uplink_ipv6.to_string()),
+    ] {
+        let mac = vtep_mac(j, v6);
+        routes.push(format!("route add {cidr} via {vtep} dev {dev} onlink"));
+        routes.push(format!("neigh add {vtep} lladdr {mac} dev {dev} nud permanent"));
+        fdb.push(format!("fdb append {mac} dev {dev} dst {underlay}"));
+    }
+    (routes, fdb)
+}
+
+/// Node i's tunnel address: the network address of its pod CIDR, as flannel does.
+fn vtep_v4(i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(10, 244, i as u8, 0)
+}
+
+fn vtep_v6(i: usize) -> std::net::Ipv6Addr {
+    let gw = plan::node_gateway_v6(i).segments();
+    std::net::Ipv6Addr::new(gw[0], gw[1], gw[2], gw[3], 0, 0, 0, 0)
+}
+
+/// Runs a batch of `bridge` commands (forwarding entries) in a namespace.
+fn bridge_batch(netns: &str, lines: &[String]) -> Result<(), LabError> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let script = format!("{}\n", lines.join("\n"));
+    run_tool("bridge", &["-n", netns, "-batch", "-"], Some(&script)).map(|_| ())
 }
 
 /// The node's side of a pod: a veth on the node's bridge, its peer the pod's eth0.
@@ -323,49 +405,115 @@ fn build_world(state: &State) -> Result<(), LabError> {
     Ok(())
 }
 
-/// Pods: eth0 with the next addresses of the node's CIDRs, default routes via the bridge.
-fn build_pods(state: &State) -> Result<(), LabError> {
-    for pod in &state.pods {
-        ip_batch(Some(&pod.netns), &pod_inside(state, pod)?)?;
+/// Pods, wired as the lab's mode says; a plugin's name for the host end is recorded.
+fn build_pods(state: &mut State) -> Result<(), LabError> {
+    for k in 0..state.pods.len() {
+        let mut pod = state.pods[k].clone();
+        wire_pod(state, &mut pod)?;
+        state.pods[k] = pod;
     }
     Ok(())
 }
 
-fn pod_inside(state: &State, pod: &PodRec) -> Result<Vec<String>, LabError> {
-    let idx = state.nodes.iter().position(|n| n.name == pod.node).ok_or_else(|| {
+/// The index (from 1) of the pod's node.
+fn node_index(state: &State, pod: &PodRec) -> Result<usize, LabError> {
+    state.nodes.iter().position(|n| n.name == pod.node).map(|i| i + 1).ok_or_else(|| {
         LabError::plan(format!("pod {}/{} is on unknown node {}", pod.namespace, pod.name, pod.node))
-    })?;
-    let i = idx + 1;
-    Ok(vec![
+    })
+}
+
+/// Joins a pod's namespace to its node: veth, addresses and routes on both ends.
+fn wire_pod(state: &State, pod: &mut PodRec) -> Result<(), LabError> {
+    let i = node_index(state, pod)?;
+    let node_netns = plan::node_netns(i);
+    match state.cni {
+        CniMode::Bridge => {
+            ip_batch(Some(&node_netns), &pod_veth(pod))?;
+            ip_batch(Some(&pod.netns), &bridged_pod_inside(pod, i))
+        }
+        CniMode::FlannelVxlan | CniMode::Kindnet => {
+            let conf = plugin_config(state.cni, pod, i)?;
+            pod.host_ifname = cni::add(state.cni, &node_netns, pod, &conf)?;
+            ip_batch(Some(&pod.netns), &["link set lo up".to_string()])
+        }
+        CniMode::Calico | CniMode::CalicoVxlan => {
+            ip_batch(Some(&node_netns), &calico_host_end(pod, state.cni.pod_mtu()))?;
+            // Proxy ARP answers the pod's ARP for 169.254.1.1 (no delay: the first
+            // packet of every new pod waits for it).
+            let proxy = format!("net.ipv4.conf.{}.proxy_arp", pod.host_ifname);
+            let delay = format!("net.ipv4.neigh.{}.proxy_delay", pod.host_ifname);
+            netns::sysctls(&node_netns, &[(proxy.as_str(), "1"), (delay.as_str(), "0")])?;
+            ip_batch(Some(&pod.netns), &calico_pod_inside(pod))
+        }
+    }
+}
+
+fn plugin_config(mode: CniMode, pod: &PodRec, i: usize) -> Result<serde_json::Value, LabError> {
+    let (gw4, gw6) = (plan::node_gateway_v4(i).to_string(), plan::node_gateway_v6(i).to_string());
+    cni::config(mode, pod, &gw4, &gw6).ok_or_else(|| LabError::plan(format!("{mode} uses no CNI plugin")))
+}
+
+fn bridged_pod_inside(pod: &PodRec, i: usize) -> Vec<String> {
+    vec![
         "link set lo up".to_string(),
         format!("addr add {}/24 dev eth0", pod.ipv4),
         format!("addr add {}/64 dev eth0 nodad", pod.ipv6),
         "link set eth0 up".to_string(),
         format!("route add default via {} dev eth0", plan::node_gateway_v4(i)),
         format!("route add ::/0 via {} dev eth0", plan::node_gateway_v6(i)),
-    ])
+    ]
+}
+
+/// Calico's node end: a `cali` veth with the fixed MAC, and a host route per address.
+fn calico_host_end(pod: &PodRec, mtu: u32) -> Vec<String> {
+    let host = &pod.host_ifname;
+    vec![
+        format!("link add {host} mtu {mtu} type veth peer name eth0 mtu {mtu} netns {}", pod.netns),
+        format!("link set {host} address {}", cni::CALICO_HOST_MAC),
+        format!("link set {host} up"),
+        format!("route add {}/32 dev {host} scope link", pod.ipv4),
+        format!("route add {}/128 dev {host}", pod.ipv6),
+    ]
+}
+
+/// Calico's pod end: /32 and /128 addresses, default routes to addresses on no subnet.
+fn calico_pod_inside(pod: &PodRec) -> Vec<String> {
+    vec![
+        "link set lo up".to_string(),
+        format!("addr add {}/32 dev eth0", pod.ipv4),
+        format!("addr add {}/128 dev eth0 nodad", pod.ipv6),
+        "link set eth0 up".to_string(),
+        format!("route add {} dev eth0 scope link", cni::CALICO_GATEWAY_V4),
+        format!("route add default via {} dev eth0", cni::CALICO_GATEWAY_V4),
+        format!("route add ::/0 via {} dev eth0", cni::CALICO_GATEWAY_V6),
+    ]
 }
 
 /// One pod of a lab that is up (the kubelet's work for a pod placed after `up`): its
-/// namespace, its veth on its node's bridge, its addresses and routes. What was made
-/// stays on error: [`remove_pod`] takes it away.
-pub(crate) fn build_pod(state: &State, pod: &PodRec) -> Result<(), LabError> {
-    let node = state
-        .node(&pod.node)
-        .ok_or_else(|| LabError::plan(format!("pod {}/{} is on unknown node {}", pod.namespace, pod.name, pod.node)))?;
+/// namespace and its wiring. What was made stays on error: [`remove_pod`] takes it away.
+pub(crate) fn build_pod(state: &State, pod: &mut PodRec) -> Result<(), LabError> {
+    node_index(state, pod)?;
     ip_batch(None, &[format!("netns add {}", pod.netns)])?;
     pod_sysctls(&pod.netns)?;
-    ip_batch(Some(&node.netns), &pod_veth(pod))?;
-    ip_batch(Some(&pod.netns), &pod_inside(state, pod)?)
+    wire_pod(state, pod)
 }
 
-/// Removes a pod's network. The veth goes first: a namespace outlives `netns del` while
-/// a socket holds it, and its address may be handed to the next pod at once.
+/// Removes a pod's network. The veth goes first (the plugin's DEL, where a plugin made
+/// it): a namespace outlives `netns del` while a socket holds it, and its address may be
+/// handed to the next pod at once.
 pub(crate) fn remove_pod(state: &State, pod: &PodRec) -> Result<(), LabError> {
     if let Some(node) = state.node(&pod.node) {
+        if let Ok(i) = node_index(state, pod)
+            && state.cni.plugin().is_some()
+            && netns::netns_exists(&pod.netns)
+        {
+            let conf = plugin_config(state.cni, pod, i)?;
+            cni::del(state.cni, &node.netns, pod, &conf)?;
+        }
         let links = run_tool("ip", &["-n", &node.netns, "-o", "link", "show"], None)?;
-        if links.lines().any(|l| l.split(':').nth(1).is_some_and(|n| n.trim().split('@').next() == Some(pod.host_ifname.as_str()))) {
-            run_tool("ip", &["-n", &node.netns, "link", "del", &pod.host_ifname], None)?;
+        let host = pod.host_ifname.as_str();
+        if !host.is_empty() && links.lines().any(|l| l.split(':').nth(1).is_some_and(|n| n.trim().split('@').next() == Some(host))) {
+            run_tool("ip", &["-n", &node.netns, "link", "del", host], None)?;
         }
     }
     if netns::netns_exists(&pod.netns) {

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::cni::CniMode;
 use crate::error::LabError;
 use crate::spec::{Input, Origin, WorkloadIn, WorkloadKind};
 use crate::state::{
@@ -125,8 +126,14 @@ pub fn pod_netns(hash8: &str) -> String {
     format!("flows-pod-{hash8}")
 }
 
-pub fn pod_host_ifname(hash8: &str) -> String {
-    format!("fl{hash8}")
+/// The node's end of a pod's veth where the lab names it; a CNI plugin names its own
+/// (known once it has run).
+pub fn pod_host_ifname(hash8: &str, cni: CniMode) -> String {
+    match cni {
+        CniMode::Bridge => format!("fl{hash8}"),
+        CniMode::Calico | CniMode::CalicoVxlan => format!("cali{hash8}"),
+        CniMode::FlannelVxlan | CniMode::Kindnet => String::new(),
+    }
 }
 
 /// The pod-template-hash of a Deployment: 10 hex digits of its namespace, name and template.
@@ -217,8 +224,13 @@ pub fn is_dns_pod(pod: &PodRec) -> bool {
             .is_some_and(|w| w.name == COREDNS_DEPLOYMENT)
 }
 
-/// Lays out the lab for `nodes` nodes.
+/// Lays out the lab for `nodes` nodes, wired as the `bridge` mode does.
 pub fn plan(input: &Input, nodes: usize) -> Result<State, LabError> {
+    plan_wired(input, nodes, CniMode::Bridge)
+}
+
+/// Lays out the lab for `nodes` nodes wired as `cni` does.
+pub fn plan_wired(input: &Input, nodes: usize, cni: CniMode) -> Result<State, LabError> {
     if nodes == 0 || nodes > MAX_NODES {
         return Err(LabError::plan(format!(
             "--nodes {nodes}: must be between 1 and {MAX_NODES}"
@@ -232,7 +244,7 @@ pub fn plan(input: &Input, nodes: usize) -> Result<State, LabError> {
             uplink_ipv6: node_uplink_v6(i),
             pod_cidr_v4: pod_cidr_v4(i),
             pod_cidr_v6: pod_cidr_v6(i),
-            bridge: NODE_BRIDGE.to_string(),
+            bridge: cni.bridge().unwrap_or_default().to_string(),
         })
         .collect();
 
@@ -253,7 +265,7 @@ pub fn plan(input: &Input, nodes: usize) -> Result<State, LabError> {
     }
 
     let namespaces = plan_namespaces(input);
-    let pods = plan_pods(input, nodes)?;
+    let pods = plan_pods(input, nodes, cni)?;
     let services = plan_services(input)?;
 
     Ok(State {
@@ -269,6 +281,7 @@ pub fn plan(input: &Input, nodes: usize) -> Result<State, LabError> {
         },
         daemons: Vec::new(),
         api: None,
+        cni,
     })
 }
 
@@ -306,7 +319,7 @@ type Instance = (
     Option<OwnerRec>,
 );
 
-fn plan_pods(input: &Input, nodes: usize) -> Result<Vec<PodRec>, LabError> {
+fn plan_pods(input: &Input, nodes: usize, cni: CniMode) -> Result<Vec<PodRec>, LabError> {
     let coredns = coredns_workload();
     let workloads = input.workloads.iter().chain(std::iter::once(&coredns));
 
@@ -399,7 +412,7 @@ fn plan_pods(input: &Input, nodes: usize) -> Result<Vec<PodRec>, LabError> {
                 labels,
                 node: node_name(node),
                 netns: pod_netns(&hash8),
-                host_ifname: pod_host_ifname(&hash8),
+                host_ifname: pod_host_ifname(&hash8, cni),
                 ipv4: pod_ipv4(node, slot),
                 ipv6: pod_ipv6(node, slot),
                 ports: w.ports.clone(),

@@ -30,6 +30,9 @@ pub struct State {
     /// The Kubernetes control plane the lab runs on; none for a lab from manifests only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<ApiRec>,
+    /// How pods are wired to their nodes.
+    #[serde(default)]
+    pub cni: crate::cni::CniMode,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,6 +350,7 @@ mod tests {
             },
             daemons: Vec::new(),
             api: None,
+            cni: Default::default(),
         }
     }
 

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::LabError;
 use crate::state::State;
+use crate::cni::CniMode;
 use crate::{DownReport, UpOptions};
 
 /// Held for the lifetime of a test's lab.
@@ -139,14 +140,25 @@ impl LabGuard {
 
     /// A lab from YAML files or directories, with its state in a fresh temp dir.
     pub fn up(paths: &[PathBuf], nodes: usize) -> Result<LabGuard, LabError> {
+        Self::up_wired(paths, nodes, CniMode::Bridge)
+    }
+
+    /// As [`LabGuard::up`], its pods wired as `cni` does.
+    pub fn up_wired(paths: &[PathBuf], nodes: usize, cni: CniMode) -> Result<LabGuard, LabError> {
         let dir = temp_dir("flows-lab-test")?;
         let mut opts = UpOptions::new(paths.to_vec(), &dir);
         opts.nodes = nodes;
+        opts.cni = cni;
         Self::start(opts, true)
     }
 
     /// A lab from a YAML text (written to `input.yaml` in the fresh temp state dir).
     pub fn from_yaml(yaml: &str, nodes: usize) -> Result<LabGuard, LabError> {
+        Self::from_yaml_wired(yaml, nodes, CniMode::Bridge)
+    }
+
+    /// As [`LabGuard::from_yaml`], its pods wired as `cni` does.
+    pub fn from_yaml_wired(yaml: &str, nodes: usize, cni: CniMode) -> Result<LabGuard, LabError> {
         let dir = temp_dir("flows-lab-test")?;
         let file = dir.join("input.yaml");
         let write = || -> std::io::Result<()> {
@@ -159,6 +171,7 @@ impl LabGuard {
         }
         let mut opts = UpOptions::new(vec![file], &dir);
         opts.nodes = nodes;
+        opts.cni = cni;
         Self::start(opts, true)
     }
 
@@ -294,4 +307,36 @@ impl Drop for ControlPlane {
         crate::stop_processes(&etcd.iter().map(|(_, pid)| *pid).collect::<Vec<_>>());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// One test per wiring mode of the lab, each running `$run(mode)`: `per_cni!(name)` makes
+/// `name::bridge`, `name::flannel_vxlan`, `name::kindnet`, `name::calico` and
+/// `name::calico_vxlan`.
+#[macro_export]
+macro_rules! per_cni {
+    ($run:ident) => {
+        mod $run {
+            use $crate::cni::CniMode;
+            #[test]
+            fn bridge() {
+                super::$run(CniMode::Bridge)
+            }
+            #[test]
+            fn flannel_vxlan() {
+                super::$run(CniMode::FlannelVxlan)
+            }
+            #[test]
+            fn kindnet() {
+                super::$run(CniMode::Kindnet)
+            }
+            #[test]
+            fn calico() {
+                super::$run(CniMode::Calico)
+            }
+            #[test]
+            fn calico_vxlan() {
+                super::$run(CniMode::CalicoVxlan)
+            }
+        }
+    };
 }

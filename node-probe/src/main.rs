@@ -48,10 +48,13 @@ struct Args {
     /// Written with the listen address once the probe is attached and serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
-    /// The node's interface towards other nodes and the world; local pods' egress policy
-    /// is enforced there (after service translation).
-    #[arg(long)]
-    uplink_iface: Option<String>,
+    /// The node's interfaces towards other nodes and the world (repeatable), where local
+    /// pods' egress policy is decided, after service translation: `auto` (the devices
+    /// of the default routes and every VXLAN or Geneve tunnel, found again as they
+    /// come), interface names, or `none`. A named interface that is missing at start
+    /// is an error.
+    #[arg(long = "uplink-iface", default_value = "auto")]
+    uplink_ifaces: Vec<String>,
     /// Directory of manifests (Namespaces, Pods with nodeName and podIPs,
     /// NetworkPolicies), watched for changes. Without it no policy is enforced.
     #[arg(long)]
@@ -119,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
         iface_poll: Duration::from_secs_f64(args.iface_poll_secs),
         listen: args.listen,
         ready_file: args.ready_file,
-        uplink: args.uplink_iface,
+        uplinks: args.uplink_ifaces.into_iter().filter(|u| u != flows_node_probe::ifaces::NONE).collect(),
         manifests: args.manifests,
         metrics_listen: args.metrics_listen,
         tls: args.tls.to_config(args.listen)?,

@@ -23,7 +23,7 @@ use flows_parser::{Clock, Decoder, IfNames};
 
 use crate::{
     datapath::{CountersMap, Datapath, DatapathConfig, DatapathError, DatapathMaps, EventsMap, read_counters},
-    ifaces::{IfaceSelector, list_veths},
+    ifaces::{AUTO, IfaceSelector, Role, classify, default_route_devs, list_links},
     programmer::{PolicyProgrammer, SharedEndpoints, SharedSets, watch_policy},
     ring::{Entry, FlowRing, RingError},
     server::ObserverService,
@@ -54,6 +54,8 @@ pub enum ProbeError {
     Tls(#[from] flows_tls::TlsError),
     #[error("watching the ring buffer: {0}")]
     Poll(#[source] std::io::Error),
+    #[error("--uplink-iface {name}: the node's namespace has no such interface")]
+    NoUplink { name: String },
     #[error("writing the ready file {path}: {source}")]
     ReadyFile {
         path: PathBuf,
@@ -79,8 +81,9 @@ pub struct ProbeConfig {
     pub listen: SocketAddr,
     /// Written (with the listen address) once interfaces are attached and the server is up.
     pub ready_file: Option<PathBuf>,
-    /// The node's uplink (towards other nodes and the world): egress policy enforcement.
-    pub uplink: Option<String>,
+    /// The node's network interfaces (towards other nodes and the world: the uplink,
+    /// tunnels), where local pods' egress is decided; [`crate::ifaces::AUTO`] finds them.
+    pub uplinks: Vec<String>,
     /// Directory of Kubernetes manifests (Namespaces, Pods with nodeName and podIPs,
     /// NetworkPolicies), read again whenever a file changes. None: no policy.
     pub manifests: Option<PathBuf>,
@@ -137,7 +140,6 @@ pub async fn run(
         netns: netns_path,
         kernel_drops: cfg.kernel_drops,
         drop_netns,
-        uplink: cfg.uplink.clone(),
         tc_drop_reasons: (u32::MAX, u32::MAX),
         pin_dir: cfg.pin_dir.clone(),
     })?;
@@ -195,12 +197,13 @@ pub async fn run(
     ));
 
     // Only now, with the policy in the maps, do our programs see traffic: attached
-    // before, an empty policy would let everything through.
-    if let Some(uplink) = &cfg.uplink {
-        datapath.attach_uplink(uplink)?;
+    // before, an empty policy would let everything through. The first attach is
+    // synchronous, so "ready" means the datapath sees the pods and the node's ways out.
+    let mut attached = Attached { names: ifnames.clone(), roles: HashMap::new() };
+    let missing = sync_interfaces(&datapath, &cfg, &mut attached).await;
+    if let Some(name) = missing.into_iter().next() {
+        return Err(ProbeError::NoUplink { name });
     }
-    // First attach synchronously, so "ready" means the datapath sees the pods.
-    sync_interfaces(&datapath, &cfg, &ifnames).await;
     let pruned = datapath.prune_pins();
     if !pruned.is_empty() {
         tracing::info!(?pruned, "removed an earlier probe's links on interfaces not taken over");
@@ -208,7 +211,7 @@ pub async fn run(
     let watcher = tokio::spawn(watch_interfaces(
         datapath.clone(),
         cfg.clone(),
-        ifnames.clone(),
+        attached,
         stop_rx.clone(),
     ));
 
@@ -390,57 +393,84 @@ async fn poll_counters(
     }
 }
 
-async fn sync_interfaces(datapath: &Arc<Datapath>, cfg: &ProbeConfig, ifnames: &IfNames) {
-    let netns = cfg.netns.clone();
-    let links = match tokio::task::spawn_blocking(move || list_veths(netns.as_deref())).await {
-        Ok(Ok(l)) => l,
+/// The interfaces the programs are attached to, and as what.
+struct Attached {
+    names: IfNames,
+    roles: HashMap<u32, Role>,
+}
+
+/// What the interfaces of the node's namespace should carry, now.
+fn wanted_interfaces(cfg: &ProbeConfig) -> Result<Vec<(u32, String, Role)>, crate::ifaces::IfaceError> {
+    let netns = cfg.netns.as_deref();
+    let links = list_links(netns)?;
+    let defaults = if cfg.uplinks.iter().any(|u| u == AUTO) { default_route_devs(netns)? } else { Vec::new() };
+    Ok(classify(&links, &defaults, &cfg.selector, &cfg.uplinks))
+}
+
+/// Attaches what is new (or changed role), detaches what is gone. Returns the
+/// uplinks named on the command line that the namespace does not have.
+async fn sync_interfaces(datapath: &Arc<Datapath>, cfg: &ProbeConfig, attached: &mut Attached) -> Vec<String> {
+    let c = cfg.clone();
+    let wanted = match tokio::task::spawn_blocking(move || wanted_interfaces(&c)).await {
+        Ok(Ok(w)) => w,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "listing interfaces");
-            return;
+            return Vec::new();
         }
         Err(e) => {
             tracing::warn!(error = %e, "interface listing task failed");
-            return;
+            return Vec::new();
         }
     };
-    let wanted: HashMap<u32, String> = links
-        .into_iter()
-        .filter(|l| cfg.selector.selects(&l.ifname))
-        .map(|l| (l.ifindex, l.ifname))
+    let missing = cfg
+        .uplinks
+        .iter()
+        .filter(|u| *u != AUTO && !wanted.iter().any(|(_, n, _)| n == *u))
+        .cloned()
         .collect();
-    let known: HashMap<u32, String> = ifnames.read().map(|m| m.clone()).unwrap_or_default();
+    let wanted: HashMap<u32, (String, Role)> = wanted.into_iter().map(|(i, n, r)| (i, (n, r))).collect();
+    let known: HashMap<u32, String> = attached.names.read().map(|m| m.clone()).unwrap_or_default();
     for (idx, name) in &known {
-        if wanted.get(idx) != Some(name) {
+        let same = wanted.get(idx).is_some_and(|(n, r)| n == name && attached.roles.get(idx) == Some(r));
+        if !same {
             datapath.detach(name);
-            if let Ok(mut m) = ifnames.write() {
+            if let Ok(mut m) = attached.names.write() {
                 m.remove(idx);
             }
+            attached.roles.remove(idx);
             tracing::info!(ifname = %name, "interface gone");
         }
     }
-    for (idx, name) in wanted {
-        if known.get(&idx) == Some(&name) {
+    for (idx, (name, role)) in wanted {
+        if attached.roles.contains_key(&idx) {
             continue;
         }
         let dp = datapath.clone();
         let n = name.clone();
-        match tokio::task::spawn_blocking(move || dp.attach(&n)).await {
+        let done = tokio::task::spawn_blocking(move || match role {
+            Role::Endpoint => dp.attach(&n),
+            Role::Network => dp.attach_uplink(&n),
+        })
+        .await;
+        match done {
             Ok(Ok(())) => {
-                if let Ok(mut m) = ifnames.write() {
+                if let Ok(mut m) = attached.names.write() {
                     m.insert(idx, name.clone());
                 }
-                tracing::info!(ifname = %name, ifindex = idx, "attached");
+                attached.roles.insert(idx, role);
+                tracing::info!(ifname = %name, ifindex = idx, ?role, "attached");
             }
             Ok(Err(e)) => tracing::warn!(ifname = %name, error = %e, "attach failed"),
             Err(e) => tracing::warn!(error = %e, "attach task failed"),
         }
     }
+    missing
 }
 
 async fn watch_interfaces(
     datapath: Arc<Datapath>,
     cfg: ProbeConfig,
-    ifnames: IfNames,
+    mut attached: Attached,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(cfg.iface_poll);
@@ -449,7 +479,7 @@ async fn watch_interfaces(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                sync_interfaces(&datapath, &cfg, &ifnames).await;
+                sync_interfaces(&datapath, &cfg, &mut attached).await;
                 if let Some(file) = &cfg.drop_netns_file {
                     sync_drop_netns(&datapath, &cfg.drop_netns, file, &mut drop_netns);
                 }
@@ -457,7 +487,7 @@ async fn watch_interfaces(
             Some(()) = changes.recv() => {
                 // A burst of lines (a veth made, moved, enslaved, set up) is one scan.
                 while changes.try_recv().is_ok() {}
-                sync_interfaces(&datapath, &cfg, &ifnames).await;
+                sync_interfaces(&datapath, &cfg, &mut attached).await;
             }
             _ = stop.changed() => return,
         }

@@ -19,6 +19,7 @@ mod common;
 
 use common::{Probe, all_flows};
 use flows_lab::{
+    cni::CniMode,
     drive::{self, AttemptReport, DriveOptions, Outcome, Protocol, Scenario},
     state::State,
     testing::{LabGuard, skip_unless_root},
@@ -177,12 +178,14 @@ fn nft_in(netns: &str, script: &str) {
     assert!(st.success(), "nft {script:?} in {netns}");
 }
 
-#[test]
-fn every_attempt_is_reported_once_per_observation_point() {
+flows_lab::per_cni!(every_attempt_is_reported_once_per_observation_point);
+
+/// Runs in every wiring mode of the lab (`per_cni!`).
+fn every_attempt_is_reported_once_per_observation_point(cni: CniMode) {
     if skip_unless_root("every_attempt_is_reported_once_per_observation_point") {
         return;
     }
-    let lab = LabGuard::from_yaml(CLUSTER, 2).expect("lab up");
+    let lab = LabGuard::from_yaml_wired(CLUSTER, 2, cni).expect("lab up");
     let state = lab.state.clone();
     let mut probes: Vec<Probe> = ["node-1", "node-2"]
         .iter()

@@ -16,6 +16,7 @@ use std::{
 
 use common::{Probe, after_policy_change, all_flows, settle};
 use flows_lab::{
+    cni::CniMode,
     drive::{self, AttemptReport, DriveOptions, Outcome, Scenario},
     manifests,
     state::State,
@@ -119,17 +120,20 @@ fn copy_policies(dir: &Path) {
     }
 }
 
-#[test]
-fn the_kernel_enforces_exactly_what_the_evaluator_decides() {
+flows_lab::per_cni!(the_kernel_enforces_exactly_what_the_evaluator_decides);
+
+/// Runs in every wiring mode of the lab (`per_cni!`).
+fn the_kernel_enforces_exactly_what_the_evaluator_decides(cni: CniMode) {
     if skip_unless_root("the_kernel_enforces_exactly_what_the_evaluator_decides") {
         return;
     }
-    let lab = LabGuard::up(&[root().join("lab/examples/seed")], 2).expect("lab up");
+    let lab = LabGuard::up_wired(&[root().join("lab/examples/seed")], 2, cni).expect("lab up");
     let state = lab.state.clone();
     let mdir = manifests::dir(&lab.dir);
     set_modes(&lab.dir, &state, "enforce");
     copy_policies(&mdir);
-    let extra = ["--manifests", mdir.to_str().expect("utf8"), "--uplink-iface", "fl-uplink"];
+    // The uplink and any tunnel between the nodes are found by the probe itself.
+    let extra = ["--manifests", mdir.to_str().expect("utf8")];
     let metrics_addr = "127.0.0.1:19965";
     let probes: Vec<Probe> = ["node-1", "node-2"]
         .iter()

@@ -66,6 +66,12 @@ pub enum LabCommand {
         /// Where the control plane's binaries are (scripts/setup.sh unpacks them).
         #[arg(long, env = "FLOWS_K8S_BIN", default_value = "/opt/flows-tools/k8s")]
         k8s_bin: PathBuf,
+        /// How pods are wired to their nodes, as that CNI does: `bridge` (a bridge per
+        /// node, routes between nodes), `flannel-vxlan` (the `bridge` CNI plugin on
+        /// cni0, VXLAN between nodes), `kindnet` (the `ptp` plugin, routed), `calico`
+        /// (cali* veths, routed /32s, proxy ARP) or `calico-vxlan` (the same over VXLAN).
+        #[arg(long, default_value = "bridge", value_parser = parse_cni)]
+        cni: flows_lab::cni::CniMode,
         #[command(flatten)]
         dir: StateDir,
     },
@@ -170,8 +176,15 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             apiserver,
             no_apiserver,
             k8s_bin,
+            cni,
             dir,
-        } => up(paths, nodes, probes, tls, &store, control_plane(apiserver, no_apiserver, k8s_bin), &dir.state_dir),
+        } => {
+            let mut opts = UpOptions::new(paths, &dir.state_dir);
+            opts.nodes = nodes;
+            opts.apiserver = control_plane(apiserver, no_apiserver, k8s_bin);
+            opts.cni = cni;
+            up(opts, probes, tls, &store)
+        }
         LabCommand::Down { dir } => down(&dir.state_dir),
         LabCommand::Policy { command, dir } => crate::lab::policy::run(&dir.state_dir, command),
         LabCommand::Status { output, dir } => status(&dir.state_dir, output),
@@ -250,14 +263,16 @@ fn control_plane(asked: bool, refused: bool, bin: PathBuf) -> Option<PathBuf> {
     None
 }
 
-fn up(paths: Vec<PathBuf>, nodes: usize, probes: bool, tls: bool, store: &str, apiserver: Option<PathBuf>, dir: &Path) -> anyhow::Result<()> {
+fn parse_cni(s: &str) -> Result<flows_lab::cni::CniMode, String> {
+    flows_lab::cni::CniMode::parse(s)
+}
+
+fn up(mut opts: UpOptions, probes: bool, tls: bool, store: &str) -> anyhow::Result<()> {
     if store != "embedded" && !(store.starts_with("http://") || store.starts_with("https://")) {
         bail!("--store {store}: expected `embedded` or a ClickHouse server's http(s):// address");
     }
     let exe = std::env::current_exe().context("finding the flows executable")?;
-    let mut opts = UpOptions::new(paths, dir);
-    opts.nodes = nodes;
-    opts.apiserver = apiserver;
+    let dir = &opts.state_dir.clone();
     opts.agent = AgentLaunch::Command {
         program: exe,
         args: vec![

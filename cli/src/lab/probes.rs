@@ -127,8 +127,9 @@ fn spawn_probe(dir: &Path, state: &State, node: &flows_lab::state::Node) -> anyh
         .with_context(|| format!("opening {}", log_path.display()))?;
     let mut cmd = Command::new(&bin);
     cmd.args(["--node-name", &node.name, "--netns", &node.netns])
-        .args(["--iface-prefix", "fl", "--exclude-iface", "fl-uplink"])
-        .args(["--listen", &listen, "--uplink-iface", "fl-uplink"])
+        // Every veth is a pod's but the uplink; the uplink and any tunnel between nodes
+        // are found as on a node (`--uplink-iface auto`, the default).
+        .args(["--listen", &listen])
         // As on a node: a probe stopped or killed leaves enforcement in force, and the
         // next one takes over.
         .arg("--pin-dir")

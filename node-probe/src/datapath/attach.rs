@@ -36,9 +36,6 @@ pub struct DatapathConfig {
     /// When several probes share one kernel (the lab), each reports only the drops that
     /// happen in these network namespaces (inode numbers). Empty: report all.
     pub drop_netns: Vec<u32>,
-    /// The node's interface towards other nodes and the world, where local pods' egress
-    /// policy is enforced after kube-proxy's DNAT.
-    pub uplink: Option<String>,
     /// The kernel's drop reason numbers for TC_INGRESS and TC_EGRESS.
     pub tc_drop_reasons: (u32, u32),
     /// Where the TC links are pinned (bpffs), so that enforcement outlives the probe:

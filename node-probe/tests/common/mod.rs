@@ -31,7 +31,6 @@ impl Probe {
         let _ = std::fs::remove_file(&ready);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flows-node-probe"));
         cmd.args(["--node-name", node, "--netns", &n.netns])
-            .args(["--iface-prefix", "fl", "--exclude-iface", "fl-uplink"])
             .args(["--listen", "127.0.0.1:0", "--iface-poll-secs", "0.2"])
             .arg("--ready-file")
             .arg(&ready)
