@@ -80,12 +80,14 @@ fn assert_clean() {
     assert!(links.is_empty(), "links left behind: {links:?}");
 }
 
-#[test]
-fn lab_end_to_end() {
+flows_lab::per_cni!(lab_end_to_end);
+
+/// Runs in every wiring mode (`per_cni!`).
+fn lab_end_to_end(cni: flows_lab::cni::CniMode) {
     if testing::skip_unless_root("lab_end_to_end") {
         return;
     }
-    let lab = LabGuard::from_yaml(CLUSTER, 2).expect("lab up");
+    let lab = LabGuard::from_yaml_wired(CLUSTER, 2, cni).expect("lab up");
     let state = lab.state.clone();
 
     // Layout: the deployment spreads over both nodes; the client sits on node-1.

@@ -376,13 +376,16 @@ fn as_read(flows: &[Flow], case: &Case, src: IpAddr, dst: IpAddr, t: u32) -> Rea
     }
 }
 
-#[test]
-fn crafted_packets_do_not_get_past_policy() {
+flows_lab::per_cni!(crafted_packets_do_not_get_past_policy);
+
+/// Runs in every wiring mode of the lab (`per_cni!`): an overlay or a routed /32 must not
+/// open a way around the policy.
+fn crafted_packets_do_not_get_past_policy(cni: flows_lab::cni::CniMode) {
     if skip_unless_root("crafted_packets_do_not_get_past_policy") {
         return;
     }
     let cases = cases();
-    let lab = LabGuard::from_yaml(LAB, 2).expect("lab up");
+    let lab = LabGuard::from_yaml_wired(LAB, 2, cni).expect("lab up");
     let state = lab.state.clone();
 
     // 1. Without flows: what the kernel delivers on its own.
@@ -394,7 +397,7 @@ fn crafted_packets_do_not_get_past_policy() {
     manifests::write_cluster(&lab.dir, &state, &modes).expect("cluster manifests");
     std::fs::create_dir_all(mdir.join("policies")).expect("policies dir");
     std::fs::write(mdir.join("policies/crafted.yaml"), POLICIES).expect("policies");
-    let extra = ["--manifests", mdir.to_str().expect("utf8"), "--uplink-iface", "fl-uplink"];
+    let extra = ["--manifests", mdir.to_str().expect("utf8")];
     let probes: Vec<Probe> = ["node-1", "node-2"].iter().map(|n| Probe::start_with(&state, n, &lab.dir, &extra)).collect();
     let after = run(&state, &lab.dir, 2, &probes);
     let flows: Vec<Flow> = probes.iter().flat_map(|p| all_flows(&p.addr)).collect();
