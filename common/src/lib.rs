@@ -366,7 +366,11 @@ pub mod counter {
     /// ICMP messages that are no echo, no neighbour discovery and no error of a tracked
     /// connection (L4 unknown).
     pub const ICMP_UNRELATED: u32 = 18;
-    pub const COUNT: u32 = 19;
+    /// Packets leaving the node with a translated source (the CNI's masquerade towards
+    /// the world) whose conntrack entry named a local pod: decided and reported as the
+    /// pod's.
+    pub const UNMASQUERADED: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "packets",
@@ -388,7 +392,23 @@ pub mod counter {
         "fragments_followed",
         "icmp_related",
         "icmp_unrelated",
+        "unmasqueraded",
     ];
+}
+
+/// Where a packet's conntrack entry is and where in it the connection's original source
+/// lies (from BTF: `sk_buff._nfct`, `nf_conn.tuplehash[IP_CT_DIR_ORIGINAL].tuple.src`),
+/// so the uplink can tell which pod a masqueraded packet came from. `valid` is 0 where
+/// the kernel has no conntrack types to read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtOffsets {
+    pub skb_nfct: u32,
+    pub orig_src: u32,
+    pub orig_sport: u32,
+    pub orig_l3num: u32,
+    pub valid: u32,
+    pub _pad: u32,
 }
 
 /// Kernel struct offsets the drop program needs, read from BTF in user space because
@@ -413,6 +433,7 @@ pub struct KernelOffsets {
 mod pod {
     // SAFETY: all types are repr(C), Copy, have explicit padding and no pointers.
     unsafe impl aya::Pod for super::FlowTuple {}
+    unsafe impl aya::Pod for super::CtOffsets {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::DropWatch {}

@@ -21,7 +21,7 @@ use aya_ebpf::{
 use flows_common::{
     AF_INET, AF_INET6, CT_F_AS_REPLY, CT_F_CLOSING, CT_F_DENIED, CT_F_EVALUATED, CT_F_NO_EVENT, CT_F_ORIG_SWAPPED,
     CT_F_REPLY_SEEN,
-    CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, DropWatch, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED,
+    CtEntry, CtKey, CtOffsets, DIR_EGRESS, DIR_INGRESS, DropWatch, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED,
     EVENT_DROP, EVENT_F_REPLY, EVENT_FLOW, EndpointValue, FlowTuple, IDENTITY_ANY, IDENTITY_WORLD,
     FragKey, FragValue, KernelOffsets, L4_KNOWN, L4_UNKNOWN_EXT_HEADERS, L4_UNKNOWN_FRAGMENT,
     L4_UNKNOWN_ICMP, L4_UNKNOWN_PROTOCOL, L4_UNKNOWN_TRUNCATED, MODE_ENFORCE, MODE_OFF, POINT_FROM_ENDPOINT, POINT_FROM_NETWORK,
@@ -116,6 +116,17 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     skb_dev: 0,
     dev_nd_net: 0,
     net_ns_inum: 0,
+    valid: 0,
+    _pad: 0,
+};
+
+/// Set at load time from BTF (`valid` 0: no conntrack types, nothing is read).
+#[unsafe(no_mangle)]
+static CT_OFFSETS: CtOffsets = CtOffsets {
+    skb_nfct: 0,
+    orig_src: 0,
+    orig_sport: 0,
+    orig_l3num: 0,
     valid: 0,
     _pad: 0,
 };
@@ -285,6 +296,9 @@ fn observe(ctx: &TcContext, point: u8) -> i32 {
         pkt.tuple.dport = 0;
         pkt.tcp_flags = 0;
     }
+    if point == POINT_TO_NETWORK && unmasquerade(ctx, &mut pkt.tuple) {
+        count(counter::UNMASQUERADED);
+    }
     let action = track(ctx, point, &pkt, ifindex);
     if pkt.frag == FRAG_FIRST && pkt.tuple.l4_unknown == L4_KNOWN {
         remember_first_fragment(&pkt);
@@ -293,6 +307,60 @@ fn observe(ctx: &TcContext, point: u8) -> i32 {
         note_unknown_passed(&pkt.tuple, ifindex);
     }
     action
+}
+
+/// conntrack's flag in `_nfct`'s low bits for packets of the reply direction
+/// (IP_CT_IS_REPLY: ctinfo 3 and above).
+const IP_CT_IS_REPLY: u64 = 3;
+/// `_nfct` holds the entry's address with the ctinfo in its 3 low bits.
+const NFCT_INFOMASK: u64 = 7;
+const NFPROTO_IPV4: u16 = 2;
+const NFPROTO_IPV6: u16 = 10;
+
+/// A packet leaving the node whose source was translated on the way (the CNI's
+/// masquerade towards the world) carries the node's address by now; its conntrack entry
+/// still has the pod's. Puts the pod's address and port back into the tuple, so egress
+/// is decided for the pod that sent it and the record names that pod. False (the
+/// tuple untouched) when the packet was not translated, belongs to the reply
+/// direction, or did not come from a pod the policy knows.
+#[inline(never)]
+fn unmasquerade(ctx: &TcContext, t: &mut FlowTuple) -> bool {
+    // SAFETY: globals are set at load time and read-only afterwards.
+    let off: CtOffsets = unsafe { core::ptr::read_volatile(&CT_OFFSETS) };
+    if off.valid == 0 {
+        return false;
+    }
+    let skb = ctx.skb.skb as *const u8;
+    let Ok(nfct) = read::<u64>(skb, off.skb_nfct) else { return false };
+    if nfct == 0 || nfct & NFCT_INFOMASK >= IP_CT_IS_REPLY {
+        return false;
+    }
+    let ct = (nfct & !NFCT_INFOMASK) as *const u8;
+    let Ok(l3num) = read::<u16>(ct, off.orig_l3num) else { return false };
+    let family_matches = match t.family {
+        AF_INET => l3num == NFPROTO_IPV4,
+        AF_INET6 => l3num == NFPROTO_IPV6,
+        _ => false,
+    };
+    if !family_matches {
+        return false;
+    }
+    let Ok(src) = read::<[u8; 16]>(ct, off.orig_src) else { return false };
+    if src == t.saddr || unsafe { ENDPOINTS.get(&addr_key(&src, t.family)) }.is_none() {
+        return false;
+    }
+    let Ok(sport) = read::<u16>(ct, off.orig_sport) else { return false };
+    t.saddr = src;
+    match t.proto {
+        // An echo's identifier is both of its ports, and masquerade may change it too.
+        PROTO_ICMP | PROTO_ICMPV6 if t.l4_unknown == L4_KNOWN => {
+            t.sport = u16::from_be(sport);
+            t.dport = u16::from_be(sport);
+        }
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP if t.l4_unknown == L4_KNOWN => t.sport = u16::from_be(sport),
+        _ => {}
+    }
+    true
 }
 
 #[inline(always)]

@@ -121,6 +121,13 @@ impl CniMode {
         matches!(self, CniMode::Calico | CniMode::CalicoVxlan)
     }
 
+    /// Whether the CNI masquerades pods' traffic to the world by default (Flannel's
+    /// ipMasq, Calico's natOutgoing, kindnet's masquerade); the lab's `bridge` routes
+    /// the pods' own addresses, as a cluster on a routed network does.
+    pub fn masquerades_by_default(self) -> bool {
+        self != CniMode::Bridge
+    }
+
     /// The pod's MTU.
     pub fn pod_mtu(self) -> u32 {
         if self.vxlan().is_some() { VXLAN_POD_MTU } else { 1500 }
@@ -131,6 +138,21 @@ impl std::fmt::Display for CniMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// The nft table of a node's masquerade rules.
+pub const MASQ_TABLE: &str = "flows-lab-masq";
+
+/// A node's masquerade towards the world, as the CNIs write it: traffic from the pods'
+/// networks to anything outside them leaves with the node's address.
+pub fn masquerade_ruleset(pods_v4: &str, pods_v6: &str, uplink: &str) -> String {
+    let mut out = String::new();
+    for (family, addr, pods) in [("ip", "ip", pods_v4), ("ip6", "ip6", pods_v6)] {
+        out.push_str(&format!(
+            "table {family} {MASQ_TABLE} {{\n\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\toifname \"{uplink}\" {addr} saddr {pods} {addr} daddr != {pods} masquerade\n\t}}\n}}\n"
+        ));
+    }
+    out
 }
 
 /// The directory holding the CNI plugins, or why there is none.
@@ -292,6 +314,13 @@ mod tests {
         assert_eq!((k["type"].as_str(), k["mtu"].as_u64()), (Some("ptp"), Some(1500)));
         assert!(config(CniMode::Calico, &pod(), "x", "y").is_none(), "calico is wired by hand");
         assert!(config(CniMode::Bridge, &pod(), "x", "y").is_none());
+    }
+
+    #[test]
+    fn masquerade_leaves_pod_to_pod_traffic_alone() {
+        let r = masquerade_ruleset("10.244.0.0/16", "fd00:10:244::/48", "fl-uplink");
+        assert!(r.contains("oifname \"fl-uplink\" ip saddr 10.244.0.0/16 ip daddr != 10.244.0.0/16 masquerade"), "{r}");
+        assert!(r.contains("table ip6 flows-lab-masq") && r.contains("ip6 daddr != fd00:10:244::/48"), "{r}");
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct UpOptions {
     pub apiserver: Option<PathBuf>,
     /// How pods are wired to their nodes.
     pub cni: cni::CniMode,
+    /// Masquerade pods' traffic to the world (None: as the CNI does by default).
+    pub masquerade: Option<bool>,
 }
 
 impl UpOptions {
@@ -69,6 +71,7 @@ impl UpOptions {
             ready_timeout: None,
             apiserver: None,
             cni: cni::CniMode::Bridge,
+            masquerade: None,
         }
     }
 }
@@ -137,6 +140,9 @@ pub(crate) fn take_build_lock() -> Result<File, LabError> {
 pub fn up(opts: &UpOptions) -> Result<State, LabError> {
     let input = spec::load_paths(&opts.paths)?;
     let mut state = plan::plan_wired(&input, opts.nodes, opts.cni)?;
+    if let Some(m) = opts.masquerade {
+        state.masquerade = m;
+    }
     if !is_root() {
         return Err(LabError::NotRoot);
     }

@@ -284,6 +284,10 @@ fn build_nodes(state: &State) -> Result<(), LabError> {
         }
         ip_batch(Some(&node.netns), &b)?;
         bridge_batch(&node.netns, &fdb)?;
+        if state.masquerade {
+            let rules = cni::masquerade_ruleset(plan::CLUSTER_CIDR_V4, plan::CLUSTER_CIDR_V6, NODE_UPLINK);
+            run_tool("ip", &["netns", "exec", &node.netns, "nft", "-f", "-"], Some(&rules))?;
+        }
     }
     Ok(())
 }

@@ -31,6 +31,9 @@ pub const WORLD_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0,
 pub const WORLD_TCP_PORTS: [u16; 2] = [80, 443];
 pub const WORLD_UDP_PORTS: [u16; 1] = [123];
 
+/// Every node's pod CIDR lies in these (the cluster CIDRs).
+pub const CLUSTER_CIDR_V4: &str = "10.244.0.0/16";
+pub const CLUSTER_CIDR_V6: &str = "fd00:10:244::/48";
 pub const SERVICE_CIDR_V4: &str = "10.96.0.0/16";
 pub const SERVICE_CIDR_V6: &str = "fd00:10:96::/112";
 const SERVICE_BASE_V4: u32 = u32::from_be_bytes([10, 96, 0, 0]);
@@ -282,6 +285,7 @@ pub fn plan_wired(input: &Input, nodes: usize, cni: CniMode) -> Result<State, La
         daemons: Vec::new(),
         api: None,
         cni,
+        masquerade: cni.masquerades_by_default(),
     })
 }
 

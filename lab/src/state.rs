@@ -33,6 +33,9 @@ pub struct State {
     /// How pods are wired to their nodes.
     #[serde(default)]
     pub cni: crate::cni::CniMode,
+    /// Pods' traffic to the world leaves with its node's address.
+    #[serde(default)]
+    pub masquerade: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -351,6 +354,7 @@ mod tests {
             daemons: Vec::new(),
             api: None,
             cni: Default::default(),
+            masquerade: false,
         }
     }
 

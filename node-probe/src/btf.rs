@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use flows_common::KernelOffsets;
+use flows_common::{CtOffsets, KernelOffsets};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -86,6 +86,20 @@ impl Btf {
     }
 
     pub fn parse(data: &[u8]) -> Result<Btf, BtfError> {
+        Btf::parse_on(data, None)
+    }
+
+    /// This kernel's BTF with a module's (`/sys/kernel/btf/NAME`), for types defined in
+    /// a module (conntrack's, where nf_conntrack is one).
+    pub fn with_module(self, name: &str) -> Result<Btf, BtfError> {
+        let path = format!("/sys/kernel/btf/{name}");
+        let data = std::fs::read(&path).map_err(|source| BtfError::Read { path, source })?;
+        Btf::parse_on(&data, Some(self))
+    }
+
+    /// Parses BTF; with `base`, split BTF on top of it (a module's): its type ids and
+    /// string offsets continue the base's, so its types and strings are appended.
+    fn parse_on(data: &[u8], base: Option<Btf>) -> Result<Btf, BtfError> {
         if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != 0xeb9f {
             return Err(BtfError::Malformed {
                 what: "bad magic (not little-endian BTF)",
@@ -101,21 +115,17 @@ impl Btf {
             .ok_or(BtfError::Malformed {
                 what: "type section out of range",
             })?;
-        let strings = data
+        let own_strings = data
             .get(hdr_len + str_off..hdr_len + str_off + str_len)
             .ok_or(BtfError::Malformed {
                 what: "string section out of range",
-            })?
-            .to_vec();
-
-        // Type id 0 is void.
-        let mut types = vec![Type {
-            name: 0,
-            kind: 0,
-            ty: 0,
-            members: vec![],
-            enum_values: vec![],
-        }];
+            })?;
+        let (mut types, mut strings) = match base {
+            Some(b) => (b.types, b.strings),
+            // Type id 0 is void.
+            None => (vec![Type { name: 0, kind: 0, ty: 0, members: vec![], enum_values: vec![] }], Vec::new()),
+        };
+        strings.extend_from_slice(own_strings);
         let mut off = 0;
         while off < types_data.len() {
             let name = u32_at(types_data, off)?;
@@ -292,6 +302,21 @@ impl Btf {
         })
     }
 
+    /// Where the conntrack entry and its original source are (see [`CtOffsets`]).
+    pub fn ct_offsets(&self) -> Result<CtOffsets, BtfError> {
+        let src = self.member_offset("nf_conn", "tuplehash")?
+            + self.member_offset("nf_conntrack_tuple_hash", "tuple")?
+            + self.member_offset("nf_conntrack_tuple", "src")?;
+        Ok(CtOffsets {
+            skb_nfct: self.member_offset("sk_buff", "_nfct")?,
+            orig_src: src + self.member_offset("nf_conntrack_man", "u3")?,
+            orig_sport: src + self.member_offset("nf_conntrack_man", "u")?,
+            orig_l3num: src + self.member_offset("nf_conntrack_man", "l3num")?,
+            valid: 1,
+            _pad: 0,
+        })
+    }
+
     /// Kernel drop reason names by value, without the `SKB_DROP_REASON_` prefix.
     pub fn drop_reasons(&self) -> Result<HashMap<u32, String>, BtfError> {
         Ok(self
@@ -302,6 +327,15 @@ impl Btf {
                 (v as u32, short)
             })
             .collect())
+    }
+}
+
+/// conntrack's offsets from the kernel's BTF, or from nf_conntrack's where conntrack is
+/// a module.
+pub fn conntrack_offsets(btf: Btf) -> Result<CtOffsets, BtfError> {
+    match btf.ct_offsets() {
+        Err(BtfError::MissingType { .. }) => btf.with_module("nf_conntrack")?.ct_offsets(),
+        other => other,
     }
 }
 
@@ -325,5 +359,15 @@ mod tests {
         let reasons = btf.drop_reasons().expect("reasons");
         assert!(reasons.values().any(|n| n == "NETFILTER_DROP"));
         assert!(reasons.values().any(|n| n == "NOT_SPECIFIED"));
+    }
+
+    #[test]
+    fn finds_conntrack_in_the_kernel_or_its_module() {
+        let ct = conntrack_offsets(Btf::from_sys_fs().expect("kernel BTF")).expect("conntrack offsets");
+        // The original tuple follows a list node; the port follows the 16-byte address
+        // and the family follows the port.
+        assert_eq!(ct.valid, 1);
+        assert!(ct.orig_src >= 16 && ct.orig_src < 256, "{ct:?}");
+        assert_eq!((ct.orig_sport - ct.orig_src, ct.orig_l3num - ct.orig_src), (16, 18));
     }
 }

@@ -29,9 +29,16 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Every pod to every other pod on each declared TCP/UDP port, both families.
+/// Every pod to every other pod on each declared TCP/UDP port, and to the world (where
+/// a masquerading CNI hides the pod's address before the uplink), both families.
 fn matrix(state: &State, timeout_ms: u64) -> Scenario {
     let mut text = String::from("connections:\n");
+    for a in &state.pods {
+        text.push_str(&format!(
+            "  - {{ name: \"{}/{}>world:80/TCP\", from: {}/{}, to: {{ ip: world }}, protocol: TCP, port: 80, family: both, timeout_ms: {timeout_ms} }}\n",
+            a.namespace, a.name, a.namespace, a.name
+        ));
+    }
     for a in &state.pods {
         for b in &state.pods {
             if a.namespace == b.namespace && a.name == b.name {
@@ -65,6 +72,14 @@ fn manifests_for(state: &State, dir: &Path) -> Manifests {
         ));
     }
     Manifests::parse(texts.iter().map(|(n, t)| (n.as_str(), t.as_str()))).expect("manifests")
+}
+
+/// The evaluator's view of an address: a pod of the manifests, or outside the cluster.
+fn endpoint_of<'a>(m: &'a Manifests, state: &State, ip: IpAddr) -> Endpoint<'a> {
+    match pod_of(state, ip) {
+        Some((ns, name)) => Endpoint::Pod(m.cluster.pod(&ns, &name).expect("pod in manifests"), Some(ip)),
+        None => Endpoint::External(ip),
+    }
 }
 
 fn pod_of(state: &State, ip: IpAddr) -> Option<(String, String)> {
@@ -156,9 +171,7 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides(cni: CniMode) {
     let (mut allowed, mut denied) = (0, 0);
     for a in &report.attempts {
         let (sns, spod) = pod_of(&state, a.src_ip.expect("src")).expect("src pod");
-        let (dns, dpod) = pod_of(&state, a.dst_ip).expect("dst pod");
         let src = m.cluster.pod(&sns, &spod).expect("src in manifests");
-        let dst = m.cluster.pod(&dns, &dpod).expect("dst in manifests");
         let proto = match a.protocol {
             drive::Protocol::Tcp => Protocol::Tcp,
             drive::Protocol::Udp => Protocol::Udp,
@@ -167,7 +180,7 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides(cni: CniMode) {
         let d = engine.evaluate(
             &m.cluster,
             &Endpoint::Pod(src, a.src_ip),
-            &Endpoint::Pod(dst, Some(a.dst_ip)),
+            &endpoint_of(&m, &state, a.dst_ip),
             proto,
             a.dst_port,
         );
@@ -236,12 +249,12 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides(cni: CniMode) {
     for a in &report.attempts {
         assert_eq!(a.outcome, Outcome::Success, "audit mode drops nothing: {a:?}");
         let (sns, spod) = pod_of(&state, a.src_ip.expect("src")).expect("src pod");
-        let (dns, dpod) = pod_of(&state, a.dst_ip).expect("dst pod");
+        let dst_pod = pod_of(&state, a.dst_ip);
         let proto = if a.protocol == drive::Protocol::Tcp { Protocol::Tcp } else { Protocol::Udp };
         let d = engine.evaluate(
             &m.cluster,
             &Endpoint::Pod(m.cluster.pod(&sns, &spod).expect("src"), a.src_ip),
-            &Endpoint::Pod(m.cluster.pod(&dns, &dpod).expect("dst"), Some(a.dst_ip)),
+            &endpoint_of(&m, &state, a.dst_ip),
             proto,
             a.dst_port,
         );
@@ -251,8 +264,8 @@ fn the_kernel_enforces_exactly_what_the_evaluator_decides(cni: CniMode) {
             .filter(|f| f.verdict == Verdict::Audit as i32)
             .count();
         let denying = usize::from(!d.egress.allowed) + usize::from(!d.ingress.allowed);
-        let same_node = state.pods.iter().find(|p| p.namespace == sns && p.name == spod).map(|p| &p.node)
-            == state.pods.iter().find(|p| p.namespace == dns && p.name == dpod).map(|p| &p.node);
+        let node_of = |ns: &str, name: &str| state.pods.iter().find(|p| p.namespace == ns && p.name == name).map(|p| &p.node);
+        let same_node = dst_pod.as_ref().is_some_and(|(dns, dpod)| node_of(&sns, &spod) == node_of(dns, dpod));
         let expected = if same_node { usize::from(denying > 0) } else { denying };
         assert_eq!(audits, expected, "AUDIT records for {a:?}: {d:?}");
         audited += usize::from(audits > 0);

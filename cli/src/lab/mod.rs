@@ -72,6 +72,10 @@ pub enum LabCommand {
         /// (cali* veths, routed /32s, proxy ARP) or `calico-vxlan` (the same over VXLAN).
         #[arg(long, default_value = "bridge", value_parser = parse_cni)]
         cni: flows_lab::cni::CniMode,
+        /// Masquerade pods' traffic to the world behind the node's address (`on`, `off`);
+        /// default: as that CNI does (on for all but `bridge`).
+        #[arg(long, value_parser = ["on", "off"])]
+        masquerade: Option<String>,
         #[command(flatten)]
         dir: StateDir,
     },
@@ -177,12 +181,14 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             no_apiserver,
             k8s_bin,
             cni,
+            masquerade,
             dir,
         } => {
             let mut opts = UpOptions::new(paths, &dir.state_dir);
             opts.nodes = nodes;
             opts.apiserver = control_plane(apiserver, no_apiserver, k8s_bin);
             opts.cni = cni;
+            opts.masquerade = masquerade.map(|m| m == "on");
             up(opts, probes, tls, &store)
         }
         LabCommand::Down { dir } => down(&dir.state_dir),

@@ -15,7 +15,7 @@ use aya::{
         tc::{SchedClassifierLinkId, TcAttachOptions},
     },
 };
-use flows_common::KernelOffsets;
+use flows_common::{CtOffsets, KernelOffsets};
 
 use crate::{
     btf::Btf,
@@ -78,12 +78,19 @@ impl Datapath {
         };
         let mut cfg = cfg;
         cfg.tc_drop_reasons = (find("TC_INGRESS"), find("TC_EGRESS"));
+        let ct = match crate::btf::conntrack_offsets(btf) {
+            Ok(ct) => ct,
+            Err(e) => {
+                tracing::warn!(error = %e, "no conntrack types to read: traffic masqueraded on its way out is decided with the node's address, not the pod's");
+                CtOffsets::default()
+            }
+        };
         let (init_tx, init_rx) = mpsc::channel();
         let (cmd_tx, cmd_rx) = mpsc::channel::<Cmd>();
         let thread = std::thread::Builder::new()
             .name("datapath".into())
             .spawn(move || {
-                let mut state = match DatapathThread::init(&cfg, offsets) {
+                let mut state = match DatapathThread::init(&cfg, offsets, ct) {
                     Ok((state, maps)) => {
                         let _ = init_tx.send(Ok(maps));
                         state
@@ -286,11 +293,12 @@ impl DatapathThread {
     fn init(
         cfg: &DatapathConfig,
         offsets: KernelOffsets,
+        ct: CtOffsets,
     ) -> Result<(DatapathThread, DatapathMaps), DatapathError> {
         if let Some(path) = &cfg.netns {
             enter_netns(path)?;
         }
-        let mut ebpf = load_object(offsets, !cfg.drop_netns.is_empty(), cfg.tc_drop_reasons)?;
+        let mut ebpf = load_object(offsets, ct, !cfg.drop_netns.is_empty(), cfg.tc_drop_reasons)?;
 
         for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT, PROG_TO_NETWORK, PROG_FROM_NETWORK] {
             classifier(&mut ebpf, name)?.load().map_err(prog_err(name))?;

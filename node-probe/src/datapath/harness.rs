@@ -71,7 +71,10 @@ pub struct TestHarness {
 
 impl TestHarness {
     pub fn new() -> Result<TestHarness, DatapathError> {
-        let mut ebpf = load_object(Btf::from_sys_fs()?.kernel_offsets()?, false, (u32::MAX, u32::MAX))?;
+        let btf = Btf::from_sys_fs()?;
+        let offsets = btf.kernel_offsets()?;
+        let ct = crate::btf::conntrack_offsets(btf).unwrap_or_default();
+        let mut ebpf = load_object(offsets, ct, false, (u32::MAX, u32::MAX))?;
         for name in [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT, PROG_TO_NETWORK, PROG_BENCH_NOP] {
             classifier(&mut ebpf, name)?.load().map_err(prog_err(name))?;
         }

@@ -6,7 +6,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie},
     programs::SchedClassifier,
 };
-use flows_common::{KernelOffsets, counter};
+use flows_common::{CtOffsets, KernelOffsets, counter};
 
 use crate::datapath::{
     error::{DatapathError, map_err, prog_err},
@@ -66,12 +66,14 @@ pub(crate) fn take_maps(ebpf: &mut Ebpf) -> Result<DatapathMaps, DatapathError> 
 /// Loads the object with the globals the kernel programs read.
 pub(crate) fn load_object(
     offsets: KernelOffsets,
+    ct: CtOffsets,
     drop_netns_filter: bool,
     tc_drop_reasons: (u32, u32),
 ) -> Result<Ebpf, DatapathError> {
     let filter = u32::from(drop_netns_filter);
     EbpfLoader::new()
         .override_global("OFFSETS", &offsets, true)
+        .override_global("CT_OFFSETS", &ct, true)
         .override_global("DROP_NETNS_FILTER", &filter, true)
         .override_global("DROP_REASON_TC_INGRESS", &tc_drop_reasons.0, true)
         .override_global("DROP_REASON_TC_EGRESS", &tc_drop_reasons.1, true)
