@@ -598,6 +598,9 @@ pub fn run(dir: &Path) -> Result<(), LabError> {
     agent.listen(&specs, sockets).map_err(|e| LabError::sys("epoll_ctl", e))?;
     let (tx, asks) = mpsc::channel();
     if let Some(api) = &state.api {
+        if state.kube_proxy.is_some() {
+            crate::kube_proxy::bridge(&state, api)?;
+        }
         kubelet::spawn(dir.to_path_buf(), api.clone(), AgentLink { tx, waker });
     }
     let ready = dir.join(READY_FILE);

@@ -85,6 +85,8 @@ fn pki(dir: &Path) -> Result<(), LabError> {
     issue("admin", "flows-lab-admin", &["system:masters"], &[], Usage::Client)?;
     issue("controller-manager", "system:kube-controller-manager", &[], &[], Usage::Client)?;
     issue("scheduler", "system:kube-scheduler", &[], &[], Usage::Client)?;
+    // The default binding system:node-proxier names this user.
+    issue("kube-proxy", "system:kube-proxy", &[], &[], Usage::Client)?;
     issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client", &["system:masters"], &[], Usage::Client)?;
     let front = Authority::new("flows-lab front-proxy CA", 30).map_err(tls)?;
     write(&pki.join("front-proxy-ca.crt"), front.cert_pem(), false)?;
@@ -206,6 +208,7 @@ pub fn start(state_dir: &Path, bin: &Path, mut started: impl FnMut(&str, u32) ->
     let admin = kubeconfig(&dir, &url, "admin")?;
     kubeconfig(&dir, &url, "controller-manager")?;
     kubeconfig(&dir, &url, "scheduler")?;
+    kubeconfig(&dir, &url, "kube-proxy")?;
     let rec = ApiRec { url, kubeconfig: admin, dir: dir.clone() };
     for program in &PROGRAMS[..2] {
         let pid = spawn(bin, &dir, program, args(program, &dir, etcd, api))?;

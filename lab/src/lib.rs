@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod cni;
+pub mod kube_proxy;
 pub mod cluster_api;
 pub mod components;
 pub mod control_plane;
@@ -59,6 +60,9 @@ pub struct UpOptions {
     pub cni: cni::CniMode,
     /// Masquerade pods' traffic to the world (None: as the CNI does by default).
     pub masquerade: Option<bool>,
+    /// Translate services with the real kube-proxy, in this mode, on every node (needs
+    /// the control plane); None: the lab's own rules.
+    pub kube_proxy: Option<kube_proxy::ProxyMode>,
 }
 
 impl UpOptions {
@@ -72,6 +76,7 @@ impl UpOptions {
             apiserver: None,
             cni: cni::CniMode::Bridge,
             masquerade: None,
+            kube_proxy: None,
         }
     }
 }
@@ -143,6 +148,10 @@ pub fn up(opts: &UpOptions) -> Result<State, LabError> {
     if let Some(m) = opts.masquerade {
         state.masquerade = m;
     }
+    if opts.kube_proxy.is_some() && opts.apiserver.is_none() {
+        return Err(LabError::plan("kube-proxy needs the control plane (--apiserver)"));
+    }
+    state.kube_proxy = opts.kube_proxy;
     if !is_root() {
         return Err(LabError::NotRoot);
     }
@@ -201,6 +210,14 @@ fn build_and_start(state: &mut State, input: &spec::Input, opts: &UpOptions) -> 
     *state = State::load(dir)?;
     if let Some(api) = &state.api {
         cluster_api::post_running(api, state)?;
+    }
+    if let (Some(mode), Some(api), Some(bin)) = (state.kube_proxy, state.api.clone(), &opts.apiserver) {
+        for node in state.nodes.clone() {
+            let pid = kube_proxy::start_one(bin, &api, mode, &node)?;
+            state::add_daemon(dir, Daemon { role: kube_proxy::ROLE.to_string(), node: Some(node.name.clone()), pid })?;
+        }
+        *state = State::load(dir)?;
+        kube_proxy::wait_programmed(state, &api.dir, Duration::from_secs(60))?;
     }
     Ok(())
 }

@@ -286,6 +286,7 @@ pub fn plan_wired(input: &Input, nodes: usize, cni: CniMode) -> Result<State, La
         api: None,
         cni,
         masquerade: cni.masquerades_by_default(),
+        kube_proxy: None,
     })
 }
 

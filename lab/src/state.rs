@@ -36,6 +36,9 @@ pub struct State {
     /// Pods' traffic to the world leaves with its node's address.
     #[serde(default)]
     pub masquerade: bool,
+    /// Services translated by the real kube-proxy in this mode (None: the lab's rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube_proxy: Option<crate::kube_proxy::ProxyMode>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -355,6 +358,7 @@ mod tests {
             api: None,
             cni: Default::default(),
             masquerade: false,
+            kube_proxy: None,
         }
     }
 

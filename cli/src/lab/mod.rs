@@ -76,6 +76,11 @@ pub enum LabCommand {
         /// default: as that CNI does (on for all but `bridge`).
         #[arg(long, value_parser = ["on", "off"])]
         masquerade: Option<String>,
+        /// Translate services with the real kube-proxy on every node, writing `nftables`
+        /// or `iptables` (iptables-nft) rules, instead of the lab's own nftables rules.
+        /// Needs the control plane.
+        #[arg(long, value_parser = parse_kube_proxy, conflicts_with = "no_apiserver")]
+        kube_proxy: Option<flows_lab::kube_proxy::ProxyMode>,
         #[command(flatten)]
         dir: StateDir,
     },
@@ -182,6 +187,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             k8s_bin,
             cni,
             masquerade,
+            kube_proxy,
             dir,
         } => {
             let mut opts = UpOptions::new(paths, &dir.state_dir);
@@ -189,6 +195,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             opts.apiserver = control_plane(apiserver, no_apiserver, k8s_bin);
             opts.cni = cni;
             opts.masquerade = masquerade.map(|m| m == "on");
+            opts.kube_proxy = kube_proxy;
             up(opts, probes, tls, &store)
         }
         LabCommand::Down { dir } => down(&dir.state_dir),
@@ -271,6 +278,10 @@ fn control_plane(asked: bool, refused: bool, bin: PathBuf) -> Option<PathBuf> {
 
 fn parse_cni(s: &str) -> Result<flows_lab::cni::CniMode, String> {
     flows_lab::cni::CniMode::parse(s)
+}
+
+fn parse_kube_proxy(s: &str) -> Result<flows_lab::kube_proxy::ProxyMode, String> {
+    flows_lab::kube_proxy::ProxyMode::parse(s)
 }
 
 fn up(mut opts: UpOptions, probes: bool, tls: bool, store: &str) -> anyhow::Result<()> {
