@@ -445,6 +445,15 @@ fn print_state(state: &State) {
         ),
         None => println!("KUBERNETES\nnone: the cluster comes from the manifests alone (`flows lab up --apiserver` runs a control plane)\n"),
     }
+    let services = match state.kube_proxy {
+        Some(mode) => format!("kube-proxy ({}) on every node", mode.name()),
+        None => "the lab's nftables rules".to_string(),
+    };
+    println!(
+        "WIRING\n--cni {}, masquerade to the world {}, services translated by {services}\n",
+        state.cni,
+        if state.masquerade { "on" } else { "off" }
+    );
     println!("NODES");
     table(
         &["NAME", "NETNS", "UPLINK", "POD CIDRS"],
