@@ -16,43 +16,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::daemon::spawn_detached;
 use crate::error::LabError;
 use crate::netns;
 use crate::plan::{CLUSTER_CIDR_V4, CLUSTER_CIDR_V6};
 use crate::state::{ApiRec, Node, State};
+pub use crate::wiring::ProxyMode;
 
 /// The role of kube-proxy daemons in the state.
 pub const ROLE: &str = "kube-proxy";
 /// The kubeconfig of every node's kube-proxy, in the control plane's directory.
 pub const KUBECONFIG: &str = "kube-proxy.kubeconfig";
-
-/// Which rules kube-proxy writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyMode {
-    Nftables,
-    Iptables,
-}
-
-impl ProxyMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            ProxyMode::Nftables => "nftables",
-            ProxyMode::Iptables => "iptables",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<ProxyMode, String> {
-        match s {
-            "nftables" => Ok(ProxyMode::Nftables),
-            "iptables" => Ok(ProxyMode::Iptables),
-            other => Err(format!("unknown kube-proxy mode {other:?} (nftables or iptables)")),
-        }
-    }
-}
 
 fn err(message: impl Into<String>) -> LabError {
     LabError::ControlPlane { message: message.into(), log: None }

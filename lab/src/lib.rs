@@ -27,6 +27,7 @@ pub mod proxy;
 pub mod spec;
 pub mod state;
 pub mod testing;
+pub mod wiring;
 mod runtime;
 mod time;
 

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::cni::CniMode;
+use crate::wiring::CniMode;
 use crate::error::LabError;
 use crate::spec::{Input, Origin, WorkloadIn, WorkloadKind};
 use crate::state::{
@@ -18,7 +18,7 @@ pub const MAX_NODES: usize = 252;
 /// Pod addresses .2 ... .254 of a node's /24.
 pub const MAX_PODS_PER_NODE: usize = 253;
 
-pub const NODE_BRIDGE: &str = "flbr0";
+pub use crate::wiring::NODE_BRIDGE;
 pub const NODE_UPLINK: &str = "fl-uplink";
 pub const UNDERLAY_NETNS: &str = "flows-underlay";
 pub const UNDERLAY_BRIDGE: &str = "flbr-u";

@@ -32,13 +32,13 @@ pub struct State {
     pub api: Option<ApiRec>,
     /// How pods are wired to their nodes.
     #[serde(default)]
-    pub cni: crate::cni::CniMode,
+    pub cni: crate::wiring::CniMode,
     /// Pods' traffic to the world leaves with its node's address.
     #[serde(default)]
     pub masquerade: bool,
     /// Services translated by the real kube-proxy in this mode (None: the lab's rules).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kube_proxy: Option<crate::kube_proxy::ProxyMode>,
+    pub kube_proxy: Option<crate::wiring::ProxyMode>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -82,7 +82,7 @@ const ETHERNET_TUNNELS: [&str; 2] = ["vxlan", "geneve"];
 pub fn classify(links: &[LinkInfo], default_devs: &[String], selector: &IfaceSelector, uplinks: &[String]) -> Vec<(u32, String, Role)> {
     let auto = uplinks.iter().any(|u| u == AUTO);
     let network = |l: &LinkInfo| {
-        uplinks.iter().any(|u| *u == l.ifname)
+        uplinks.contains(&l.ifname)
             || (auto
                 && (default_devs.contains(&l.ifname)
                     || (ETHERNET_TUNNELS.contains(&l.kind.as_str()) && l.link_type == "ether")))
@@ -90,7 +90,7 @@ pub fn classify(links: &[LinkInfo], default_devs: &[String], selector: &IfaceSel
     links
         .iter()
         .filter_map(|l| {
-            if selector.exclude.iter().any(|e| *e == l.ifname) && !uplinks.iter().any(|u| *u == l.ifname) {
+            if selector.exclude.contains(&l.ifname) && !uplinks.contains(&l.ifname) {
                 return None;
             }
             if network(l) {
