@@ -216,15 +216,13 @@ fn rank(meta: &ObjectMeta) -> (i64, String) {
     (created, meta.uid.clone().unwrap_or_default())
 }
 
-/// Addresses a pod holds: none once it has finished or runs in the host's network.
+/// Addresses a pod holds: none once it has finished; none in the host's network (the
+/// policy engine's reading, `flows_policy::pod_info`).
 fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    let status = pod.status.as_ref();
-    let phase = status.and_then(|s| s.phase.as_deref());
-    let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
-    if host_network || matches!(phase, Some("Succeeded") | Some("Failed")) {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded") | Some("Failed")) {
         return Vec::new();
     }
-    // The same reading of status.podIPs / podIP as the policy engine's.
     flows_policy::pod_info(pod).ips
 }
 
@@ -657,6 +655,17 @@ spec: { clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10] }
         // Inside a pod CIDR but not (yet) known: not world.
         assert!(idx.endpoint(ip("10.244.1.99")).is_none());
         assert_eq!(idx.namespace_labels("prod").and_then(|l| l.get("team")).map(String::as_str), Some("a"));
+    }
+
+    #[test]
+    fn a_host_network_pod_is_named_as_its_node() {
+        let mut idx = index();
+        // kube-proxy, the probe, a CNI agent: their podIP is the node's address.
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: { name: kube-proxy-x, namespace: kube-system, uid: h1, creationTimestamp: \"2026-01-02T00:00:00Z\" }\nspec: { nodeName: node-1, hostNetwork: true, containers: [ { name: c } ] }\nstatus: { phase: Running, podIP: 192.168.0.1, podIPs: [ { ip: 192.168.0.1 } ] }\n";
+        idx.apply(objects("pod.yaml", text).expect("pod").remove(0));
+        let ep = idx.endpoint(ip("192.168.0.1")).expect("node");
+        assert_eq!((ep.labels.as_slice(), ep.node_name.as_str(), ep.pod_name.as_str()), ([LABEL_HOST.to_string()].as_slice(), "node-1", ""));
+        assert!(idx.pod(ip("192.168.0.1")).is_none());
     }
 
     #[test]

@@ -64,6 +64,13 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
             ips.push(ip);
         }
     }
+    // A pod in its node's network namespace (kube-proxy, a CNI agent, flows' own probe)
+    // reports the node's addresses: they are the node's, not the pod's, and
+    // NetworkPolicy does not apply to such a pod. Holding them would put the node's
+    // own traffic under that pod's namespace's policies.
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        ips.clear();
+    }
     let ports = pod
         .spec
         .iter()
