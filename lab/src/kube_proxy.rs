@@ -136,7 +136,8 @@ fn expected_ips(state: &State) -> Vec<String> {
 /// has read the API and written its rules).
 pub(crate) fn wait_programmed(state: &State, log_dir: &Path, timeout: Duration) -> Result<(), LabError> {
     let want = expected_ips(state);
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + timeout;
     for node in &state.nodes {
         loop {
             let rules = crate::net::run_tool("ip", &["netns", "exec", &node.netns, "nft", "list", "ruleset"], None)?;
@@ -153,6 +154,7 @@ pub(crate) fn wait_programmed(state: &State, log_dir: &Path, timeout: Duration) 
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    tracing::info!(services = want.len() / 2, elapsed_ms = started.elapsed().as_millis() as u64, "kube-proxy's rules name every service on every node");
     Ok(())
 }
 

@@ -64,6 +64,11 @@ impl Probe {
         probe
     }
 
+    /// The probe's process id (0 once it was signalled away).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
     pub fn signal(&mut self, sig: nix::sys::signal::Signal) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
