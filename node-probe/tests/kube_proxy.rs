@@ -5,7 +5,11 @@
 //! node that has the pod and on the one that does not (which forwards it, translated).
 //! The probes see every attempt where it leaves the client (to the service address) and
 //! where it reaches the backend (at the pod's address, from the client, or from a node
-//! once kube-proxy translated the source). Needs root and the control plane's binaries.
+//! once kube-proxy translated the source). Then, with the seed policies enforced, every
+//! pod to every service port: each attempt succeeds exactly when the evaluator allows
+//! the client to reach the backend kube-proxy chose (policy is decided after the real
+//! kube-proxy's translation), and each denial names the evaluator's policies. Needs root
+//! and the control plane's binaries.
 
 mod common;
 
@@ -17,11 +21,13 @@ use flows_lab::{
     cni::CniMode,
     control_plane,
     drive::{self, AttemptReport, DriveOptions, Outcome, Scenario},
+    manifests,
     kube_proxy::ProxyMode,
     state::State,
     testing::{LabGuard, skip_unless_root, temp_dir},
 };
-use flows_proto::{Flow, ObservationPoint};
+use flows_policy::{Endpoint, Manifests, Protocol};
+use flows_proto::{Flow, ObservationPoint, Verdict};
 
 const NODE_PORT: u16 = 30080;
 
@@ -153,8 +159,89 @@ connections:
         check_flows(&state, &flows, a, &db_ips);
     }
     drop(probes);
+    policies_after_the_translation(&lab);
     lab.down().expect("lab down");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every pod to every TCP port of every service with one backend, under the seed
+/// policies: the kernel's outcome is the evaluator's for (client, backend, pod port).
+fn policies_after_the_translation(lab: &LabGuard) {
+    let state = &lab.state;
+    let mdir = manifests::dir(&lab.dir);
+    let modes = state.namespaces.iter().map(|n| (n.name.clone(), "enforce".to_string())).collect();
+    manifests::write_cluster(&lab.dir, state, &modes).expect("cluster manifests");
+    let pd = mdir.join("policies");
+    std::fs::create_dir_all(&pd).expect("policies dir");
+    for f in std::fs::read_dir(root().join("lab/examples/seed-policies")).expect("seed policies").flatten() {
+        std::fs::copy(f.path(), pd.join(f.file_name())).expect("copy");
+    }
+    let args = ["--manifests", mdir.to_str().expect("utf8")];
+    // Ready means attached with the policy in the maps.
+    let probes: Vec<Probe> = state.nodes.iter().map(|n| Probe::start_with(state, &n.name, &lab.dir, &args)).collect();
+    let mut texts = vec![("cluster".to_string(), manifests::cluster_yaml(state, &modes).expect("yaml"))];
+    for f in std::fs::read_dir(&pd).expect("policies").flatten() {
+        texts.push((f.path().display().to_string(), std::fs::read_to_string(f.path()).expect("read")));
+    }
+    let m = Manifests::parse(texts.iter().map(|(n, t)| (n.as_str(), t.as_str()))).expect("manifests");
+    let engine = m.engine();
+
+    // (connection name) -> (client, backend, pod port), for the evaluator.
+    let mut text = String::from("connections:\n");
+    let mut cases = std::collections::BTreeMap::new();
+    for svc in &state.services {
+        for pe in flows_lab::endpoints(state, svc) {
+            if pe.port.protocol != "TCP" || pe.endpoints.len() != 1 {
+                continue;
+            }
+            let backend = &pe.endpoints[0];
+            for client in state.pods.iter().filter(|p| !(p.namespace == backend.namespace && p.name == backend.pod)) {
+                let name = format!("{}/{}>{}/{}:{}", client.namespace, client.name, svc.namespace, svc.name, pe.port.port);
+                text.push_str(&format!(
+                    "  - {{ name: \"{name}\", from: {}/{}, to: {{ service: {}/{} }}, protocol: TCP, port: {}, family: both, timeout_ms: 500 }}\n",
+                    client.namespace, client.name, svc.namespace, svc.name, pe.port.port
+                ));
+                cases.insert(name, ((client.namespace.clone(), client.name.clone()), (backend.namespace.clone(), backend.pod.clone()), backend.port, backend.ip(false), backend.ip(true)));
+            }
+        }
+    }
+    let scenario = Scenario::parse("policy-through-services", &text).expect("scenario");
+    let report = drive::run(state, &scenario, &DriveOptions { concurrency: 8 }).expect("drive");
+    settle(state, &probes);
+    let flows: Vec<Flow> = probes.iter().flat_map(|p| all_flows(&p.addr)).collect();
+    let (mut allowed, mut denied) = (0, 0);
+    for a in &report.attempts {
+        let ((cns, cname), (bns, bname), port, b4, b6) = cases.get(&a.connection).expect("a case").clone();
+        let client = m.cluster.pod(&cns, &cname).expect("client in manifests");
+        let backend = m.cluster.pod(&bns, &bname).expect("backend in manifests");
+        let bip = if a.family == drive::Family::Ipv6 { b6 } else { b4 };
+        let d = engine.evaluate(&m.cluster, &Endpoint::Pod(client, a.src_ip), &Endpoint::Pod(backend, Some(bip)), Protocol::Tcp, port);
+        let want = if d.allowed { Outcome::Success } else { Outcome::Failure };
+        assert_eq!(a.outcome, want, "kernel vs evaluator through kube-proxy for {a:?}: {d:?}");
+        if d.allowed {
+            allowed += 1;
+            continue;
+        }
+        denied += 1;
+        // The denial is recorded towards the backend kube-proxy chose, not the service
+        // address, with the evaluator's policies of the denying side.
+        let drops: Vec<&Flow> = flows
+            .iter()
+            .filter(|f| f.verdict == Verdict::Dropped as i32 && f.drop_reason == "POLICY_DENIED" && sport(f) == a.src_port)
+            .filter(|f| addrs(f) == a.src_ip.map(|s| (s, bip)))
+            .collect();
+        assert_eq!(drops.len(), 1, "one denial for {a:?}: {drops:#?}");
+        let named = |ps: &[flows_proto::Policy]| ps.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<std::collections::BTreeSet<_>>();
+        let want_side = |s: &flows_policy::SideDecision| s.isolated_by.iter().map(|p| p.to_string()).collect::<std::collections::BTreeSet<_>>();
+        let f = drops[0];
+        if !f.egress_denied_by.is_empty() {
+            assert_eq!(named(&f.egress_denied_by), want_side(&d.egress), "{a:?}");
+        }
+        if !f.ingress_denied_by.is_empty() {
+            assert_eq!(named(&f.ingress_denied_by), want_side(&d.ingress), "{a:?}");
+        }
+    }
+    assert!(allowed > 0 && denied > 0, "both outcomes through services ({allowed} allowed, {denied} denied)");
 }
 
 #[test]
