@@ -21,9 +21,10 @@ fi
 
 # 1. Debian packages: iproute2 for netns/veth/bridges, nftables for the drop test,
 #    protobuf for prost-build, tmux for the TUI test, scapy for the crafted-packet test,
-#    the CNI project's plugins for the lab's wiring modes (`flows lab up --cni`).
+#    the CNI project's plugins for the lab's wiring modes (`flows lab up --cni`),
+#    iptables (iptables-nft) for kube-proxy's iptables mode (`--kube-proxy iptables`).
 need_pkgs=()
-for p in iproute2 nftables protobuf-compiler libprotobuf-dev tmux procps python3-scapy containernetworking-plugins; do
+for p in iproute2 nftables protobuf-compiler libprotobuf-dev tmux procps python3-scapy containernetworking-plugins iptables; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
