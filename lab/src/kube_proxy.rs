@@ -108,7 +108,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
 
 /// Starts node `node`'s kube-proxy in its namespace; returns its pid.
 pub(crate) fn start_one(bin: &Path, api: &ApiRec, mode: ProxyMode, node: &Node) -> Result<u32, LabError> {
-    let log_path = api.dir.join(format!("kube-proxy-{}.log", node.name));
+    let log_path = log_path(api, &node.name);
     let log = fs::File::options().create(true).append(true).open(&log_path).map_err(|e| LabError::io(&log_path, e))?;
     let log2 = log.try_clone().map_err(|e| LabError::io(&log_path, e))?;
     let mut cmd = Command::new("ip");
@@ -134,7 +134,7 @@ fn expected_ips(state: &State) -> Vec<String> {
 
 /// Waits until every node's ruleset names every service that has endpoints (kube-proxy
 /// has read the API and written its rules).
-pub(crate) fn wait_programmed(state: &State, log_dir: &Path, timeout: Duration) -> Result<(), LabError> {
+pub(crate) fn wait_programmed(state: &State, api: &ApiRec, timeout: Duration) -> Result<(), LabError> {
     let want = expected_ips(state);
     let started = Instant::now();
     let deadline = started + timeout;
@@ -148,7 +148,7 @@ pub(crate) fn wait_programmed(state: &State, log_dir: &Path, timeout: Duration) 
             if Instant::now() >= deadline {
                 return Err(LabError::ControlPlane {
                     message: format!("kube-proxy on {} wrote no rules for {missing:?} within {timeout:?}", node.name),
-                    log: Some(log_dir.join(format!("kube-proxy-{}.log", node.name))),
+                    log: Some(log_path(api, &node.name)),
                 });
             }
             std::thread::sleep(Duration::from_millis(100));

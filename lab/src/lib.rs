@@ -218,7 +218,7 @@ fn build_and_start(state: &mut State, input: &spec::Input, opts: &UpOptions) -> 
             state::add_daemon(dir, Daemon { role: kube_proxy::ROLE.to_string(), node: Some(node.name.clone()), pid })?;
         }
         *state = State::load(dir)?;
-        kube_proxy::wait_programmed(state, &api.dir, Duration::from_secs(60))?;
+        kube_proxy::wait_programmed(state, &api, Duration::from_secs(60))?;
     }
     Ok(())
 }
