@@ -67,19 +67,23 @@ spec:
   egress: [ { to: [ { podSelector: { matchLabels: { role: server } } } ], ports: [ { port: 9000 } ] } ]
 "#;
 
-/// Accepts and drops connections in the server pod until `stop`.
+/// Accepts and drops connections in the server pod until `stop`; returns once it listens.
 fn serve(netns_name: String, addr: IpAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
+    let (listening, ready) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
         netns::enter(&netns_name).expect("server netns");
         let l = TcpListener::bind(SocketAddr::new(addr, PORT)).expect("bind");
         l.set_nonblocking(true).expect("nonblocking");
+        let _ = listening.send(());
         while !stop.load(Ordering::Relaxed) {
             match l.accept() {
                 Ok((s, _)) => drop(s),
                 Err(_) => std::thread::sleep(Duration::from_micros(200)),
             }
         }
-    })
+    });
+    ready.recv().expect("the listener started");
+    handle
 }
 
 /// Connections completed in `secs` by CLIENTS threads in the client pod.
@@ -129,7 +133,6 @@ fn measure(mode: CniMode, secs: u64) {
     let server = state.pod("load", "server").expect("server").clone();
     let stop = Arc::new(AtomicBool::new(false));
     let listener = serve(server.netns.clone(), IpAddr::V4(server.ipv4), stop.clone());
-    std::thread::sleep(Duration::from_millis(200));
     let without = rate(&client.netns, IpAddr::V4(server.ipv4), secs);
 
     let mdir = manifests::dir(&lab.dir);
