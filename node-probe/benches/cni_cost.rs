@@ -67,23 +67,35 @@ spec:
   egress: [ { to: [ { podSelector: { matchLabels: { role: server } } } ], ports: [ { port: 9000 } ] } ]
 "#;
 
-/// Accepts and drops connections in the server pod until `stop`; returns once it listens.
-fn serve(netns_name: String, addr: IpAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    let (listening, ready) = std::sync::mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        netns::enter(&netns_name).expect("server netns");
-        let l = TcpListener::bind(SocketAddr::new(addr, PORT)).expect("bind");
-        l.set_nonblocking(true).expect("nonblocking");
-        let _ = listening.send(());
-        while !stop.load(Ordering::Relaxed) {
-            match l.accept() {
-                Ok((s, _)) => drop(s),
-                Err(_) => std::thread::sleep(Duration::from_micros(200)),
+/// Accepts and drops connections in the server pod, blocking in accept (no polling on
+/// the measured path), until [`Server::stop`] shuts the listener down.
+struct Server {
+    fd: std::os::fd::RawFd,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Server {
+    fn start(netns_name: String, addr: IpAddr) -> Server {
+        let (listening, ready) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            netns::enter(&netns_name).expect("server netns");
+            let l = TcpListener::bind(SocketAddr::new(addr, PORT)).expect("bind");
+            let _ = listening.send(std::os::fd::AsRawFd::as_raw_fd(&l));
+            // Ends when the listener is shut down (accept then fails).
+            while let Ok((s, _)) = l.accept() {
+                drop(s);
             }
-        }
-    });
-    ready.recv().expect("the listener started");
-    handle
+        });
+        let fd = ready.recv().expect("the listener started");
+        Server { fd, thread }
+    }
+
+    fn stop(self) {
+        // SAFETY: the listener is alive until its thread, joined below, returns; shutting
+        // down a listening socket wakes a blocked accept with an error.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        let _ = self.thread.join();
+    }
 }
 
 /// Connections completed in `secs` by CLIENTS threads in the client pod.
@@ -131,8 +143,7 @@ fn measure(mode: CniMode, secs: u64) {
     let state: State = lab.state.clone();
     let client = state.pod("load", "client").expect("client").clone();
     let server = state.pod("load", "server").expect("server").clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let listener = serve(server.netns.clone(), IpAddr::V4(server.ipv4), stop.clone());
+    let listener = Server::start(server.netns.clone(), IpAddr::V4(server.ipv4));
     let without = rate(&client.netns, IpAddr::V4(server.ipv4), secs);
 
     let mdir = manifests::dir(&lab.dir);
@@ -148,8 +159,7 @@ fn measure(mode: CniMode, secs: u64) {
     let with = rate(&client.netns, IpAddr::V4(server.ipv4), secs);
     let cpu = pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu_before;
     let connections = with * started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let _ = listener.join();
+    listener.stop();
     drop(probes);
     println!(
         "{:<14} {:>12.0} {:>12.0} {:>8.2} {:>16.2}",
